@@ -1,0 +1,29 @@
+"""Engine configuration: one frozen dataclass, validated at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str = "tiny"  # "tiny" (embedded) or a local Hugging Face directory
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (CUDA)
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: what the KV memory budget allows
+    kv_cache_bytes: int | None = None  # None: a device default (see model_runner)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

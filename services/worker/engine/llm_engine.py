@@ -1,0 +1,197 @@
+"""The synchronous engine: admission, one scheduling step at a time, sampling, detokenization.
+
+Thread model: `prepare` may run on any thread; `submit` and `abort` only queue work (thread-safe);
+`step` (and everything it touches) runs on one thread at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from services.worker.engine.api import (
+    ContextLengthExceeded,
+    Delta,
+    EngineStats,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequest,
+    TokenLogprob,
+)
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.detokenizer import IncrementalDetokenizer
+from services.worker.engine.model_runner import ModelRunner
+from services.worker.engine.sampler import SampleResult, sample
+from services.worker.engine.scheduler import Scheduler
+from services.worker.engine.sequence import Sequence
+from services.worker.model.tiny import resolve_model_dir
+from services.worker.model.tokenizer import Tokenizer
+
+log = structlog.get_logger()
+
+
+@dataclass(eq=False, slots=True)
+class _Active:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model_dir = resolve_model_dir(config.model)
+        self.runner = ModelRunner(config, model_dir)
+        self.model_config = self.runner.model_config
+        self.tokenizer = Tokenizer(model_dir, self.model_config.eos_token_ids)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.max_model_len = self.model_config.max_model_len
+        self.model_name = config.model
+        self._active: dict[str, _Active] = {}
+        self._arrivals = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._inbox: deque[_Active] = deque()
+        self._aborts: deque[str] = deque()
+
+    # --- admission (any thread) ---
+    def prepare(self, request: GenerateRequest) -> _Active:
+        """Tokenize and validate; raises EngineError subclasses naming the value and the limit."""
+        params = request.sampling
+        params.validate()
+        if request.messages is not None:
+            if not request.messages:
+                raise InvalidRequest("messages must not be empty", "messages")
+            ids = self.tokenizer.encode_chat(list(request.messages))
+        elif request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        elif request.prompt is not None:
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            raise InvalidRequest("one of prompt, prompt_token_ids or messages is required", "prompt")
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                f"needs {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)",
+                "max_tokens",
+            )
+        if not self.scheduler.fits_ever(total):
+            capacity = self.blocks.num_blocks * self.blocks.block_size
+            raise ContextLengthExceeded(
+                f"the KV cache holds {capacity} tokens; the request needs {total} "
+                f"({len(ids)} prompt + {params.max_tokens} max_tokens)",
+                "max_tokens",
+            )
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        generator = None if params.temperature == 0 else torch.Generator().manual_seed(seed)
+        seq = Sequence(request.request_id, ids, params, arrival=0)
+        return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator)
+
+    def submit(self, active: _Active) -> None:
+        self._inbox.append(active)
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_work())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_total_blocks=self.blocks.num_blocks,
+            block_size=self.blocks.block_size,
+        )
+
+    # --- the step (one thread) ---
+    def step(self) -> list[Delta]:
+        deltas = self._drain_inbox()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return deltas
+        logits = self.runner.execute(chunks)
+        sampled = [c.seq for c in chunks if c.samples]
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        if not sampled:
+            return deltas
+        actives = [self._active[s.request_id] for s in sampled]
+        results = sample(
+            logits,
+            [s.sampling for s in sampled],
+            [a.generator for a in actives],
+            [self._banned(s) for s in sampled],
+        )
+        for active, result in zip(actives, results):
+            deltas.append(self._advance(active, result))
+        return deltas
+
+    def _drain_inbox(self) -> list[Delta]:
+        while self._inbox:
+            active = self._inbox.popleft()
+            active.seq.arrival = next(self._arrivals)
+            self._active[active.seq.request_id] = active
+            self.scheduler.add(active.seq)
+        deltas = []
+        while self._aborts:
+            active = self._active.pop(self._aborts.popleft(), None)
+            if active is None:
+                continue
+            self.scheduler.finish(active.seq)
+            seq = active.seq
+            deltas.append(Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ABORT))
+        return deltas
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        if len(seq.output_token_ids) >= seq.sampling.min_tokens:
+            return ()
+        return tuple(seq.sampling.stop_token_ids) + self.tokenizer.eos_token_ids
+
+    def _advance(self, active: _Active, result: SampleResult) -> Delta:
+        seq, params = active.seq, active.seq.sampling
+        token = result.token_id
+        seq.output_token_ids.append(token)
+        finish = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids):
+            finish = FinishReason.STOP
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            finish = FinishReason.LENGTH
+        text_ids = seq.output_token_ids[:-1] if finish is FinishReason.STOP else seq.output_token_ids
+        text = active.detok.step(text_ids, final=finish is not None)
+        if active.detok.stopped and finish is None:
+            finish = FinishReason.STOP
+        logprobs = None
+        if params.logprobs is not None:
+            tok = self.tokenizer.token_text
+            top = tuple((i, tok(i), lp) for i, lp in result.top)
+            logprobs = (TokenLogprob(token, tok(token), result.logprob, top),)
+        if finish is not None:
+            self.scheduler.finish(seq)
+            del self._active[seq.request_id]
+        return Delta(
+            seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs
+        )
+
+    def fail_all(self, reason: str) -> list[Delta]:
+        """After an unexpected step failure: end every request with an error, free every block."""
+        deltas = []
+        for request_id, active in list(self._active.items()):
+            self.scheduler.finish(active.seq)
+            seq = active.seq
+            deltas.append(Delta(request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ERROR, error=reason))
+        self._active.clear()
+        return deltas

@@ -1,0 +1,90 @@
+"""Owns the model and its paged KV cache; turns scheduled chunks into one forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.scheduler import ScheduledChunk
+from services.worker.model.attention import AttentionMetadata
+from services.worker.model.config import ModelConfig, load_model_config
+from services.worker.model.loader import load_model, resolve_dtype
+
+DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: plenty for the embedded model; set kv_cache_bytes for more
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * element
+
+
+def default_num_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    budget = config.kv_cache_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.8)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    return max(1, budget // kv_bytes_per_block(cfg, config.block_size, dtype))
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.model_config = load_model_config(model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.model = load_model(model_dir, self.dtype, self.device)
+        self.block_size = config.block_size
+        self.num_blocks = default_num_blocks(self.model_config, config, self.dtype, self.device)
+        cfg = self.model_config
+        # Zero-filled: the CPU attention path reads whole blocks and masks the unused tail, and
+        # 0 * garbage could be NaN.
+        self.kv_cache = torch.zeros(
+            cfg.num_layers, 2, self.num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one forward pass; returns fp32 logits [num sampling chunks, vocab] in chunk order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            input_ids.extend(seq.token_ids(start, end))
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(len(input_ids))
+            context_lens.append(end)
+            if chunk.samples:
+                sample_rows.append(len(input_ids) - 1)
+        max_blocks = max(len(c.seq.block_ids) for c in chunks)
+        tables = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        if not sample_rows:
+            return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[sample_rows])
+

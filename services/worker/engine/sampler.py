@@ -1,0 +1,60 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.engine.api import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    token_id: int
+    logprob: float | None  # of the chosen token under the model's distribution
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
+
+
+def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    # logits: [V] fp32, already divided by the temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p  # keeps the crossing token
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,  # [N, V] fp32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    banned: list[tuple[int, ...]],  # per row: ids masked out (EOS/stop ids before min_tokens)
+) -> list[SampleResult]:
+    for row, ids in enumerate(banned):
+        if ids:
+            logits[row, list(ids)] = float("-inf")
+    want_logprobs = any(p.logprobs is not None for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    results = []
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.temperature == 0:
+            token = greedy[row]
+        else:
+            probs = torch.softmax(_filter(logits[row] / p.temperature, p), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=gen).item())
+        if p.logprobs is None:
+            results.append(SampleResult(token, None, ()))
+            continue
+        row_lp = logprobs[row]
+        top = ()
+        if p.logprobs > 0:
+            values, ids = torch.topk(row_lp, p.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        results.append(SampleResult(token, float(row_lp[token]), top))
+    return results

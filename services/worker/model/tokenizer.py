@@ -1,0 +1,40 @@
+"""The checkpoint's own tokenizer and chat template (transformers), behind a small interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.worker.engine.api import InvalidRequest
+from services.worker.model.errors import ModelNotFound
+
+
+class Tokenizer:
+    def __init__(self, model_dir: Path, eos_token_ids: tuple[int, ...]):
+        from transformers import AutoTokenizer
+
+        if not (Path(model_dir) / "tokenizer.json").is_file() and not (
+            Path(model_dir) / "tokenizer_config.json"
+        ).is_file():
+            raise ModelNotFound(f"no tokenizer.json / tokenizer_config.json in {str(model_dir)!r}")
+        self._tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        own_eos = self._tok.eos_token_id
+        self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([own_eos] if own_eos is not None else [])]))
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not getattr(self._tok, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja raises on messages the template rejects
+            raise InvalidRequest(f"the chat template rejected the messages: {e}", "messages") from e
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.decode([token_id], skip_special_tokens=False)
