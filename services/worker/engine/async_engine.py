@@ -17,8 +17,8 @@ log = structlog.get_logger()
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig):
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+        self.engine = engine if engine is not None else LLMEngine(config)
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
         self._queues: dict[str, asyncio.Queue[Delta]] = {}

@@ -118,6 +118,7 @@ class LLMEngine:
         )
 
     # --- the step (one thread) ---
+    @torch.inference_mode()
     def step(self) -> list[Delta]:
         deltas = self._drain_inbox()
         chunks = self.scheduler.schedule()
