@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 NEG_INF = float("-inf")
+_CHUNK_BYTES = 1 << 20  # K (or V) gathered per step on the decode path
 
 
 def _softmax_with_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,23 +32,38 @@ def _softmax_with_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale):
-    # One query per sequence: gather every sequence's blocks at once, mask the tail.
+    # One query per sequence: gather every sequence's blocks, mask the tail. K/V are gathered in
+    # chunks of block columns (~1 MiB) so the copies stay in cache; scores of all chunks are
+    # softmaxed together, so the math is the one-shot formula.
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    pool_blocks, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     max_len = int(context_lens.max())
     num_blocks = (max_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks].long()
-    # k, v: [num_seqs, num_kv_heads, max_kv, head_dim]
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2).float()
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2).float()
-    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [S, Hkv, G, max_kv]
+    # Entries past a sequence's length are padding (masked below): clamp so any value is safe.
+    tables = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1)
+    row_bytes = num_seqs * block_size * num_kv_heads * head_dim * 4
+    cols = max(1, _CHUNK_BYTES // row_bytes)
+    chunks = [tables[:, c:c + cols].reshape(-1) for c in range(0, num_blocks, cols)]
+
+    def gather(cache, ids):  # -> [S, Hkv, n, D] fp32
+        return cache.index_select(0, ids).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2).float()
+
+    qg = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)
+    # scores: [S, Hkv, G, max_kv]
+    scores = torch.cat([torch.matmul(qg, gather(k_cache, ids).transpose(-1, -2)) for ids in chunks], -1)
+    scores *= scale
     positions = torch.arange(scores.shape[-1], device=q.device)
     invisible = positions.view(1, -1) >= context_lens.view(-1, 1).long()  # [S, max_kv]
-    scores = scores.masked_fill(invisible.view(num_seqs, 1, 1, -1), NEG_INF)
+    scores.masked_fill_(invisible.view(num_seqs, 1, 1, -1), NEG_INF)
     probs, lse = _softmax_with_lse(scores)
-    out = torch.matmul(probs, v)  # [S, Hkv, G, D]
+    out = None
+    start = 0
+    for ids in chunks:
+        v = gather(v_cache, ids)  # [S, Hkv, n, D]
+        part = torch.matmul(probs[..., start:start + v.shape[2]], v)  # [S, Hkv, G, D]
+        out = part if out is None else out.add_(part)
+        start += v.shape[2]
     return out.view(num_seqs, num_heads, head_dim).to(q.dtype), lse.view(num_seqs, num_heads)
 
 
@@ -126,7 +142,8 @@ def merge_states_ref(
     total = weights.sum(dim=0)
     acc = torch.zeros_like(states[0][0], dtype=torch.float32)
     for (out_i, _), w in zip(states, weights):
-        acc += w.unsqueeze(-1) * out_i.float()
+        # An empty partition's out is ignored even if it holds garbage (0 * NaN would be NaN).
+        acc += torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * out_i.float(), 0.0)
     nonempty = total > 0
     denom = torch.where(nonempty, total, torch.ones_like(total))
     out = torch.where(nonempty.unsqueeze(-1), acc / denom.unsqueeze(-1), torch.zeros_like(acc))
