@@ -1,0 +1,155 @@
+"""`kvmesh chat`: a streaming chat client for any OpenAI-compatible server.
+
+Interactive by default (history kept across turns; Ctrl-C stops the current answer, Ctrl-D or
+/exit quits); `--prompt` asks once and exits. After each answer: TTFT and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+
+@dataclass(frozen=True, slots=True)
+class ChatConfig:
+    url: str
+    model: str | None
+    max_tokens: int | None
+    temperature: float
+    api_key: str | None
+
+
+@dataclass(slots=True)
+class TurnStats:
+    ttft_s: float | None = None
+    num_tokens: int = 0
+    elapsed_s: float = 0.0
+
+    def summary(self) -> str:
+        ttft = f"{self.ttft_s:.3f}s" if self.ttft_s is not None else "n/a"
+        decode_s = self.elapsed_s - (self.ttft_s or 0.0)
+        rate = (self.num_tokens - 1) / decode_s if self.num_tokens > 1 and decode_s > 0 else 0.0
+        return f"[ttft {ttft} | {self.num_tokens} tokens | {rate:.1f} tok/s]"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (/v1 is appended)")
+    parser.add_argument("--model", default=None, help="default: the first of /v1/models")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--prompt", default=None, help="ask once and exit")
+    parser.add_argument("--api-key", default=None)
+
+
+def _base(config: ChatConfig) -> str:
+    url = config.url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+async def _first_model(session: aiohttp.ClientSession, config: ChatConfig) -> str:
+    async with session.get(_base(config) + "/models") as resp:
+        body = await resp.json()
+        if resp.status != 200 or not body.get("data"):
+            raise RuntimeError(f"no model listed at {_base(config)}/models: {body}")
+        return body["data"][0]["id"]
+
+
+async def stream_answer(session: aiohttp.ClientSession, config: ChatConfig, model: str, messages: list[dict],
+                        out, stats: TurnStats, parts: list[str]) -> None:
+    """Stream one assistant answer to `out`, appending its text to `parts` as it arrives."""
+    body = {"model": model, "messages": messages, "stream": True, "temperature": config.temperature,
+            "stream_options": {"include_usage": True}}
+    if config.max_tokens is not None:
+        body["max_tokens"] = config.max_tokens
+    start = time.monotonic()
+    async with session.post(_base(config) + "/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:500]}")
+        async for raw in resp.content:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"server error: {event['error'].get('message')}")
+            if event.get("usage"):
+                stats.num_tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    if stats.ttft_s is None:
+                        stats.ttft_s = time.monotonic() - start
+                    parts.append(text)
+                    stats.num_tokens = max(stats.num_tokens, len(parts))
+                    out.write(text)
+                    out.flush()
+            stats.elapsed_s = time.monotonic() - start
+    stats.elapsed_s = time.monotonic() - start
+
+
+def _session(config: ChatConfig) -> aiohttp.ClientSession:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None, connect=10))
+
+
+def main(args: argparse.Namespace) -> int:
+    config = ChatConfig(args.url, args.model, args.max_tokens, args.temperature, args.api_key)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    with asyncio.Runner() as runner:  # Runner turns Ctrl-C into cancelling the running turn
+        session = runner.run(_make_session(config))
+        try:
+            try:
+                model = config.model or runner.run(_first_model(session, config))
+            except (RuntimeError, aiohttp.ClientError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            while True:
+                if args.prompt is not None:
+                    user = args.prompt
+                else:
+                    try:
+                        user = input("\n>>> ")
+                    except (EOFError, KeyboardInterrupt):
+                        print()
+                        return 0
+                    if user.strip() in ("/exit", "/quit"):
+                        return 0
+                    if not user.strip():
+                        continue
+                history.append({"role": "user", "content": user})
+                parts: list[str] = []
+                stats = TurnStats()
+                try:
+                    runner.run(stream_answer(session, config, model, history, sys.stdout, stats, parts))
+                except KeyboardInterrupt:
+                    print("\n[stopped]", file=sys.stderr)
+                except (RuntimeError, aiohttp.ClientError) as e:
+                    print(f"\nerror: {e}", file=sys.stderr)
+                    if args.prompt is not None:
+                        return 1
+                history.append({"role": "assistant", "content": "".join(parts)})
+                print(f"\n{stats.summary()}", file=sys.stderr)
+                if args.prompt is not None:
+                    return 0
+        finally:
+            runner.run(session.close())
+
+
+async def _make_session(config: ChatConfig) -> aiohttp.ClientSession:
+    return _session(config)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="kvmesh chat")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

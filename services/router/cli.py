@@ -1,0 +1,51 @@
+"""`kvmesh router`: the OpenAI-compatible front door."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.router.app import create_app, drain
+from services.router.config import RouterConfig
+from services.runtime.auth import resolve_cluster_token
+from services.runtime.logging import configure_logging
+from services.runtime.serve import run_service
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--cluster-token", default=None,
+                        help="shared secret for /internal/ endpoints (default: $KVMESH_CLUSTER_TOKEN, else a "
+                             "loopback-only dev token)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=3.0, help="seconds without heartbeat before "
+                        "a worker leaves rotation")
+    parser.add_argument("--max-inflight-requests", type=int, default=256, help="beyond it: 429 + Retry-After")
+    parser.add_argument("--max-n", type=int, default=8, help="cap on n (sequences per request)")
+    parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="beyond it: 413")
+    parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        host=args.host, port=args.port, cluster_token=resolve_cluster_token(args.cluster_token, args.host),
+        heartbeat_timeout_s=args.heartbeat_timeout, max_inflight_requests=args.max_inflight_requests,
+        max_n=args.max_n, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    log = configure_logging("router", args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        log.error("bad_config", error=str(e))
+        return 2
+    return run_service(create_app(config), config.host, config.port, drain=drain)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="kvmesh router")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,234 @@
+"""Serve one parsed OpenAI request: fan its sequences out to workers, then stream SSE or collect.
+
+Every sequence is opened before the response starts, so engine errors (bad input, context too long)
+still get their HTTP status. After the first byte, failures become one SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from services.router.keys import ADMISSION, CONFIG, METRICS, POOL, REGISTRY
+from services.router.openai_format import ChoiceState, Formatter, apply_delta, usage
+from services.router.protocol import ParsedRequest
+from services.router.registry import WorkerRegistry
+from services.router.worker_client import WorkerLost, WorkerStream, open_stream
+from services.runtime.bodies import json_response
+from services.runtime.errors import ApiError, error_payload
+from services.runtime.wire import DeltaFrame, GenerateCall
+
+log = structlog.get_logger()
+RoutedSequence = tuple[ChoiceState, WorkerStream]
+
+
+class UpstreamFailed(Exception):
+    def __init__(self, err: ApiError):
+        super().__init__(err.message)
+        self.err = err
+
+
+@dataclass(slots=True)
+class RequestClock:
+    arrival: float
+    first_token: float | None = None
+
+
+def resolve_model(registry: WorkerRegistry, requested: str | None) -> tuple[str, int]:
+    """(model name, its context length) or 503 / 404."""
+    models = registry.live_models()
+    if not models:
+        raise ApiError("no worker available: no live worker is registered with the router",
+                       status=503, code="no_worker_available", headers={"Retry-After": "1"})
+    name = requested if requested is not None else next(iter(models))
+    if name in models:
+        return name, models[name]
+    if any(s.info.model_name == name for s in registry.all()):
+        raise ApiError(f"no live worker is serving model '{name}'", status=503, code="no_worker_available",
+                       headers={"Retry-After": "1"})
+    raise ApiError(f"the model '{name}' does not exist; available: {sorted(models)}",
+                   status=404, code="model_not_found", param="model")
+
+
+def _check_failed(frame: DeltaFrame) -> None:
+    if frame.finish_reason == "error":
+        raise UpstreamFailed(ApiError(f"generation failed: {frame.error}", status=500, code="engine_error"))
+    if frame.finish_reason == "abort":
+        raise UpstreamFailed(ApiError("the worker aborted the request (shutting down?)", status=503, code="aborted"))
+
+
+async def drive(sequences: list[RoutedSequence], on_frame: Callable[[ChoiceState, DeltaFrame], Awaitable[None]]) -> None:
+    """Feed every frame of every sequence to on_frame, one at a time, in arrival order."""
+    if len(sequences) == 1:
+        choice, stream = sequences[0]
+        async for frame in stream:
+            await on_frame(choice, frame)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: ChoiceState, stream: WorkerStream) -> None:
+        try:
+            async for frame in stream:
+                queue.put_nowait((choice, frame, None))
+            queue.put_nowait((choice, None, None))
+        except Exception as e:
+            queue.put_nowait((choice, None, e))
+
+    tasks = [asyncio.create_task(pump(c, s)) for c, s in sequences]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            choice, frame, err = await queue.get()
+            if err is not None:
+                raise err
+            if frame is None:
+                remaining -= 1
+                continue
+            await on_frame(choice, frame)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _open_all(request: web.Request, parsed: ParsedRequest, model: str, max_tokens: int,
+                    formatter: Formatter, opened: list[RoutedSequence]) -> None:
+    pool = request.app[POOL]
+
+    async def open_one(choice: ChoiceState, prompt: dict, seed: int | None) -> None:
+        call = GenerateCall(request_id=f"{formatter.id}-{choice.index}",
+                            sampling={**parsed.sampling, "max_tokens": max_tokens, "seed": seed}, **prompt)
+        stream = await open_stream(pool, model, call, max_tokens)
+        opened.append((choice, stream))
+
+    jobs = []
+    for p, prompt in enumerate(parsed.prompts):
+        for j, seed in enumerate(parsed.choice_seeds()):
+            jobs.append(open_one(ChoiceState(index=p * parsed.n + j, prompt_index=p), prompt, seed))
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+def _as_api_error(e: Exception) -> ApiError:
+    if isinstance(e, UpstreamFailed):
+        return e.err
+    if isinstance(e, WorkerLost):
+        return ApiError(str(e), status=502, code="worker_lost")
+    return e
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def serve(request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+    app = request.app
+    metrics = app[METRICS]
+    clock = RequestClock(arrival=time.monotonic())
+    outcome = "error"
+    try:
+        model, max_model_len = resolve_model(app[REGISTRY], parsed.model)
+        if parsed.max_tokens is not None and parsed.max_tokens > max_model_len:
+            raise ApiError(
+                f"max_tokens={parsed.max_tokens} exceeds the model's context length of {max_model_len} tokens",
+                code="context_length_exceeded", param="max_tokens")
+        max_tokens = parsed.max_tokens or min(app[CONFIG].default_max_tokens, max_model_len)
+        with app[ADMISSION].admit():
+            metrics.inflight.inc()
+            opened: list[RoutedSequence] = []
+            try:
+                formatter = Formatter(parsed, model)
+                await _open_all(request, parsed, model, max_tokens, formatter, opened)
+                opened.sort(key=lambda seq: seq[0].index)
+                if parsed.stream:
+                    response, outcome = await _stream(request, parsed, formatter, opened, clock)
+                else:
+                    response = await _collect(formatter, opened, clock, app)
+                    outcome = "200"
+                return response
+            finally:
+                metrics.inflight.dec()
+                for _, stream in opened:
+                    stream.close()
+    except ApiError as e:
+        outcome = str(e.status)
+        raise
+    except asyncio.CancelledError:
+        outcome = "client_disconnected"
+        raise
+    finally:
+        metrics.requests.labels(parsed.endpoint.value, outcome).inc()
+
+
+def _observer(app: web.Application, clock: RequestClock):
+    metrics = app[METRICS]
+    last_seen: dict[int, float] = {}
+
+    def observe(choice: ChoiceState, frame: DeltaFrame) -> None:
+        now = time.monotonic()
+        if clock.first_token is None and frame.token_ids:
+            clock.first_token = now
+            metrics.ttft.observe(now - clock.arrival)
+        if choice.index in last_seen and frame.token_ids:
+            metrics.itl.observe(now - last_seen[choice.index])
+        if frame.token_ids:
+            last_seen[choice.index] = now
+        if frame.finish_reason is not None:
+            metrics.generation_tokens.inc(frame.num_generated_tokens)
+
+    return observe
+
+
+async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock: RequestClock,
+                   app: web.Application) -> web.Response:
+    observe = _observer(app, clock)
+
+    async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
+        observe(choice, frame)
+        _check_failed(frame)
+        apply_delta(choice, frame)
+
+    try:
+        await drive(sequences, on_frame)
+    except (UpstreamFailed, WorkerLost) as e:
+        raise _as_api_error(e) from e
+    choices = [c for c, _ in sequences]
+    app[METRICS].prompt_tokens.inc(usage(choices)["prompt_tokens"])
+    return json_response(formatter.full_response(choices))
+
+
+async def _stream(request: web.Request, parsed: ParsedRequest, formatter: Formatter, sequences: list[RoutedSequence],
+                  clock: RequestClock) -> tuple[web.StreamResponse, str]:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    observe = _observer(request.app, clock)
+
+    async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
+        observe(choice, frame)
+        _check_failed(frame)
+        apply_delta(choice, frame)
+        chunks = formatter.delta_chunks(choice, frame)
+        if chunks:
+            await response.write(b"".join(_sse(c) for c in chunks))
+
+    choices = [c for c, _ in sequences]
+    try:
+        await drive(sequences, on_frame)
+    except (UpstreamFailed, WorkerLost, ApiError) as e:
+        err = _as_api_error(e)
+        log.warning("stream_failed", request_id=formatter.id, error=err.message)
+        await response.write(_sse(error_payload(err)))
+        return response, "stream_error"
+    request.app[METRICS].prompt_tokens.inc(usage(choices)["prompt_tokens"])
+    tail = _sse(formatter.usage_chunk(choices)) if parsed.include_usage else b""
+    await response.write(tail + b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response, "200"

@@ -1,0 +1,32 @@
+"""The router's one config object, built once from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cluster_token: str = ""
+    heartbeat_timeout_s: float = 3.0  # a worker silent this long is out of rotation
+    max_inflight_requests: int = 256  # client requests in flight; beyond it: 429 + Retry-After
+    default_max_tokens: int = 1024  # chat requests without max_tokens (the router cannot count prompt tokens)
+    max_n: int = 8  # cap on `n` (each choice is one engine sequence)
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_stop_sequences: int = 16
+    drain_timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.cluster_token:
+            raise ValueError("cluster_token must be set (see services.runtime.auth.resolve_cluster_token)")
+        for name in ("heartbeat_timeout_s", "drain_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_inflight_requests", "default_max_tokens", "max_n", "max_body_bytes", "max_stop_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")

@@ -1,0 +1,65 @@
+"""Cluster-internal routes (cluster token required, enforced by middleware): worker membership."""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from services.router.keys import REGISTRY
+from services.runtime.bodies import json_response
+from services.runtime.errors import ApiError
+from services.runtime.wire import WireDecodeError, WorkerLoad, WorkerRegistration, decode
+
+log = structlog.get_logger()
+routes = web.RouteTableDef()
+
+
+async def _decode(request: web.Request, expected: type):
+    try:
+        return decode(await request.read(), expected)
+    except WireDecodeError as e:
+        raise ApiError(f"bad {expected.__name__}: {e}", code="wire_decode_error") from e
+
+
+@routes.post("/internal/workers")
+async def register(request: web.Request) -> web.Response:
+    info: WorkerRegistration = await _decode(request, WorkerRegistration)
+    request.app[REGISTRY].register(info)
+    log.info("worker_registered", worker_id=info.worker_id, url=info.url, model=info.model_name,
+             num_blocks=info.num_total_blocks)
+    return json_response({"registered": info.worker_id})
+
+
+@routes.post("/internal/workers/{worker_id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    load: WorkerLoad = await _decode(request, WorkerLoad)
+    if load.worker_id != request.match_info["worker_id"]:
+        raise ApiError("worker_id in path and body differ", param="worker_id")
+    if not request.app[REGISTRY].heartbeat(load):
+        raise ApiError(f"unknown worker {load.worker_id}; register first", status=404, code="unknown_worker")
+    return json_response({"ok": True})
+
+
+@routes.delete("/internal/workers/{worker_id}")
+async def deregister(request: web.Request) -> web.Response:
+    worker_id = request.match_info["worker_id"]
+    removed = request.app[REGISTRY].deregister(worker_id)
+    log.info("worker_deregistered", worker_id=worker_id, known=removed)
+    return json_response({"deregistered": removed})
+
+
+@routes.get("/internal/workers")
+async def list_workers(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    workers = []
+    for s in registry.all():
+        workers.append({
+            "worker_id": s.info.worker_id, "url": s.info.url, "model": s.info.model_name,
+            "live": registry.is_live(s), "inflight_requests": s.inflight_requests,
+            "inflight_tokens": s.inflight_tokens,
+            "load": None if s.load is None else {
+                "num_running": s.load.num_running, "num_waiting": s.load.num_waiting,
+                "num_free_blocks": s.load.num_free_blocks, "num_total_blocks": s.load.num_total_blocks,
+                "outstanding_tokens": s.load.outstanding_tokens, "draining": s.load.draining},
+        })
+    return json_response({"workers": workers})

@@ -1,0 +1,17 @@
+"""Typed app-state keys of the router app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.router.admission import Admission
+from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
+from services.router.registry import WorkerRegistry
+from services.router.worker_client import WorkerPool
+
+CONFIG = web.AppKey("config", RouterConfig)
+REGISTRY = web.AppKey("registry", WorkerRegistry)
+METRICS = web.AppKey("metrics", RouterMetrics)
+ADMISSION = web.AppKey("admission", Admission)
+POOL = web.AppKey("pool", WorkerPool)  # set by the client-session context at start-up

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one router app, on its own CollectorRegistry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from services.router.registry import WorkerRegistry
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class WorkerLoadCollector:
+    """Per-worker gauges read from the registry at scrape time (no stale label sets)."""
+
+    def __init__(self, workers: WorkerRegistry):
+        self._workers = workers
+
+    def collect(self):
+        running = GaugeMetricFamily("kvmesh_worker_requests_running", "Running sequences per worker", labels=["worker"])
+        waiting = GaugeMetricFamily("kvmesh_worker_requests_waiting", "Waiting sequences per worker", labels=["worker"])
+        used = GaugeMetricFamily("kvmesh_worker_kv_blocks_used", "KV blocks in use per worker", labels=["worker"])
+        free = GaugeMetricFamily("kvmesh_worker_kv_blocks_free", "Free KV blocks per worker", labels=["worker"])
+        live = GaugeMetricFamily("kvmesh_worker_live", "1 if the worker is in rotation", labels=["worker"])
+        for state in self._workers.all():
+            wid = state.info.worker_id
+            live.add_metric([wid], 1.0 if self._workers.is_live(state) else 0.0)
+            if state.load is None:
+                continue
+            running.add_metric([wid], state.load.num_running)
+            waiting.add_metric([wid], state.load.num_waiting)
+            used.add_metric([wid], state.load.num_total_blocks - state.load.num_free_blocks)
+            free.add_metric([wid], state.load.num_free_blocks)
+        return [running, waiting, used, free, live]
+
+
+class RouterMetrics:
+    def __init__(self, workers: WorkerRegistry):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvmesh_router_requests", "Client requests by endpoint and outcome",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("kvmesh_router_time_to_first_token_seconds", "Request arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvmesh_router_inter_token_latency_seconds", "Gap between deltas of one sequence",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kvmesh_router_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("kvmesh_router_generation_tokens", "Generated tokens", registry=r)
+        self.inflight = Gauge("kvmesh_router_requests_inflight", "Client requests being served", registry=r)
+        r.register(WorkerLoadCollector(workers))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,57 @@
+"""Public routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from services.router.completions import serve
+from services.router.keys import CONFIG, METRICS, REGISTRY
+from services.router.protocol import parse_chat_request, parse_completion_request
+from services.runtime.bodies import json_response, read_json_object
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    body = await read_json_object(request)
+    parsed = parse_chat_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences)
+    return await serve(request, parsed)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    body = await read_json_object(request)
+    parsed = parse_completion_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences)
+    return await serve(request, parsed)
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    created = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "kvmesh", "max_model_len": max_len}
+        for name, max_len in request.app[REGISTRY].live_models().items()
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    num_live = len(request.app[REGISTRY].live())
+    return json_response({"ready": num_live > 0, "num_live_workers": num_live}, status=200 if num_live else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

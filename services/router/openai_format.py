@@ -1,0 +1,127 @@
+"""Engine deltas -> OpenAI wire objects (chat.completion[.chunk], text_completion). Pure."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from services.router.protocol import Endpoint, ParsedRequest
+from services.runtime.wire import DeltaFrame
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    index: int
+    prompt_index: int
+    text_parts: list[str] = field(default_factory=list)
+    logprob_entries: list = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    text_offset: int = 0  # characters emitted so far (completions' logprobs.text_offset)
+    started: bool = False  # chat: the role delta has gone out
+
+
+def usage(choices: list[ChoiceState]) -> dict:
+    prompt_tokens = {c.prompt_index: c.num_prompt_tokens for c in choices}  # a prompt counts once for n>1
+    num_prompt = sum(prompt_tokens.values())
+    num_completion = sum(c.num_generated_tokens for c in choices)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": num_prompt + num_completion}
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
+def chat_logprobs(entries: list) -> dict:
+    return {"content": [
+        {"token": tok, "logprob": lp, "bytes": _token_bytes(tok),
+         "top_logprobs": [{"token": t, "logprob": l, "bytes": _token_bytes(t)} for _, t, l in top]}
+        for _, tok, lp, top in entries
+    ]}
+
+
+def completion_logprobs(entries: list, start_offset: int) -> dict:
+    offsets, offset = [], start_offset
+    for _, tok, _, _ in entries:
+        offsets.append(offset)
+        offset += len(tok)
+    return {
+        "tokens": [tok for _, tok, _, _ in entries],
+        "token_logprobs": [lp for _, _, lp, _ in entries],
+        "top_logprobs": [{t: l for _, t, l in top} for _, _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+class Formatter:
+    """Builds every object of one response; ids and `created` are fixed per response."""
+
+    def __init__(self, parsed: ParsedRequest, model: str):
+        self.parsed = parsed
+        self.model = model
+        self.chat = parsed.endpoint is Endpoint.CHAT
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self._usage_field = {"usage": None} if parsed.include_usage else {}
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **self._usage_field}
+
+    def delta_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
+        """Stream chunks for one delta (already applied to `choice`): role first (chat), then the text
+        and logprobs, then an empty delta carrying finish_reason."""
+        chunks = []
+        if self.chat and not choice.started:
+            choice.started = True
+            chunks.append(self._chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]))
+        if frame.text or frame.logprobs:
+            chunks.append(self._chunk([self._content_choice(choice, frame)]))
+        if frame.finish_reason in ("stop", "length"):
+            if self.chat:
+                body = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": frame.finish_reason}
+            else:
+                body = {"index": choice.index, "text": "", "logprobs": None, "finish_reason": frame.finish_reason}
+            chunks.append(self._chunk([body]))
+        return chunks
+
+    def _content_choice(self, choice: ChoiceState, frame: DeltaFrame) -> dict:
+        if self.chat:
+            lp = chat_logprobs(frame.logprobs) if frame.logprobs else None
+            return {"index": choice.index, "delta": {"content": frame.text}, "logprobs": lp, "finish_reason": None}
+        lp = completion_logprobs(frame.logprobs, choice.text_offset - len(frame.text)) if frame.logprobs else None
+        return {"index": choice.index, "text": frame.text, "logprobs": lp, "finish_reason": None}
+
+    def usage_chunk(self, choices: list[ChoiceState]) -> dict:
+        return {**self._chunk([]), "usage": usage(choices)}
+
+    def full_response(self, choices: list[ChoiceState]) -> dict:
+        out = []
+        for c in sorted(choices, key=lambda c: c.index):
+            text = "".join(c.text_parts)
+            if self.chat:
+                lp = chat_logprobs(c.logprob_entries) if self.parsed.sampling["logprobs"] is not None else None
+                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "logprobs": lp, "finish_reason": c.finish_reason})
+            else:
+                lp = completion_logprobs(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None
+                out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": out, "usage": usage(choices)}
+
+
+def apply_delta(choice: ChoiceState, frame: DeltaFrame) -> None:
+    choice.text_parts.append(frame.text)
+    choice.text_offset += len(frame.text)
+    if frame.logprobs:
+        choice.logprob_entries.extend(frame.logprobs)
+    choice.num_prompt_tokens = frame.num_prompt_tokens
+    choice.num_generated_tokens = frame.num_generated_tokens
+    if frame.finish_reason is not None:
+        choice.finish_reason = frame.finish_reason

@@ -1,0 +1,173 @@
+"""OpenAI request bodies -> one validated ParsedRequest. Pure: no I/O, no model, no torch.
+
+The router cannot tokenize, so limits that need the prompt length (prompt + max_tokens within the
+context) are checked by the engine; everything else is checked here, before routing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from services.router.params import (
+    get_bool, get_dict, get_float, get_int, get_stop, get_str, reject_unsupported, value_error,
+)
+from services.runtime.errors import ApiError
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_LOGPROBS = 20
+SEED_MODULUS = 2**63
+
+
+class Endpoint(enum.Enum):
+    CHAT = "chat.completion"
+    COMPLETION = "text_completion"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    endpoint: Endpoint
+    model: str | None
+    prompts: tuple[dict[str, Any], ...]  # each {"prompt": str} | {"prompt_token_ids": [...]} | {"messages": [...]}
+    sampling: dict[str, Any]  # SamplingParams fields except seed (and max_tokens when unset)
+    max_tokens: int | None  # None: fill the context
+    seed: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+
+    def choice_seeds(self) -> list[int | None]:
+        """One seed per choice: seed, seed+1, ... so n>1 with a seed is reproducible yet varied."""
+        if self.seed is None:
+            return [None] * self.n
+        return [(self.seed + i) % SEED_MODULUS for i in range(self.n)]
+
+
+def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_tokens: int | None,
+            logprobs: int | None, prompts: tuple[dict, ...]) -> ParsedRequest:
+    stream = get_bool(body, "stream")
+    stream_options = get_dict(body, "stream_options")
+    if stream_options is not None and not stream:
+        raise ApiError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include_usage = get_bool(stream_options or {}, "include_usage")
+    temperature = get_float(body, "temperature", 1.0)
+    if temperature < 0:
+        raise value_error("temperature", f"'temperature' must be >= 0, got {temperature}")
+    top_p = get_float(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise value_error("top_p", f"'top_p' must be in (0, 1], got {top_p}")
+    top_k = get_int(body, "top_k", minimum=-1)
+    min_tokens = get_int(body, "min_tokens", 0, minimum=0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise value_error("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})")
+    sampling: dict[str, Any] = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k if top_k not in (None, -1, 0) else None,
+        "stop": get_stop(body, max_stop),
+        "ignore_eos": get_bool(body, "ignore_eos"),
+        "min_tokens": min_tokens,
+        "logprobs": logprobs,
+    }
+    if max_tokens is not None:
+        sampling["max_tokens"] = max_tokens
+    return ParsedRequest(
+        endpoint=endpoint,
+        model=get_str(body, "model"),
+        prompts=prompts,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        seed=get_int(body, "seed"),
+        n=get_int(body, "n", 1, minimum=1, maximum=max_n),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def _message_content(i: int, message: dict) -> str:
+    content = message.get("content")
+    param = f"messages[{i}].content"
+    if content is None:
+        if message["role"] == "assistant":
+            return ""
+        raise ApiError(f"'{param}' is required", code="missing_required_parameter", param=param)
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(f"'{param}': only text content parts are supported", param=param)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(f"'{param}' must be a string or a list of text parts", code="invalid_type", param=param)
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError("'messages' is required", code="missing_required_parameter", param="messages")
+    if not isinstance(messages, list):
+        raise ApiError("'messages' must be a list", code="invalid_type", param="messages")
+    if not messages:
+        raise value_error("messages", "'messages' must contain at least one message")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(f"'messages[{i}]' must be an object", code="invalid_type", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise value_error(
+                f"messages[{i}].role", f"'messages[{i}].role' must be one of {sorted(CHAT_ROLES)}, got {role!r}"
+            )
+        out.append({"role": role, "content": _message_content(i, message)})
+    return out
+
+
+def parse_chat_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
+    messages = _messages(body)
+    reject_unsupported(body, {"tools": [], "tool_choice": "none", "logit_bias": {}, "audio": None,
+                              "frequency_penalty": 0, "presence_penalty": 0})
+    max_tokens = get_int(body, "max_completion_tokens", minimum=1)
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens", minimum=1)
+    logprobs = None
+    top_logprobs = get_int(body, "top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    if get_bool(body, "logprobs"):
+        logprobs = top_logprobs or 0
+    elif top_logprobs is not None:
+        raise ApiError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    return _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
+                   logprobs=logprobs, prompts=({"messages": messages},))
+
+
+def _completion_prompts(body: dict) -> tuple[dict, ...]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise ApiError("'prompt' is required", code="missing_required_parameter", param="prompt")
+    if isinstance(prompt, str):
+        return ({"prompt": prompt},)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            return ({"prompt_token_ids": list(prompt)},)
+        if all(isinstance(p, str) for p in prompt):
+            return tuple({"prompt": p} for p in prompt)
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                  for t in p) for p in prompt):
+            return tuple({"prompt_token_ids": list(p)} for p in prompt)
+    raise ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+                   code="invalid_type", param="prompt")
+
+
+def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
+    prompts = _completion_prompts(body)
+    reject_unsupported(body, {"echo": False, "suffix": "", "best_of": 1, "logit_bias": {},
+                              "frequency_penalty": 0, "presence_penalty": 0})
+    max_tokens = get_int(body, "max_tokens", 16, minimum=1)  # OpenAI's default for /v1/completions
+    logprobs = get_int(body, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    parsed = _common(body, Endpoint.COMPLETION, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
+                     logprobs=logprobs, prompts=prompts)
+    if len(prompts) * parsed.n > max_n:
+        raise value_error("n", f"len(prompt) * n = {len(prompts) * parsed.n} exceeds the cap of {max_n} sequences")
+    return parsed

@@ -1,0 +1,102 @@
+"""Worker registry: who serves what, how loaded, and who is alive. Plain Python; time is injected.
+
+A worker is live when it has heartbeated within `heartbeat_timeout_s` and, if the router saw it
+fail (connection refused, stream cut), has heartbeated again since.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from services.router.policy import Candidate
+from services.runtime.wire import WorkerLoad, WorkerRegistration
+
+
+@dataclass(slots=True)
+class WorkerState:
+    info: WorkerRegistration
+    load: WorkerLoad | None
+    last_seen: float
+    failed_at: float | None = None
+    inflight_requests: int = 0
+    inflight_tokens: int = 0  # router-side view: max_tokens of each routed, unfinished sequence
+
+
+class WorkerRegistry:
+    def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self._timeout = heartbeat_timeout_s
+        self._clock = clock
+        self._workers: dict[str, WorkerState] = {}
+
+    def register(self, info: WorkerRegistration) -> None:
+        old = self._workers.get(info.worker_id)
+        state = WorkerState(info=info, load=None, last_seen=self._clock())
+        if old is not None:  # keep the router's own in-flight accounting across re-registration
+            state.inflight_requests, state.inflight_tokens = old.inflight_requests, old.inflight_tokens
+        self._workers[info.worker_id] = state
+
+    def heartbeat(self, load: WorkerLoad) -> bool:
+        """Record a heartbeat; False if the worker is unknown (it should register again)."""
+        state = self._workers.get(load.worker_id)
+        if state is None:
+            return False
+        state.load = load
+        state.last_seen = self._clock()
+        return True
+
+    def deregister(self, worker_id: str) -> bool:
+        return self._workers.pop(worker_id, None) is not None
+
+    def mark_failed(self, worker_id: str) -> None:
+        state = self._workers.get(worker_id)
+        if state is not None:
+            state.failed_at = self._clock()
+
+    def is_live(self, state: WorkerState) -> bool:
+        if state.load is not None and state.load.draining:
+            return False
+        if state.failed_at is not None and state.last_seen <= state.failed_at:
+            return False
+        return self._clock() - state.last_seen < self._timeout
+
+    def get(self, worker_id: str) -> WorkerState | None:
+        return self._workers.get(worker_id)
+
+    def all(self) -> list[WorkerState]:
+        return list(self._workers.values())
+
+    def live(self, model: str | None = None) -> list[WorkerState]:
+        return [
+            s for s in self._workers.values() if self.is_live(s) and (model is None or s.info.model_name == model)
+        ]
+
+    def live_models(self) -> dict[str, int]:
+        """Model name -> smallest max_model_len among its live workers (first registered first)."""
+        models: dict[str, int] = {}
+        for s in self.live():
+            name = s.info.model_name
+            models[name] = min(models.get(name, s.info.max_model_len), s.info.max_model_len)
+        return models
+
+    def candidates(self, model: str, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
+        out = []
+        for s in self.live(model):
+            if s.info.worker_id in exclude:
+                continue
+            free = s.load.num_free_blocks if s.load is not None else s.info.num_total_blocks
+            out.append(Candidate(s.info.worker_id, s.inflight_tokens, free))
+        return out
+
+    def dispatch(self, worker_id: str, num_tokens: int) -> None:
+        state = self._workers.get(worker_id)
+        if state is not None:
+            state.inflight_requests += 1
+            state.inflight_tokens += num_tokens
+
+    def release(self, worker_id: str, num_tokens: int) -> None:
+        state = self._workers.get(worker_id)
+        if state is not None:
+            state.inflight_requests = max(0, state.inflight_requests - 1)
+            state.inflight_tokens = max(0, state.inflight_tokens - num_tokens)

@@ -1,0 +1,128 @@
+"""Router -> worker generate calls: pick a worker, open its stream, read DeltaFrames.
+
+Connection failures before the worker has answered mark it failed and retry on the next candidate;
+failures after that raise WorkerLost (the caller turns it into an error for the client).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+
+from services.router.policy import RoutingPolicy
+from services.router.registry import WorkerRegistry
+from services.runtime.auth import cluster_headers
+from services.runtime.errors import ApiError, api_error_from_payload
+from services.runtime.wire import CONTENT_TYPE, DeltaFrame, FrameDecoder, GenerateCall, WireDecodeError, encode
+
+log = structlog.get_logger()
+
+
+class WorkerLost(Exception):
+    """The worker's stream broke before the sequence finished."""
+
+    def __init__(self, worker_id: str, reason: str):
+        super().__init__(f"worker {worker_id} failed mid-stream: {reason}")
+        self.worker_id = worker_id
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPool:
+    """What opening a stream needs; one per router app."""
+
+    registry: WorkerRegistry
+    session: aiohttp.ClientSession
+    policy: RoutingPolicy
+    cluster_token: str
+
+
+class WorkerStream:
+    """Async iterator of one sequence's DeltaFrames; ends after the frame with a finish_reason."""
+
+    def __init__(self, pool: WorkerPool, worker_id: str, response: aiohttp.ClientResponse, num_tokens: int):
+        self.worker_id = worker_id
+        self._pool = pool
+        self._response = response
+        self._num_tokens = num_tokens
+        self._decoder = FrameDecoder()
+        self._pending: collections.deque[DeltaFrame] = collections.deque()
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> WorkerStream:
+        return self
+
+    async def __anext__(self) -> DeltaFrame:
+        while not self._pending:
+            if self._finished:
+                raise StopAsyncIteration
+            try:
+                chunk = await self._response.content.readany()
+                if not chunk:
+                    raise WorkerLost(self.worker_id, "stream ended before the sequence finished")
+                self._pending.extend(self._decoder.feed(chunk))
+            except (aiohttp.ClientError, WireDecodeError, TimeoutError) as e:
+                self._fail()
+                raise WorkerLost(self.worker_id, repr(e)) from e
+            except WorkerLost:
+                self._fail()
+                raise
+        frame = self._pending.popleft()
+        if frame.finish_reason is not None:
+            self._finished = True
+        return frame
+
+    def _fail(self) -> None:
+        self._pool.registry.mark_failed(self.worker_id)
+        log.warning("worker_marked_failed", worker_id=self.worker_id)
+
+    def close(self) -> None:
+        """Release the connection; if unfinished, closing it makes the worker abort the sequence."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.registry.release(self.worker_id, self._num_tokens)
+        if self._finished:
+            self._response.release()
+        else:
+            self._response.close()
+
+
+async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_tokens: int) -> WorkerStream:
+    """Route `call` to a live worker serving `model` and return its stream once the worker accepted it
+    (after its first delta). Engine errors come back as ApiError with the worker's status."""
+    tried: set[str] = set()
+    while True:
+        candidate = pool.policy(pool.registry.candidates(model, frozenset(tried)))
+        if candidate is None:
+            raise ApiError(
+                f"no live worker is serving model '{model}'; retry when a worker has registered",
+                status=503, code="no_worker_available", headers={"Retry-After": "1"},
+            )
+        state = pool.registry.get(candidate.worker_id)
+        pool.registry.dispatch(candidate.worker_id, num_tokens)
+        try:
+            response = await pool.session.post(
+                state.info.url + "/internal/generate", data=encode(call),
+                headers={**cluster_headers(pool.cluster_token), "Content-Type": CONTENT_TYPE},
+            )
+        except (aiohttp.ClientConnectionError, TimeoutError) as e:
+            pool.registry.release(candidate.worker_id, num_tokens)
+            pool.registry.mark_failed(candidate.worker_id)
+            log.warning("worker_unreachable", worker_id=candidate.worker_id, error=repr(e))
+            tried.add(candidate.worker_id)
+            continue
+        except BaseException:
+            pool.registry.release(candidate.worker_id, num_tokens)
+            raise
+        if response.status != 200:
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+                pool.registry.release(candidate.worker_id, num_tokens)
+            raise api_error_from_payload(response.status, body)
+        return WorkerStream(pool, candidate.worker_id, response, num_tokens)

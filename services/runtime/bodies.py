@@ -1,0 +1,30 @@
+"""Reading request bodies the same way in every service: size cap, strict UTF-8, JSON object."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from services.runtime.errors import ApiError
+
+
+async def read_json_object(request: web.Request) -> dict:
+    body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413 via middleware
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(f"request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(obj, dict):
+        raise ApiError("request body must be a JSON object", code="invalid_json")
+    return obj
+
+
+def json_response(payload: dict, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(payload, separators=(",", ":")).encode(), content_type="application/json"
+    )

@@ -1,0 +1,121 @@
+"""Router <-> worker messages. Every message is a frozen dataclass here; `encode` / `decode` (and
+`FrameDecoder` for streams of them) are the only places bytes become objects. msgpack, never pickle.
+
+A generate response is a stream of self-delimiting msgpack maps (no length prefix needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import msgpack
+
+WIRE_VERSION = 1
+CONTENT_TYPE = "application/x-msgpack"
+
+
+class WireDecodeError(Exception):
+    """Bytes that are not a known message of this wire version."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCall:
+    """Router -> worker: one sequence to generate. `sampling` holds SamplingParams field names
+    (the router does not import the engine); exactly one of prompt / prompt_token_ids / messages."""
+
+    request_id: str
+    sampling: dict[str, Any]
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaFrame:
+    """Worker -> router: one engine Delta. logprobs: [[token_id, token, logprob, [[id, tok, lp]...]]...]."""
+
+    token_ids: list[int]
+    text: str
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    logprobs: list | None = None
+    error: str | None = None
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRegistration:
+    worker_id: str
+    url: str
+    model_name: str
+    max_model_len: int
+    block_size: int
+    num_total_blocks: int
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """A heartbeat: the worker's load as the router's policy sees it."""
+
+    worker_id: str
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    outstanding_tokens: int  # generation tokens still owed to in-flight requests
+    draining: bool = False
+    v: int = WIRE_VERSION
+
+
+MESSAGE_TYPES = {cls.__name__: cls for cls in (GenerateCall, DeltaFrame, WorkerRegistration, WorkerLoad)}
+Message = GenerateCall | DeltaFrame | WorkerRegistration | WorkerLoad
+
+
+def encode(message: Message) -> bytes:
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    return msgpack.packb({"t": type(message).__name__, **fields}, use_bin_type=True)
+
+
+def _from_obj(obj: Any) -> Message:
+    if not isinstance(obj, dict):
+        raise WireDecodeError(f"expected a msgpack map, got {type(obj).__name__}")
+    cls = MESSAGE_TYPES.get(obj.pop("t", None))
+    if cls is None:
+        raise WireDecodeError("unknown message type")
+    if obj.get("v") != WIRE_VERSION:
+        raise WireDecodeError(f"wire version {obj.get('v')!r}, expected {WIRE_VERSION}")
+    try:
+        return cls(**obj)
+    except TypeError as e:
+        raise WireDecodeError(f"bad {cls.__name__} fields: {e}") from e
+
+
+def decode(data: bytes, expected: type | None = None) -> Message:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise WireDecodeError(f"invalid msgpack: {e}") from e
+    message = _from_obj(obj)
+    if expected is not None and not isinstance(message, expected):
+        raise WireDecodeError(f"expected {expected.__name__}, got {type(message).__name__}")
+    return message
+
+
+class FrameDecoder:
+    """Incremental decoder for a stream of messages: feed() raw chunks, iterate complete messages."""
+
+    def __init__(self) -> None:
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+
+    def feed(self, chunk: bytes) -> Iterator[Message]:
+        self._unpacker.feed(chunk)
+        try:
+            for obj in self._unpacker:
+                yield _from_obj(obj)
+        except (ValueError, msgpack.FormatError, msgpack.StackError) as e:
+            raise WireDecodeError(f"invalid msgpack frame: {e}") from e

@@ -1,0 +1,167 @@
+"""The worker's aiohttp app: the engine behind an internal streaming API, plus router membership.
+
+Routes (all but /health need the cluster token):
+  POST /internal/generate  msgpack GenerateCall -> 200 stream of msgpack DeltaFrames, or error JSON
+  GET  /internal/stats     block accounting and load, JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from services.runtime.auth import cluster_token_middleware
+from services.runtime.bodies import json_response
+from services.runtime.errors import ApiError, error_middleware
+from services.runtime.wire import CONTENT_TYPE, GenerateCall, WireDecodeError, WorkerLoad, WorkerRegistration, decode, encode
+from services.worker.config import WorkerConfig
+from services.worker.engine.api import EngineError, FinishReason
+from services.worker.inflight import InflightTable
+from services.worker.registration import RouterLink
+from services.worker.wire_convert import to_frame, to_generate_request
+
+log = structlog.get_logger()
+
+EngineFactory = Callable[[WorkerConfig], Any]  # returns an AsyncEngine (or a test double)
+CONFIG = web.AppKey("config", WorkerConfig)
+ENGINE = web.AppKey("engine", object)
+INFLIGHT = web.AppKey("inflight", InflightTable)
+ROUTER_LINK = web.AppKey("router_link", RouterLink)
+HEARTBEAT_TASK = web.AppKey("heartbeat_task", asyncio.Task)
+
+routes = web.RouteTableDef()
+
+
+def default_engine_factory(config: WorkerConfig):
+    from services.worker.engine.async_engine import AsyncEngine  # torch: only when a real engine is wanted
+
+    return AsyncEngine(config.engine_config())
+
+
+def _engine_ctx(factory: EngineFactory):
+    async def engine_ctx(app: web.Application):
+        engine = await asyncio.to_thread(factory, app[CONFIG])  # loads the model: seconds
+        await engine.start()
+        app[ENGINE] = engine
+        log.info("engine_started", model=engine.model_name, max_model_len=engine.max_model_len,
+                 num_blocks=engine.stats().num_total_blocks)
+        yield
+        await engine.stop()
+
+    return engine_ctx
+
+
+def _load(app: web.Application) -> WorkerLoad:
+    stats = app[ENGINE].stats()
+    inflight = app[INFLIGHT]
+    return WorkerLoad(app[CONFIG].id, stats.num_running, stats.num_waiting, stats.num_free_blocks,
+                      stats.num_total_blocks, inflight.outstanding_tokens(), inflight.draining)
+
+
+async def router_link_ctx(app: web.Application):
+    config, engine = app[CONFIG], app[ENGINE]
+    stats = engine.stats()
+    info = WorkerRegistration(config.id, config.url, config.served_model_name or engine.model_name,
+                              engine.max_model_len, stats.block_size, stats.num_total_blocks)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        link = RouterLink(session, config.router_url, config.cluster_token, info)
+        app[ROUTER_LINK] = link
+        app[HEARTBEAT_TASK] = asyncio.create_task(link.run(lambda: _load(app), config.heartbeat_interval_s))
+        yield
+        await _stop_heartbeats(app)
+
+
+async def _stop_heartbeats(app: web.Application) -> None:
+    task = app[HEARTBEAT_TASK]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await app[ROUTER_LINK].deregister()
+
+
+def create_app(config: WorkerConfig, engine_factory: EngineFactory = default_engine_factory) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, cluster_token_middleware(config.cluster_token)],
+                          client_max_size=64 * 1024 * 1024)
+    app[CONFIG] = config
+    app[INFLIGHT] = InflightTable()
+    app.cleanup_ctx.append(_engine_ctx(engine_factory))
+    app.cleanup_ctx.append(router_link_ctx)
+    app.add_routes(routes)
+    return app
+
+
+@routes.post("/internal/generate")
+async def generate(request: web.Request) -> web.StreamResponse:
+    inflight, engine = request.app[INFLIGHT], request.app[ENGINE]
+    if inflight.draining:
+        raise ApiError("worker is draining", status=503, code="draining", headers={"Retry-After": "1"})
+    try:
+        call = decode(await request.read(), GenerateCall)
+    except WireDecodeError as e:
+        raise ApiError(f"bad GenerateCall: {e}", code="wire_decode_error") from e
+    gen_request = to_generate_request(call)
+    stream = engine.generate(gen_request)
+    request_id = gen_request.request_id
+    inflight.add(request_id, gen_request.sampling.max_tokens)
+    finish: FinishReason | None = None
+    try:
+        try:
+            delta = await anext(stream)
+        except EngineError as e:
+            raise ApiError(e.message, status=e.status, code=e.code, param=e.param) from e
+        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+        await response.prepare(request)
+        while True:
+            inflight.update(request_id, delta.num_generated_tokens)
+            await response.write(encode(to_frame(delta)))
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+                break
+            delta = await anext(stream)
+        await response.write_eof()
+        return response
+    finally:
+        if finish is None:  # router went away or we failed: free the blocks now
+            await engine.abort(request_id)
+        await stream.aclose()
+        inflight.remove(request_id, completed=finish in (FinishReason.STOP, FinishReason.LENGTH))
+
+
+@routes.get("/internal/stats")
+async def stats(request: web.Request) -> web.Response:
+    s = request.app[ENGINE].stats()
+    inflight = request.app[INFLIGHT]
+    return json_response({
+        "worker_id": request.app[CONFIG].id, "num_running": s.num_running, "num_waiting": s.num_waiting,
+        "num_total_blocks": s.num_total_blocks, "num_free_blocks": s.num_free_blocks,
+        "num_used_blocks": s.num_total_blocks - s.num_free_blocks, "block_size": s.block_size,
+        "num_inflight": len(inflight), "outstanding_tokens": inflight.outstanding_tokens(),
+        "draining": inflight.draining,
+    })
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "draining": request.app[INFLIGHT].draining})
+
+
+async def drain(app: web.Application) -> None:
+    """SIGTERM: stop admitting, leave the rotation, finish in-flight work within the deadline, abort
+    the rest; one log line with counts."""
+    inflight, engine = app[INFLIGHT], app[ENGINE]
+    inflight.draining = True
+    await _stop_heartbeats(app)
+    num_at_signal, completed_before = len(inflight), inflight.num_completed
+    finished = await inflight.wait_empty(app[CONFIG].drain_timeout_s)
+    num_forced = 0
+    if not finished:
+        for request_id in inflight.request_ids():
+            num_forced += 1
+            await engine.abort(request_id)
+        await inflight.wait_empty(5.0)
+    log.info("worker_drained", num_inflight_at_signal=num_at_signal,
+             num_completed=inflight.num_completed - completed_before, num_aborted=num_forced,
+             num_left=len(inflight))

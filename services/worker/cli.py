@@ -1,0 +1,61 @@
+"""`kvmesh worker`: serve one engine and join a router."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.runtime.auth import resolve_cluster_token
+from services.runtime.logging import configure_logging
+from services.runtime.serve import run_service
+from services.worker.app import create_app, drain
+from services.worker.config import WorkerConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="'tiny' or a local Hugging Face model directory")
+    parser.add_argument("--router", default="http://127.0.0.1:8000", help="router base URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--kv-blocks", type=int, default=None, help="cap on the local KV pool (default: what "
+                        "memory allows)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--cluster-token", default=None,
+                        help="shared secret (default: $KVMESH_CLUSTER_TOKEN, else a loopback-only dev token)")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    parser.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model=args.model, router_url=args.router, host=args.host, port=args.port,
+        cluster_token=resolve_cluster_token(args.cluster_token, args.host), advertise_url=args.advertise_url,
+        worker_id=args.worker_id, served_model_name=args.served_model_name, dtype=args.dtype,
+        block_size=args.block_size, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
+        num_threads=args.num_threads, heartbeat_interval_s=args.heartbeat_interval,
+        drain_timeout_s=args.drain_timeout,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    log = configure_logging("worker", args.log_level)
+    try:
+        config = config_from_args(args)
+        config.engine_config()  # validate engine settings before loading anything
+    except ValueError as e:
+        log.error("bad_config", error=str(e))
+        return 2
+    return run_service(create_app(config), config.host, config.port, drain=drain)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="kvmesh worker")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,49 @@
+"""The worker service's one config object (the engine's own settings live in engine/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.worker.engine.config import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model: str = "tiny"
+    router_url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8100
+    cluster_token: str = ""
+    advertise_url: str | None = None  # what the router dials; default http://host:port
+    worker_id: str | None = None  # default host:port
+    served_model_name: str | None = None  # default: the engine's model name
+    dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    num_threads: int | None = None
+    heartbeat_interval_s: float = 1.0
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.cluster_token:
+            raise ValueError("cluster_token must be set (see services.runtime.auth.resolve_cluster_token)")
+        if not self.router_url.startswith(("http://", "https://")):
+            raise ValueError(f"router_url must be an http(s) URL, got {self.router_url!r}")
+        if self.heartbeat_interval_s <= 0 or self.drain_timeout_s <= 0:
+            raise ValueError("heartbeat_interval_s and drain_timeout_s must be > 0")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def id(self) -> str:
+        return self.worker_id or f"{self.host}:{self.port}"
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, dtype=self.dtype, block_size=self.block_size,
+                            num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
+                            num_threads=self.num_threads)

@@ -1,0 +1,39 @@
+"""Wire messages <-> engine objects (the worker side of services/runtime/wire.py)."""
+
+from __future__ import annotations
+
+from services.runtime.errors import ApiError
+from services.runtime.wire import DeltaFrame, GenerateCall
+from services.worker.engine.api import Delta, GenerateRequest, SamplingParams
+
+_TUPLE_FIELDS = ("stop", "stop_token_ids")
+
+
+def to_generate_request(call: GenerateCall) -> GenerateRequest:
+    sampling = dict(call.sampling)
+    for name in _TUPLE_FIELDS:
+        if name in sampling:
+            sampling[name] = tuple(sampling[name])
+    try:
+        params = SamplingParams(**sampling)
+    except TypeError as e:
+        raise ApiError(f"bad sampling parameters: {e}", code="invalid_value") from e
+    return GenerateRequest(
+        request_id=call.request_id,
+        sampling=params,
+        prompt=call.prompt,
+        prompt_token_ids=tuple(call.prompt_token_ids) if call.prompt_token_ids is not None else None,
+        messages=tuple(call.messages) if call.messages is not None else None,
+    )
+
+
+def to_frame(delta: Delta) -> DeltaFrame:
+    logprobs = None
+    if delta.logprobs is not None:
+        logprobs = [[lp.token_id, lp.token, lp.logprob, [list(t) for t in lp.top]] for lp in delta.logprobs]
+    return DeltaFrame(
+        token_ids=list(delta.token_ids), text=delta.text, num_prompt_tokens=delta.num_prompt_tokens,
+        num_generated_tokens=delta.num_generated_tokens,
+        finish_reason=delta.finish_reason.value if delta.finish_reason is not None else None,
+        logprobs=logprobs, error=delta.error,
+    )

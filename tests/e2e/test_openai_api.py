@@ -1,0 +1,223 @@
+"""Router + one worker as real processes, driven by the official openai client and raw aiohttp."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from tests.e2e.cluster import (
+    get, router_workers, running_cluster, wait_zero_used_blocks, wait_zero_used_blocks_async, worker_stats,
+)
+from tests.e2e.offline import greedy, offline_generate
+
+MAX_INFLIGHT = 4
+ROUTER_ARGS = ("--max-inflight-requests", str(MAX_INFLIGHT), "--max-body-bytes", str(1 << 20), "--max-n", "4")
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the memory cluster"}]
+PROMPT = "The attention layer reads the key value cache"
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("openai_api"), 1, ROUTER_ARGS, ("--kv-blocks", "512")) as c:
+        yield c
+        exit_codes = c.stop()
+    assert exit_codes == {"worker0": 0, "router": 0}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    chat, completion = offline_generate([
+        greedy("chat", MAX_TOKENS, messages=tuple(MESSAGES)),
+        greedy("completion", MAX_TOKENS, prompt=PROMPT),
+    ])
+    return {"chat": chat, "completion": completion}
+
+
+@pytest.fixture(autouse=True)
+def no_blocks_left(cluster):
+    yield
+    wait_zero_used_blocks(cluster.workers)
+
+
+@pytest.fixture
+def client(cluster):
+    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def test_models_lists_the_worker_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_non_streaming_matches_offline(client, reference):
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    ref = reference["chat"]
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == ref.text
+    assert resp.choices[0].finish_reason == ref.finish_reason
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (ref.num_prompt_tokens, ref.num_generated_tokens)
+    assert resp.usage.total_tokens == ref.num_prompt_tokens + ref.num_generated_tokens
+
+
+def test_chat_streaming_matches_offline(client, reference):
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    ref = reference["chat"]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [ref.finish_reason]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == ref.num_generated_tokens
+    assert chunks[-1].usage.prompt_tokens == ref.num_prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_match_offline(client, reference):
+    ref = reference["completion"]
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    assert resp.choices[0].text == ref.text
+    assert resp.usage.prompt_tokens == ref.num_prompt_tokens
+    assert resp.usage.completion_tokens == ref.num_generated_tokens
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+async def test_raw_sse_wire_format(cluster, reference):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cluster.router.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            raw = (await resp.read()).decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    objs = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert {o["object"] for o in objs} == {"text_completion"}
+    assert len({o["id"] for o in objs}) == 1
+    assert "".join(o["choices"][0]["text"] for o in objs) == reference["completion"].text
+
+
+def test_n_seed_stop_and_logprobs(client, reference):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7, n=2)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert first.usage.completion_tokens == 16
+
+    text = reference["completion"].text
+    stop = text[6:10]
+    assert stop.strip(), text
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    assert resp.choices[0].text == text[:text.find(stop)]
+    assert resp.choices[0].finish_reason == "stop"
+
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
+    assert len(resp.choices[0].logprobs.tokens) == 4 and len(resp.choices[0].logprobs.top_logprobs[0]) == 3
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD_INPUTS = [
+    ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),
+    ("not an object", "/v1/chat/completions", b"[]", 400),
+    ("non-utf8", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400),
+    ("wrong type", "/v1/chat/completions", {**CHAT, "max_tokens": "four"}, 400),
+    ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400),
+    ("missing prompt", "/v1/completions", {"model": "tiny"}, 400),
+    ("empty messages", "/v1/chat/completions", {**CHAT, "messages": []}, 400),
+    ("unknown role", "/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-9"}, 404),
+    ("max_tokens 0", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400),
+    ("max_tokens > context", "/v1/chat/completions", {**CHAT, "max_tokens": 10**6}, 400),
+    ("prompt + max_tokens > context", "/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 32760}, 400),
+    ("negative temperature", "/v1/chat/completions", {**CHAT, "temperature": -1}, 400),
+    ("top_p out of range", "/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400),
+    ("n over cap", "/v1/chat/completions", {**CHAT, "n": 5}, 400),
+    ("body too large", "/v1/completions", {"model": "tiny", "prompt": "x" * (2 << 20)}, 413),
+]
+
+
+@pytest.mark.parametrize("name, path, body, status", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+async def test_bad_input_gets_openai_error_and_service_survives(cluster, name, path, body, status):
+    async with aiohttp.ClientSession() as session:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with session.post(cluster.router.url + path, data=io.BytesIO(data)) as resp:
+            assert resp.status == status, await resp.text()
+            err = (await resp.json())["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            if "context" in name:
+                assert "32768" in err["message"]
+        async with session.post(cluster.router.url + "/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+
+
+async def test_queue_cap_gives_429_with_retry_after(cluster):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        held = [await session.post(cluster.router.url + "/v1/completions", json=body) for _ in range(MAX_INFLIGHT)]
+        try:
+            async with session.post(cluster.router.url + "/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 429
+                assert resp.headers["Retry-After"]
+        finally:
+            for r in held:
+                r.close()
+        await wait_zero_used_blocks_async(cluster.workers)
+        async with session.post(cluster.router.url + "/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+
+
+async def test_client_disconnect_frees_worker_blocks(cluster):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(cluster.router.url + "/v1/chat/completions", json=body)
+        for _ in range(3):
+            await resp.content.readline()
+        assert worker_stats(cluster.workers[0])["num_used_blocks"] > 0
+        resp.close()
+        await wait_zero_used_blocks_async(cluster.workers, 1.5)
+
+
+def test_health_ready_metrics(cluster, client):
+    assert get(cluster.router.url + "/health")[0] == 200
+    assert json.loads(get(cluster.router.url + "/ready")[1])["num_live_workers"] == 1
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0, stream=False)
+    text = get(cluster.router.url + "/metrics")[1].decode()
+    for name in ("kvmesh_router_requests_total", "kvmesh_router_time_to_first_token_seconds_bucket",
+                 "kvmesh_router_inter_token_latency_seconds_bucket", "kvmesh_router_prompt_tokens_total",
+                 "kvmesh_router_generation_tokens_total", "kvmesh_worker_kv_blocks_used", "kvmesh_worker_kv_blocks_free",
+                 "kvmesh_worker_requests_running", "kvmesh_worker_requests_waiting"):
+        assert name in text, name
+    assert get(cluster.router.url + "/internal/workers")[0] == 401
+    assert router_workers(cluster.router)[0]["live"]
+
+
+def test_kvmesh_chat_one_shot(cluster, reference):
+    import subprocess
+    import sys
+
+    system, user = MESSAGES[0]["content"], MESSAGES[1]["content"]
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "chat", "--url", cluster.router.url, "--prompt", user,
+         "--system", system, "--max-tokens", str(MAX_TOKENS), "--temperature", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reference["chat"].text.strip()
+    assert "ttft" in result.stderr and "tok/s" in result.stderr

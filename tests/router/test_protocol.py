@@ -1,0 +1,71 @@
+import pytest
+
+from services.router.protocol import parse_chat_request, parse_completion_request
+from services.runtime.errors import ApiError
+
+LIMITS = {"max_n": 4, "max_stop": 4}
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chat(**body):
+    return parse_chat_request({"model": "m", "messages": MSG, **body}, **LIMITS)
+
+
+def test_chat_defaults_and_extras():
+    p = chat(max_completion_tokens=7, max_tokens=99, stop="x", top_k=-1, ignore_eos=True, min_tokens=2, seed=5, n=3,
+             stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
+    assert p.max_tokens == 7 and p.sampling["max_tokens"] == 7
+    assert p.sampling["stop"] == ("x",) and p.sampling["top_k"] is None and p.sampling["ignore_eos"]
+    assert p.sampling["logprobs"] == 2 and p.include_usage
+    assert p.choice_seeds() == [5, 6, 7]
+    assert p.prompts == ({"messages": MSG},)
+
+
+def test_chat_content_parts_are_joined():
+    p = parse_chat_request({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                     {"type": "text", "text": "b"}]}]}, **LIMITS)
+    assert p.prompts[0]["messages"][0]["content"] == "ab"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": None}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 5}, "n"),
+    ({"n": 0}, "n"),
+    ({"stop": ["a", 1]}, "stop"),
+    ({"stop": ["a"] * 5}, "stop"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+])
+def test_chat_bad_input_names_the_field(body, param):
+    with pytest.raises(ApiError) as e:
+        parse_chat_request({"messages": MSG, **body}, **LIMITS)
+    assert e.value.status == 400
+    assert e.value.param == param
+
+
+def test_completion_prompt_forms():
+    assert parse_completion_request({"prompt": "a"}, **LIMITS).prompts == ({"prompt": "a"},)
+    assert parse_completion_request({"prompt": [1, 2]}, **LIMITS).prompts == ({"prompt_token_ids": [1, 2]},)
+    assert len(parse_completion_request({"prompt": ["a", "b"]}, **LIMITS).prompts) == 2
+    p = parse_completion_request({"prompt": "a", "logprobs": 3}, **LIMITS)
+    assert p.max_tokens == 16 and p.sampling["logprobs"] == 3
+
+
+@pytest.mark.parametrize("body", [{}, {"prompt": 3}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "a", "echo": True},
+                                  {"prompt": ["a", "b", "c"], "n": 2}, {"prompt": "a", "logprobs": 30}])
+def test_completion_bad_input(body):
+    with pytest.raises(ApiError) as e:
+        parse_completion_request(body, **LIMITS)
+    assert e.value.status == 400

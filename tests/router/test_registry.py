@@ -1,0 +1,66 @@
+from services.router.registry import WorkerRegistry
+from services.runtime.wire import WorkerLoad, WorkerRegistration
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def info(wid: str, model: str = "m") -> WorkerRegistration:
+    return WorkerRegistration(wid, f"http://{wid}", model, 1000, 16, 100)
+
+
+def load(wid: str, free: int = 100, draining: bool = False) -> WorkerLoad:
+    return WorkerLoad(wid, 0, 0, free, 100, 0, draining)
+
+
+def test_missing_heartbeats_leave_rotation_and_return():
+    clock = Clock()
+    reg = WorkerRegistry(3.0, clock)
+    reg.register(info("a"))
+    assert [s.info.worker_id for s in reg.live()] == ["a"]
+    clock.t = 3.5
+    assert reg.live() == []
+    assert reg.heartbeat(load("a"))
+    assert len(reg.live()) == 1
+
+
+def test_failed_worker_out_until_next_heartbeat():
+    clock = Clock()
+    reg = WorkerRegistry(3.0, clock)
+    reg.register(info("a"))
+    clock.t = 1.0
+    reg.mark_failed("a")
+    assert reg.live() == []
+    clock.t = 1.5
+    reg.heartbeat(load("a"))
+    assert len(reg.live()) == 1
+
+
+def test_draining_worker_is_not_live_and_unknown_heartbeat_is_refused():
+    reg = WorkerRegistry(3.0, Clock())
+    reg.register(info("a"))
+    reg.heartbeat(load("a", draining=True))
+    assert reg.live() == []
+    assert not reg.heartbeat(load("zzz"))
+
+
+def test_candidates_use_router_side_tokens_and_heartbeat_free_blocks():
+    reg = WorkerRegistry(3.0, Clock())
+    reg.register(info("a"))
+    reg.register(info("b"))
+    reg.register(info("c", model="other"))
+    reg.heartbeat(load("a", free=7))
+    reg.dispatch("b", 40)
+    cands = {c.worker_id: c for c in reg.candidates("m")}
+    assert set(cands) == {"a", "b"}
+    assert (cands["a"].outstanding_tokens, cands["a"].num_free_blocks) == (0, 7)
+    assert cands["b"].outstanding_tokens == 40
+    reg.release("b", 40)
+    assert reg.get("b").inflight_tokens == 0
+    assert [c.worker_id for c in reg.candidates("m", frozenset({"a"}))] == ["b"]
+    assert reg.live_models() == {"m": 1000, "other": 1000}

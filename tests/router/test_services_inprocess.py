@@ -1,0 +1,123 @@
+"""Router + worker apps in one process over loopback, FakeEngine behind the worker."""
+
+import asyncio
+
+from services.router.keys import REGISTRY
+from services.runtime.wire import WorkerRegistration
+from tests.router.stack import free_port, internal_headers, read_sse, running_stack
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+async def test_chat_non_streaming_usage_and_text():
+    async with running_stack() as s:
+        resp = await s.post("/v1/chat/completions", CHAT)
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": "abcde"}
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": len("user:hi\n"), "completion_tokens": 5, "total_tokens": 13}
+        await s.wait_blocks_free()
+
+
+async def test_streaming_sse_shape_and_fan_out():
+    async with running_stack(num_workers=2) as s:
+        body = {**CHAT, "stream": True, "n": 3, "seed": 1, "stream_options": {"include_usage": True}}
+        resp = await s.post("/v1/chat/completions", body)
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = await read_sse(resp)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 15
+        texts = {i: "" for i in range(3)}
+        for ev in events[:-2]:
+            (choice,) = ev["choices"]
+            texts[choice["index"]] += choice["delta"].get("content", "")
+        assert texts == {0: "bcdef", 1: "cdefg", 2: "defgh"}  # seeds 1, 2, 3
+        assert sum(len(e.requests) for e in s.engines) == 3
+        await s.wait_blocks_free()
+
+
+async def test_client_disconnect_aborts_on_the_worker():
+    async with running_stack(engine_kwargs={"step_s": 0.01}) as s:
+        resp = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 400, "stream": True})
+        await resp.content.readline()
+        assert s.engines[0].used > 0
+        resp.close()
+        await s.wait_blocks_free(timeout=2.0)
+
+
+async def test_engine_error_mid_stream_becomes_one_sse_error_event():
+    async with running_stack() as s:
+        resp = await s.post("/v1/completions", {"prompt": "FAIL", "max_tokens": 10, "stream": True})
+        events = await read_sse(resp)
+        assert "error" in events[-1] and "boom" in events[-1]["error"]["message"]
+        assert "[DONE]" not in events
+        resp = await s.post("/v1/completions", {"prompt": "FAIL", "max_tokens": 10})
+        assert resp.status == 500 and "boom" in (await resp.json())["error"]["message"]
+        await s.wait_blocks_free()
+
+
+async def test_queue_cap_gives_429_with_retry_after():
+    async with running_stack(max_inflight_requests=1, engine_kwargs={"step_s": 0.01}) as s:
+        slow = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 300, "stream": True})
+        await slow.content.readline()
+        resp = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 3})
+        assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "too_many_requests"
+        slow.close()
+        await s.wait_blocks_free()
+        await asyncio.sleep(0.05)
+        assert (await s.post("/v1/completions", {"prompt": "x", "max_tokens": 3})).status == 200
+
+
+async def test_body_limits_encoding_and_engine_errors():
+    async with running_stack(max_body_bytes=1000) as s:
+        resp = await s.post("/v1/completions", {"prompt": "x" * 2000})
+        assert resp.status == 413 and (await resp.json())["error"]["code"] == "request_too_large"
+        assert (await s.post("/v1/completions", b'{"prompt": "\xff"}')).status == 400
+        assert (await s.post("/v1/completions", b'{"prompt": ')).status == 400
+        assert (await s.post("/v1/completions", b'[1]')).status == 400
+        resp = await s.post("/v1/completions", {"prompt": "x" * 10, "max_tokens": 510})  # engine: context exceeded
+        err = (await resp.json())["error"]
+        assert resp.status == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+        resp = await s.post("/v1/completions", {"model": "nope", "prompt": "x"})
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+        assert (await s.post("/v1/completions", {"prompt": "x", "max_tokens": 3})).status == 200
+
+
+async def test_internal_endpoints_need_the_cluster_token():
+    async with running_stack() as s:
+        async with s.client.get(s.url("/internal/workers")) as resp:
+            assert resp.status == 401
+        async with s.client.get(s.url("/internal/workers"), headers={"X-Kvmesh-Cluster-Token": "wrong"}) as resp:
+            assert resp.status == 401
+        async with s.client.get(s.url("/internal/workers"), headers=internal_headers()) as resp:
+            assert resp.status == 200 and len((await resp.json())["workers"]) == 1
+        worker_url = str(s.workers[0].make_url("/internal/stats"))
+        async with s.client.get(worker_url) as resp:
+            assert resp.status == 401
+
+
+async def test_no_worker_and_unreachable_worker_give_503():
+    async with running_stack(num_workers=0) as s:
+        resp = await s.post("/v1/completions", {"prompt": "x"})
+        assert resp.status == 503 and "no worker available" in (await resp.json())["error"]["message"]
+        async with s.client.get(s.url("/ready")) as r:
+            assert r.status == 503
+        registry = s.router.app[REGISTRY]
+        registry.register(WorkerRegistration("ghost", f"http://127.0.0.1:{free_port()}", "fake", 512, 4, 64))
+        resp = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert resp.status == 503  # connection refused: marked failed, no other candidate
+        assert registry.live() == []
+
+
+async def test_metrics_exposed():
+    async with running_stack() as s:
+        await (await s.post("/v1/chat/completions", {**CHAT, "stream": True})).read()
+        async with s.client.get(s.url("/metrics")) as resp:
+            text = await resp.text()
+        assert 'kvmesh_router_requests_total{endpoint="chat.completion",status="200"} 1.0' in text
+        assert "kvmesh_router_time_to_first_token_seconds_count 1.0" in text
+        assert "kvmesh_router_generation_tokens_total 5.0" in text
+        assert "kvmesh_worker_kv_blocks_free{" in text
