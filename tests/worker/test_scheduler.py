@@ -20,17 +20,17 @@ def test_chunked_prefill_respects_token_budget():
     a, b = _seq(0, 25), _seq(1, 3)
     sched.add(a)
     sched.add(b)
-    chunks = sched.schedule()
+    chunks = sched.schedule().chunks
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in chunks] == [("r0", 0, 10)]
     _complete(chunks)
-    chunks = sched.schedule()
+    chunks = sched.schedule().chunks
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in chunks] == [("r0", 10, 10)]
     _complete(chunks)
-    chunks = sched.schedule()  # r0's last 5 prompt tokens, then r1 joins the same step
+    chunks = sched.schedule().chunks  # r0's last 5 prompt tokens, then r1 joins the same step
     assert [(c.seq.request_id, c.start, c.num_tokens, c.samples) for c in chunks] == [
         ("r0", 20, 5, True), ("r1", 0, 3, True)]
     _complete(chunks)
-    chunks = sched.schedule()  # both decode
+    chunks = sched.schedule().chunks  # both decode
     assert [(c.seq.request_id, c.num_tokens) for c in chunks] == [("r0", 1), ("r1", 1)]
 
 
@@ -40,14 +40,14 @@ def test_preempts_newest_and_recomputes():
     a, b = _seq(0, 8), _seq(1, 8)
     sched.add(a)
     sched.add(b)
-    _complete(sched.schedule())  # both prefilled: 2 + 2 blocks, pool full, each holds 9 tokens now
+    _complete(sched.schedule().chunks)  # both prefilled: 2 + 2 blocks, pool full, each holds 9 tokens now
     assert bm.num_free_blocks == 0
-    chunks = sched.schedule()  # a needs a third block: b (newest) is preempted
+    chunks = sched.schedule().chunks  # a needs a third block: b (newest) is preempted
     assert [c.seq.request_id for c in chunks] == ["r0"]
     assert b.status is SeqStatus.WAITING and b.num_computed_tokens == 0 and b.block_ids == []
     assert sched.waiting[0] is b and b.num_preemptions == 1
     sched.finish(a)
-    chunks = sched.schedule()  # b recomputes prompt + its generated token
+    chunks = sched.schedule().chunks  # b recomputes prompt + its generated token
     assert [(c.seq.request_id, c.start, c.num_tokens, c.samples) for c in chunks] == [("r1", 0, 9, True)]
     sched.finish(b)
     assert bm.num_used_blocks == 0
@@ -57,5 +57,5 @@ def test_max_num_seqs_caps_the_batch():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
     for i in range(3):
         sched.add(_seq(i, 2))
-    assert [c.seq.request_id for c in sched.schedule()] == ["r0", "r1"]
+    assert [c.seq.request_id for c in sched.schedule().chunks] == ["r0", "r1"]
     assert len(sched.waiting) == 1

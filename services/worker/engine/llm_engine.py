@@ -27,9 +27,10 @@ from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer
 from services.worker.engine.model_runner import ModelRunner
+from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
 from services.worker.engine.sampler import SampleResult, sample
-from services.worker.engine.scheduler import Scheduler
-from services.worker.engine.sequence import Sequence
+from services.worker.engine.scheduler import Scheduler, SpillPlan
+from services.worker.engine.sequence import Sequence, SeqStatus
 from services.worker.model.tiny import resolve_model_dir
 from services.worker.model.tokenizer import Tokenizer
 
@@ -44,14 +45,19 @@ class _Active:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, remote: RemoteKV | None = None):
         self.config = config
+        self.remote = remote
         model_dir = resolve_model_dir(config.model)
         self.runner = ModelRunner(config, model_dir)
         self.model_config = self.runner.model_config
         self.tokenizer = Tokenizer(model_dir, self.model_config.eos_token_ids)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+            remote_free_blocks=remote.free_blocks if remote is not None else None,
+            spill_batch=max(4, self.blocks.num_blocks // 8),
+        )
         self.max_model_len = self.model_config.max_model_len
         self.model_name = config.model
         self._active: dict[str, _Active] = {}
@@ -88,10 +94,11 @@ class LLMEngine:
                 "max_tokens",
             )
         if not self.scheduler.fits_ever(total):
-            capacity = self.blocks.num_blocks * self.blocks.block_size
+            local = self.blocks.num_blocks * self.blocks.block_size
+            remote = (self.remote.free_blocks() if self.remote is not None else 0) * self.blocks.block_size
+            where = f"the KV cache holds {local} tokens" + (f" here plus {remote} free on memory servers" if self.remote else "")
             raise ContextLengthExceeded(
-                f"the KV cache holds {capacity} tokens; the request needs {total} "
-                f"({len(ids)} prompt + {params.max_tokens} max_tokens)",
+                f"{where}; the request needs {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)",
                 "max_tokens",
             )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -120,11 +127,26 @@ class LLMEngine:
     # --- the step (one thread) ---
     @torch.inference_mode()
     def step(self) -> list[Delta]:
+        try:
+            return self._step()
+        finally:
+            self._free_released()  # remote blocks of finished, aborted or preempted sequences
+
+    def _step(self) -> list[Delta]:
         deltas = self._drain_inbox()
-        chunks = self.scheduler.schedule()
-        if not chunks:
+        self._recover_lost_memservers()
+        out = self.scheduler.schedule()
+        self._spill(out.spills)
+        chunks = [c for c in out.chunks if c.seq.status is SeqStatus.RUNNING]
+        try:
+            logits = self.runner.execute(chunks, self.remote) if chunks else None
+        except MemserverLost as e:
+            # KV written by this partial pass is rewritten when the chunks run again.
+            log.warning("memserver_lost", memserver=e.memserver_id, error=str(e))
+            self._recompute_sequences_on({e.memserver_id})
+            logits = None
+        if logits is None:
             return deltas
-        logits = self.runner.execute(chunks)
         sampled = [c.seq for c in chunks if c.samples]
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
@@ -140,6 +162,39 @@ class LLMEngine:
         for active, result in zip(actives, results):
             deltas.append(self._advance(active, result))
         return deltas
+
+    def _spill(self, plans: list[SpillPlan]) -> None:
+        # Runs before the forward pass reuses the freed blocks: the gather copies them first.
+        for plan in plans:
+            if not plan.valid:
+                continue
+            seq = plan.seq
+            try:
+                spans = self.remote.spill(seq.request_id, self.runner.gather_blocks(plan.block_ids), plan.start_token)
+            except SpillFailed as e:
+                log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
+                self.scheduler.preempt(seq)  # its spilled blocks are gone: recompute
+                continue
+            seq.remote_spans.extend(spans)
+            log.debug("blocks_spilled", request_id=seq.request_id, num_blocks=len(plan.block_ids),
+                      memservers=sorted({s.memserver_id for s in spans}))
+
+    def _recover_lost_memservers(self) -> None:
+        if self.remote is not None:
+            lost = self.remote.lost_memservers()
+            if lost:
+                self._recompute_sequences_on(lost)
+
+    def _recompute_sequences_on(self, memserver_ids: set[str]) -> None:
+        for seq in list(self.scheduler.running):
+            if any(span.memserver_id in memserver_ids for span in seq.remote_spans):
+                log.warning("sequence_recomputed", request_id=seq.request_id, memservers=sorted(memserver_ids))
+                self.scheduler.preempt(seq)
+
+    def _free_released(self) -> None:
+        released, self.scheduler.released = self.scheduler.released, []
+        if released and self.remote is not None:
+            self.remote.release(released)
 
     def _drain_inbox(self) -> list[Delta]:
         while self._inbox:
@@ -195,4 +250,5 @@ class LLMEngine:
             seq = active.seq
             deltas.append(Delta(request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ERROR, error=reason))
         self._active.clear()
+        self._free_released()
         return deltas

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.remote import RemoteKV
+from services.worker.engine.remote_attention import StepRemoteAttention
 from services.worker.engine.scheduler import ScheduledChunk
 from services.worker.model.attention import AttentionMetadata
 from services.worker.model.config import ModelConfig, load_model_config
@@ -50,7 +52,12 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
 
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of local blocks for spilling: [n, num_layers, 2, block_size, num_kv_heads, head_dim]."""
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        return self.kv_cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+    def execute(self, chunks: list[ScheduledChunk], remote: RemoteKV | None = None) -> torch.Tensor:
         """Run one forward pass; returns fp32 logits [num sampling chunks, vocab] in chunk order."""
         input_ids: list[int] = []
         positions: list[int] = []
@@ -63,10 +70,11 @@ class ModelRunner:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             input_ids.extend(seq.token_ids(start, end))
             positions.extend(range(start, end))
-            blocks = seq.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            # Local blocks hold tokens from num_remote_tokens on (older ones were spilled).
+            blocks, offset = seq.block_ids, seq.num_remote_tokens
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start - offset, end - offset))
             query_start.append(len(input_ids))
-            context_lens.append(end)
+            context_lens.append(end - offset)
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
         max_blocks = max(len(c.seq.block_ids) for c in chunks)
@@ -77,6 +85,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            remote=StepRemoteAttention.plan(remote, chunks, query_start, bs) if remote is not None else None,
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

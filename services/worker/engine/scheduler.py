@@ -1,19 +1,25 @@
-"""Continuous batching with chunked prefill and preemption by recompute. Pure Python.
+"""Continuous batching with chunked prefill, spilling, and preemption by recompute. Pure Python.
 
 Every step, each scheduled sequence computes some of its not-yet-cached tokens: one for a decoding
 sequence, a chunk of the prompt for a prefilling one, under a per-step token budget. Running
 sequences go first (oldest first); waiting ones join while budget, sequence slots and blocks last.
-When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes
+
+When local blocks run short, the oldest full blocks of the longest sequences are spilled to memory
+servers (if the cluster has room); the newest stay local, since decoding appends there. Only when
+nothing can be spilled is the newest running sequence preempted: its blocks are freed and it goes
 back to the front of the queue, later recomputing its KV from its tokens (output unchanged).
+I/O (moving and freeing remote blocks) is left to the engine: `schedule` returns what to do.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.remote import RemoteSpan
 from services.worker.engine.sequence import Sequence, SeqStatus
 
 
@@ -29,13 +35,46 @@ class ScheduledChunk:
         return self.start + self.num_tokens == self.seq.num_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class SpillPlan:
+    """Local blocks to copy to memory servers before this step's forward pass reuses them."""
+
+    seq: Sequence
+    block_ids: list[int]  # token order; already free in the block manager
+    start_token: int
+    epoch: int  # seq.num_preemptions when planned: a plan of a since-preempted sequence is void
+
+    @property
+    def valid(self) -> bool:
+        return self.seq.status is SeqStatus.RUNNING and self.seq.num_preemptions == self.epoch
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    spills: list[SpillPlan] = field(default_factory=list)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        remote_free_blocks: Callable[[], int] | None = None,
+        spill_batch: int = 4,
+    ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.remote_free_blocks = remote_free_blocks
+        self.spill_batch = spill_batch  # spill at least this many blocks at once (fewer round trips)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in arrival order
+        self.released: list[RemoteSpan] = []  # remote blocks the engine must free
+        self._out = SchedulerOutput()
+        self._spilled_this_step = 0
+        self._num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -43,49 +82,90 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self) -> SchedulerOutput:
+        self._out = SchedulerOutput()
+        self._spilled_this_step = 0
+        num_preemptions = self._num_preemptions
         budget = self.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        # self.running is kept in arrival order: a preemption victim (the newest) is never one
-        # already scheduled in this step.
+        # A preemption victim (the newest running sequence) is never one already scheduled.
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or budget == 0:
                 continue
-            num = min(seq.num_uncomputed_tokens, budget)
-            if not self._reserve(seq, num):
-                continue  # seq itself was preempted
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
-            budget -= num
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            num = self._reserve(seq, min(seq.num_uncomputed_tokens, budget), may_preempt=True)
+            if num:
+                self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+                budget -= num
+        # No admission in a step that had to preempt: memory is short, the victim would thrash.
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and num_preemptions == self._num_preemptions):
             seq = self.waiting[0]
-            num = min(seq.num_uncomputed_tokens, budget)
-            need = self.blocks.blocks_for(seq.num_computed_tokens + num) - len(seq.block_ids)
-            if not self.blocks.can_allocate(need):
+            num = self._reserve(seq, min(seq.num_uncomputed_tokens, budget), may_preempt=False)
+            if not num:
                 break
             self.waiting.popleft()
-            seq.block_ids.extend(self.blocks.allocate(need))
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
-        return chunks
+        return self._out
 
-    def _reserve(self, seq: Sequence, num: int) -> bool:
-        """Make room for `num` more tokens of `seq`, preempting newer sequences if needed."""
-        need = self.blocks.blocks_for(seq.num_computed_tokens + num) - len(seq.block_ids)
-        while not self.blocks.can_allocate(need):
-            victim = max(
-                (s for s in self.running if s.status is SeqStatus.RUNNING), key=lambda s: s.arrival
-            )
+    def _blocks_needed(self, seq: Sequence, num: int) -> int:
+        local_tokens = seq.num_computed_tokens + num - seq.num_remote_tokens
+        return self.blocks.blocks_for(local_tokens) - len(seq.block_ids)
+
+    def _reserve(self, seq: Sequence, want: int, may_preempt: bool) -> int:
+        """Find local blocks for `want` more tokens of seq: spill, shrink the chunk, or preempt.
+        Returns the number of tokens granted (0: none; seq may have been preempted)."""
+        while True:
+            need = self._blocks_needed(seq, want)
+            free = self.blocks.num_free_blocks
+            if need <= free:
+                seq.block_ids.extend(self.blocks.allocate(need))
+                return want
+            if self._spill(need - free):
+                continue
+            local_computed = seq.num_computed_tokens - seq.num_remote_tokens
+            fit = (len(seq.block_ids) + free) * self.blocks.block_size - local_computed
+            if fit >= 1:
+                want = min(want, fit)  # a smaller prefill chunk now, the rest in later steps
+                continue
+            if not may_preempt:
+                return 0
+            victim = max((s for s in self.running if s.status is SeqStatus.RUNNING), key=lambda s: s.arrival)
             self.preempt(victim)
             if victim is seq:
-                return False
-        seq.block_ids.extend(self.blocks.allocate(need))
-        return True
+                return 0
+
+    def _spill(self, need: int) -> int:
+        """Plan moving the oldest computed full blocks of the longest sequences off the worker."""
+        if self.remote_free_blocks is None:
+            return 0
+        room = self.remote_free_blocks() - self._spilled_this_step
+        target = min(room, max(need, self.spill_batch))
+        if target < 1:
+            return 0
+        bs = self.blocks.block_size
+        moved = 0
+        for seq in sorted(self.running, key=lambda s: -s.num_tokens):
+            if moved >= target:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            full = (seq.num_computed_tokens - seq.num_remote_tokens) // bs
+            n = min(full, target - moved)
+            if n < 1:
+                continue
+            ids, seq.block_ids = seq.block_ids[:n], seq.block_ids[n:]
+            self._out.spills.append(SpillPlan(seq, ids, seq.num_remote_tokens, seq.num_preemptions))
+            seq.num_remote_tokens += n * bs
+            self.blocks.free(ids)
+            moved += n
+        self._spilled_this_step += moved
+        return moved
 
     def preempt(self, seq: Sequence) -> None:
-        self.blocks.free(seq.block_ids)
-        seq.block_ids = []
+        self._num_preemptions += 1
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
@@ -98,10 +178,17 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_ids)
-        seq.block_ids = []
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
 
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        self.released.extend(seq.remote_spans)
+        seq.remote_spans = []
+        seq.num_remote_tokens = 0
+
     def fits_ever(self, num_tokens: int) -> bool:
-        """Could a sequence of this many tokens ever be held by the pool alone?"""
-        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks
+        """Could a sequence of this many tokens be held by the local pool plus the cluster?"""
+        remote = self.remote_free_blocks() if self.remote_free_blocks is not None else 0
+        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.worker.engine.api import FinishReason, SamplingParams
+from services.worker.engine.remote import RemoteSpan
 
 
 class SeqStatus(enum.Enum):
@@ -23,6 +24,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_ids: list[int] = field(default_factory=list)  # local KV blocks, in token order
+    # Spilled KV: the oldest `num_remote_tokens` tokens (whole blocks) live on memory servers.
+    remote_spans: list[RemoteSpan] = field(default_factory=list)
+    num_remote_tokens: int = 0
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

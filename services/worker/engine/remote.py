@@ -1,0 +1,64 @@
+"""Where spilled KV lives: the worker's view of memory servers, as the engine needs it.
+
+The engine stays synchronous and pure of I/O details: it talks to a `RemoteKV` (the UCX client in
+services/worker/remote_client.py, or an in-process fake in unit tests).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class SpillFailed(Exception):
+    """No memory server took the blocks (cluster full, creditor refused, or unreachable)."""
+
+
+class MemserverLost(Exception):
+    """A memory server holding some of our blocks is gone; its sequences must be recomputed."""
+
+    def __init__(self, memserver_id: str, reason: str = ""):
+        super().__init__(f"memory server {memserver_id} lost: {reason}")
+        self.memserver_id = memserver_id
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSpan:
+    """Consecutive full blocks of one sequence on one memory server, in token order."""
+
+    memserver_id: str
+    block_ids: tuple[int, ...]
+    start_token: int  # the span covers [start_token, start_token + len(block_ids) * block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionCall:
+    """One layer's queries for one memory server: every sequence with blocks there."""
+
+    layer: int
+    q: torch.Tensor  # [num_tokens, num_heads, head_dim], contiguous
+    block_tables: list[list[int]]  # per sequence: its block ids on that server, token order
+    context_lens: list[int]  # per sequence: tokens in those blocks
+    query_lens: list[int]  # per sequence: its query rows in q
+
+
+class RemoteKV(Protocol):
+    def free_blocks(self) -> int:
+        """Blocks the cluster could lend now (a hint: a spill may still be refused)."""
+
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+        """Move blocks off the worker. kv: [n, num_layers, 2, block_size, num_kv_heads, head_dim]
+        (a copy the call may keep). Blocking. Raises SpillFailed (nothing kept) on failure."""
+
+    def release(self, spans: list[RemoteSpan]) -> None:
+        """Free blocks on their memory servers (best effort, never raises)."""
+
+    def submit_attention(self, memserver_id: str, call: AttentionCall) -> Future:
+        """Start a partial attention; the future yields (out [T, H, D], lse [T, H] fp32) or raises
+        MemserverLost."""
+
+    def lost_memservers(self) -> set[str]:
+        """Memory servers found dead since the last call (each reported once)."""

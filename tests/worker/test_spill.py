@@ -1,0 +1,83 @@
+"""Spilling to memory servers (in-process fake here; real processes in tests/e2e): the tokens of a
+context far beyond the worker's pool equal all-local and transformers, also after a server loss."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.llm_engine import LLMEngine
+from tests.worker.checkpoints import save_checkpoint
+from tests.worker.fake_remote import FakeRemoteKV
+from tests.worker.test_engine_oracle import hf_greedy, run_engine
+
+LOCAL_BLOCKS = 8  # x 16 tokens = 128 tokens of local KV
+
+
+def _engine(path, remote_servers: int, blocks_per_server: int = 64):
+    config = EngineConfig(model=str(path), block_size=16, num_kv_blocks=LOCAL_BLOCKS, max_num_batched_tokens=64)
+    probe = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=1))
+    cfg = probe.model_config
+    shape = (cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim)
+    remote = FakeRemoteKV(remote_servers, blocks_per_server, shape, probe.runner.dtype, cfg.head_dim**-0.5)
+    return LLMEngine(config, remote=remote), remote
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = save_checkpoint(tmp_path_factory.mktemp("spill") / "m", "llama")
+    rng = random.Random(7)
+    prompts = [[rng.randrange(1, 1024) for _ in range(n)] for n in (1000, 300, 40, 700)]
+    return path, prompts, hf_greedy(path, prompts)
+
+
+def test_long_prompt_beyond_local_pool_matches_transformers(model):
+    path, prompts, expected = model
+    engine, remote = _engine(path, remote_servers=2)
+    got, _ = run_engine(engine, prompts[:1])  # 1000 + 24 tokens: 8x the local pool
+    assert got == expected[:1]
+    assert remote.num_spills > 0 and remote.num_attention_calls > 0
+    assert engine.blocks.num_used_blocks == 0 and remote.used_blocks() == 0
+
+
+def test_concurrent_long_requests_spread_over_servers(model):
+    path, prompts, expected = model
+    engine, remote = _engine(path, remote_servers=2)
+    got, _ = run_engine(engine, prompts)
+    assert got == expected
+    assert all(s.peak_used > 0 for s in remote.servers.values())  # both servers held blocks
+    assert engine.blocks.num_used_blocks == 0 and remote.used_blocks() == 0
+
+
+def test_memserver_loss_recomputes_with_identical_tokens(model):
+    path, prompts, expected = model
+    engine, remote = _engine(path, remote_servers=2, blocks_per_server=100)
+    from services.worker.engine.api import GenerateRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.submit(engine.prepare(GenerateRequest(f"r{i}", params, prompt_token_ids=tuple(ids))))
+    outs = {f"r{i}": [] for i in range(len(prompts))}
+    killed = False
+    while engine.has_work():
+        for delta in engine.step():
+            outs[delta.request_id].extend(delta.token_ids)
+        if not killed and sum(map(len, outs.values())) >= 10 and remote.used_blocks() > 0:
+            victim = max(remote.servers, key=lambda m: remote.servers[m].pool.shape[0] - len(remote.servers[m].free_ids))
+            remote.kill(victim)
+            killed = True
+    assert killed
+    assert [outs[f"r{i}"] for i in range(len(prompts))] == expected
+    assert engine.blocks.num_used_blocks == 0 and remote.used_blocks() == 0
+
+
+def test_admission_counts_cluster_capacity(model):
+    path, prompts, _ = model
+    from services.worker.engine.api import ContextLengthExceeded, GenerateRequest, SamplingParams
+
+    engine, remote = _engine(path, remote_servers=1, blocks_per_server=20)  # 28 blocks = 448 tokens in all
+    with pytest.raises(ContextLengthExceeded, match="holds 128 tokens here plus 320 free on memory servers"):
+        engine.prepare(GenerateRequest("big", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[0])))
+    engine.prepare(GenerateRequest("ok", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[1])))
