@@ -6,10 +6,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from services.router import internal_api, openai_api
+from services.router import internal_api, kv_api, openai_api
 from services.router.admission import Admission
 from services.router.config import RouterConfig
-from services.router.keys import ADMISSION, CONFIG, METRICS, POOL, REGISTRY
+from services.router.keys import ADMISSION, CONFIG, LEDGER, METRICS, POOL, REGISTRY
+from services.router.ledger import Ledger
 from services.router.metrics import RouterMetrics
 from services.router.policy import RoutingPolicy, least_outstanding_tokens
 from services.router.registry import WorkerRegistry
@@ -40,11 +41,15 @@ def create_app(config: RouterConfig, policy: RoutingPolicy = least_outstanding_t
     registry = WorkerRegistry(config.heartbeat_timeout_s)
     app[CONFIG] = config
     app[REGISTRY] = registry
-    app[METRICS] = RouterMetrics(registry)
+    ledger = Ledger(config.heartbeat_timeout_s)
+    app[LEDGER] = ledger
+    app[METRICS] = RouterMetrics(registry, ledger)
     app[ADMISSION] = Admission(config.max_inflight_requests)
     app.cleanup_ctx.append(_worker_pool_ctx(policy))
+    app.cleanup_ctx.append(kv_api._ledger_expiry_ctx(max(0.2, config.heartbeat_timeout_s / 4)))
     app.add_routes(openai_api.routes)
     app.add_routes(internal_api.routes)
+    app.add_routes(kv_api.routes)
     return app
 
 

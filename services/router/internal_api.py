@@ -6,6 +6,7 @@ import structlog
 from aiohttp import web
 
 from services.router.keys import REGISTRY
+from services.router.kv_api import kv_summary
 from services.runtime.bodies import json_response
 from services.runtime.errors import ApiError
 from services.runtime.wire import WireDecodeError, WorkerLoad, WorkerRegistration, decode
@@ -37,7 +38,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise ApiError("worker_id in path and body differ", param="worker_id")
     if not request.app[REGISTRY].heartbeat(load):
         raise ApiError(f"unknown worker {load.worker_id}; register first", status=404, code="unknown_worker")
-    return json_response({"ok": True})
+    return json_response({"ok": True, "kv": kv_summary(request.app)})
 
 
 @routes.delete("/internal/workers/{worker_id}")

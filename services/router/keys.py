@@ -6,6 +6,7 @@ from aiohttp import web
 
 from services.router.admission import Admission
 from services.router.config import RouterConfig
+from services.router.ledger import Ledger
 from services.router.metrics import RouterMetrics
 from services.router.registry import WorkerRegistry
 from services.router.worker_client import WorkerPool
@@ -15,3 +16,4 @@ REGISTRY = web.AppKey("registry", WorkerRegistry)
 METRICS = web.AppKey("metrics", RouterMetrics)
 ADMISSION = web.AppKey("admission", Admission)
 POOL = web.AppKey("pool", WorkerPool)  # set by the client-session context at start-up
+LEDGER = web.AppKey("ledger", Ledger)

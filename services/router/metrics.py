@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from services.router.ledger import Ledger
 from services.router.registry import WorkerRegistry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -34,8 +35,28 @@ class WorkerLoadCollector:
         return [running, waiting, used, free, live]
 
 
+class LedgerCollector:
+    """Memory-server capacity and the borrow ledger, read at scrape time."""
+
+    def __init__(self, ledger: Ledger):
+        self._ledger = ledger
+
+    def collect(self):
+        total = GaugeMetricFamily("kvmesh_memserver_kv_blocks_total", "KV blocks per memory server", labels=["memserver"])
+        free = GaugeMetricFamily("kvmesh_memserver_kv_blocks_free", "Free KV blocks per memory server",
+                                 labels=["memserver"])
+        lent = GaugeMetricFamily("kvmesh_kv_blocks_lent", "KV blocks a memory server holds for a worker",
+                                 labels=["worker", "memserver"])
+        for s in self._ledger.servers():
+            total.add_metric([s.memserver_id], s.num_blocks)
+            free.add_metric([s.memserver_id], s.num_free)
+        for (worker, memserver), n in sorted(self._ledger.lent().items()):
+            lent.add_metric([worker, memserver], n)
+        return [total, free, lent]
+
+
 class RouterMetrics:
-    def __init__(self, workers: WorkerRegistry):
+    def __init__(self, workers: WorkerRegistry, ledger: Ledger | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvmesh_router_requests", "Client requests by endpoint and outcome",
@@ -48,6 +69,8 @@ class RouterMetrics:
         self.generation_tokens = Counter("kvmesh_router_generation_tokens", "Generated tokens", registry=r)
         self.inflight = Gauge("kvmesh_router_requests_inflight", "Client requests being served", registry=r)
         r.register(WorkerLoadCollector(workers))
+        if ledger is not None:
+            r.register(LedgerCollector(ledger))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -55,6 +55,9 @@ class WorkerRegistration:
     max_model_len: int
     block_size: int
     num_total_blocks: int
+    # KV block geometry memory servers size their pools by: num_layers, num_kv_heads, head_dim,
+    # block_size, dtype (torch dtype name).
+    kv_geometry: dict[str, Any] | None = None
     v: int = WIRE_VERSION
 
 
@@ -72,8 +75,54 @@ class WorkerLoad:
     v: int = WIRE_VERSION
 
 
-MESSAGE_TYPES = {cls.__name__: cls for cls in (GenerateCall, DeltaFrame, WorkerRegistration, WorkerLoad)}
-Message = GenerateCall | DeltaFrame | WorkerRegistration | WorkerLoad
+@dataclass(frozen=True, slots=True)
+class MemserverRegistration:
+    memserver_id: str
+    address: str  # transport address host:port
+    device: str
+    num_blocks: int
+    num_free: int
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class MemserverLoad:
+    memserver_id: str
+    num_blocks: int
+    num_free: int
+    holdings: dict[str, int]  # owner (worker id) -> blocks held
+    leaving: bool = False
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class BorrowRequest:
+    worker_id: str
+    num_blocks: int
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    worker_id: str
+    reservation_id: str
+    num_stored: int
+    v: int = WIRE_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Repay:
+    worker_id: str
+    memserver_id: str
+    num_blocks: int
+    v: int = WIRE_VERSION
+
+
+_ALL = (GenerateCall, DeltaFrame, WorkerRegistration, WorkerLoad, MemserverRegistration, MemserverLoad,
+        BorrowRequest, Settle, Repay)
+MESSAGE_TYPES = {cls.__name__: cls for cls in _ALL}
+Message = (GenerateCall | DeltaFrame | WorkerRegistration | WorkerLoad | MemserverRegistration | MemserverLoad
+           | BorrowRequest | Settle | Repay)
 
 
 def encode(message: Message) -> bytes:

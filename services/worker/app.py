@@ -66,7 +66,8 @@ async def router_link_ctx(app: web.Application):
     config, engine = app[CONFIG], app[ENGINE]
     stats = engine.stats()
     info = WorkerRegistration(config.id, config.url, config.served_model_name or engine.model_name,
-                              engine.max_model_len, stats.block_size, stats.num_total_blocks)
+                              engine.max_model_len, stats.block_size, stats.num_total_blocks,
+                              kv_geometry=getattr(engine, "kv_geometry", None))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         link = RouterLink(session, config.router_url, config.cluster_token, info)
         app[ROUTER_LINK] = link

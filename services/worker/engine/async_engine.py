@@ -50,6 +50,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def kv_geometry(self) -> dict:
+        return self.engine.kv_geometry
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         if request.request_id in self._queues:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")

@@ -66,6 +66,14 @@ class LLMEngine:
         self._inbox: deque[_Active] = deque()
         self._aborts: deque[str] = deque()
 
+    @property
+    def kv_geometry(self) -> dict:
+        """What a memory server needs to hold our blocks (see runner.gather_blocks)."""
+        cfg = self.model_config
+        return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+                "num_heads": cfg.num_heads, "block_size": self.blocks.block_size,
+                "dtype": str(self.runner.dtype).removeprefix("torch.")}
+
     # --- admission (any thread) ---
     def prepare(self, request: GenerateRequest) -> _Active:
         """Tokenize and validate; raises EngineError subclasses naming the value and the limit."""

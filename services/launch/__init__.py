@@ -1,0 +1,1 @@
+"""`kvmesh up` pieces: size parsing, the launch config, child processes, cluster probes."""

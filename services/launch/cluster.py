@@ -1,0 +1,169 @@
+"""A local kvmesh cluster as child processes: router, then memservers, then workers; stopped in the
+reverse order (workers drain and deregister first). Used by `kvmesh up`, load-test scenarios and
+tests. On ready it writes <log_dir>/cluster.json (URLs, pids, ports) for other tools."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+from services.launch import probe
+from services.launch.config import LaunchConfig
+from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
+from services.launch.progress import Progress
+from services.launch.view import ClusterView
+
+
+class ClusterError(RuntimeError):
+    """A child failed to start or died; the message carries its log tail."""
+
+
+def memserver_available() -> bool:
+    return importlib.util.find_spec("services.memserver.cli") is not None
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, config: LaunchConfig, log_dir: Path, progress: Progress | None = None):
+        self.config = config
+        self.log_dir = log_dir
+        self.progress = progress or Progress(quiet=True)
+        self.router: Child | None = None
+        self.workers: list[Child] = []
+        self.memservers: list[Child] = []
+        self._num_memservers_started = 0
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- start -------------------------------------------------------------------------------
+    @property
+    def children(self) -> list[Child]:
+        return [c for c in (self.router, *self.memservers, *self.workers) if c is not None]
+
+    @property
+    def url(self) -> str:
+        assert self.router is not None, "cluster not started"
+        return self.router.url
+
+    def _spawn(self, name: str, kind: str, cli_args: list[str], port: int) -> Child:
+        child = spawn(name, kind, kvmesh_argv(*cli_args), self.log_dir, port, self.config.host,
+                      {"KVMESH_CLUSTER_TOKEN": self.config.cluster_token})
+        return child
+
+    def _check_alive(self) -> None:
+        for child in self.children:
+            if not child.alive:
+                raise ClusterError(f"{child.name} exited with status {child.popen.returncode}; "
+                                   f"last lines of {child.log_path}:\n{child.log_tail()}")
+
+    def start(self) -> None:
+        c = self.config
+        if c.num_memservers and not memserver_available():
+            raise ClusterError("--memservers needs `kvmesh memserver`, which this build lacks; use --memservers 0")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        port = c.port or free_port(c.host)
+        self.router = self._spawn("router", "router", ["router", "--host", c.host, "--port", str(port)], port)
+        self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
+                           60, self._check_alive)
+        for _ in range(c.num_memservers):
+            self.add_memserver()
+        if c.num_memservers:
+            self.wait_memservers(c.num_memservers)
+        for i in range(c.num_workers):
+            self.workers.append(self._start_worker(i))
+        self.progress.wait(f"{c.num_workers} worker(s) loading model {c.model!r} and joining",
+                           lambda: probe.num_live_workers(self.url) >= c.num_workers, c.ready_timeout_s,
+                           self._check_alive, interval_s=0.2)
+        self.progress.wait("router /ready", lambda: probe.get_json(self.url + "/ready")[0] == 200, 30,
+                           self._check_alive)
+        self.write_manifest()
+
+    def _start_worker(self, index: int) -> Child:
+        c = self.config
+        port = free_port(c.host)
+        args = ["worker", "--model", c.model, "--router", self.url, "--host", c.host, "--port", str(port),
+                "--block-size", str(c.block_size), "--dtype", c.dtype, "--worker-id", f"worker{index}"]
+        if c.worker_kv_blocks is not None:
+            args += ["--kv-blocks", str(c.worker_kv_blocks)]
+        if c.worker_threads is not None:
+            args += ["--num-threads", str(c.worker_threads)]
+        return self._spawn(f"worker{index}", "worker", args, port)
+
+    def add_memserver(self) -> Child:
+        """Start one more CPU memserver (at start-up, or later: a memserver joining under load)."""
+        c = self.config
+        port = free_port(c.host)
+        name = f"memserver{self._num_memservers_started}"
+        self._num_memservers_started += 1
+        child = self._spawn(name, "memserver", ["memserver", "--router", self.url, "--device", "cpu",
+                                                "--capacity", c.memserver_capacity, "--host", c.host,
+                                                "--port", str(port)], port)
+        self.memservers.append(child)
+        return child
+
+    def wait_memservers(self, num_memservers: int, timeout_s: float = 120.0) -> None:
+        """Until each memserver listens and, when the router has /cluster, the router lists them."""
+        c = self.config
+
+        def joined() -> bool:
+            if not all(probe.port_is_open(c.host, m.port) for m in self.memservers if m.alive):
+                return False
+            status, body = probe.get_json(self.url + "/cluster", c.cluster_token)
+            return status != 200 or len((body or {}).get("memservers") or []) >= num_memservers
+
+        self.progress.wait(f"{num_memservers} memserver(s) joining", joined, timeout_s, self._check_alive, 0.2)
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> int:
+        """Stop one child abruptly (a memserver failing under load); its exit status."""
+        child.signal_group(sig)
+        return child.popen.wait(30)
+
+    # ---- run / stop --------------------------------------------------------------------------
+    def view(self) -> ClusterView:
+        return probe.cluster_view(self.url, self.config.cluster_token, [w.url for w in self.workers if w.alive])
+
+    def first_dead(self) -> Child | None:
+        return next((c for c in self.children if not c.alive), None)
+
+    def stop(self) -> dict[str, int]:
+        """Workers first (they drain and deregister), then memservers, then the router."""
+        timeout = self.config.stop_timeout_s
+        codes = stop_children(self.workers, timeout)
+        codes |= stop_children(self.memservers, timeout)
+        if self.router is not None:
+            codes |= stop_children([self.router], timeout)
+        return codes
+
+    def kill_all(self) -> None:
+        for child in self.children:
+            child.signal_group(signal.SIGKILL)
+
+    def write_manifest(self) -> Path:
+        path = self.log_dir / "cluster.json"
+        data = {
+            "url": self.url, "launcher_pid": os.getpid(), "log_dir": str(self.log_dir),
+            "processes": [{"name": c.name, "kind": c.kind, "pid": c.pid, "port": c.port, "url": c.url,
+                           "log": str(c.log_path)} for c in self.children],
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)  # readers never see half a file
+        return path

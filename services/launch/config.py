@@ -1,0 +1,53 @@
+"""The launcher's one config object, built once from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.launch.sizes import parse_size
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    model: str = "tiny"
+    num_workers: int = 1
+    num_memservers: int = 2
+    memserver_capacity: str = "512MiB"  # passed verbatim to `kvmesh memserver --capacity`
+    worker_kv_blocks: int | None = None
+    block_size: int = 16
+    dtype: str = "auto"
+    worker_threads: int | None = None  # torch threads per worker; None: torch's default
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: pick a free port
+    log_dir: Path = Path(".kvmesh/logs")
+    cluster_token: str = ""
+    ready_timeout_s: float = 300.0
+    stop_timeout_s: float = 30.0  # SIGTERM -> SIGKILL deadline per process group
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.num_workers}")
+        if self.num_memservers < 0:
+            raise ValueError(f"--memservers must be >= 0, got {self.num_memservers}")
+        if self.worker_kv_blocks is not None and self.worker_kv_blocks < 1:
+            raise ValueError(f"--worker-kv-blocks must be >= 1, got {self.worker_kv_blocks}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.worker_threads is not None and self.worker_threads < 1:
+            raise ValueError(f"--worker-threads must be >= 1, got {self.worker_threads}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.model != "tiny" and not Path(self.model).is_dir():
+            raise ValueError(f"--model must be 'tiny' or a model directory; {self.model!r} is not a directory")
+        if not self.cluster_token:
+            raise ValueError("cluster_token must be set")
+        parse_size(self.memserver_capacity)
+
+    @property
+    def memserver_capacity_bytes(self) -> int:
+        return parse_size(self.memserver_capacity)

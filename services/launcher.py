@@ -1,0 +1,162 @@
+"""`kvmesh up`: a local cluster in one command (router + workers + memservers), ready to serve.
+
+    kvmesh up                          # 1 worker, 2 CPU memservers, the embedded tiny model, :8000
+    kvmesh up --memservers 0 --chat    # and chat with it in the foreground; the cluster stops after
+
+Children run in their own process groups with one log file each under the run's log dir; Ctrl-C
+or SIGTERM stops them in order (SIGTERM: each drains; SIGKILL after --stop-timeout), and the
+kernel kills them if the launcher itself dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from services.launch.cluster import ClusterError, LocalCluster, memserver_available
+from services.launch.config import DTYPES, LaunchConfig
+from services.launch.progress import Progress
+from services.launch.sizes import format_size, size_arg
+from services.runtime.auth import CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN
+
+LOG_DIR_ENV = "KVMESH_LOG_DIR"
+
+
+class StopRequested(BaseException):
+    """SIGINT/SIGTERM while the cluster runs: unwinds to the stop path (BaseException, like KeyboardInterrupt)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="'tiny' (embedded) or a local Hugging Face model directory")
+    parser.add_argument("--workers", type=int, default=1, help="number of workers (default 1)")
+    parser.add_argument("--memservers", type=int, default=2, help="number of CPU memory servers (default 2)")
+    parser.add_argument("--memserver-capacity", type=size_arg, default="512MiB", metavar="SIZE",
+                        help="KV memory per memserver, e.g. 512MiB, 8GiB (default 512MiB)")
+    parser.add_argument("--worker-kv-blocks", type=int, default=None, metavar="N",
+                        help="cap on each worker's local KV blocks (default: what memory allows)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one (default 8000)")
+    parser.add_argument("--worker-threads", type=int, default=None, metavar="N",
+                        help="torch threads per worker (default: torch's choice; set it when workers share cores)")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help=f"per-run log dir (default ${LOG_DIR_ENV}/<timestamp>, else ./.kvmesh/logs/<timestamp>)")
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
+    parser.add_argument("--stop-timeout", type=float, default=30.0,
+                        help="seconds each process gets to drain after SIGTERM before SIGKILL")
+    parser.add_argument("--chat", action="store_true",
+                        help="run `kvmesh chat` against the cluster in the foreground; stop the cluster when it exits "
+                             "(reads lines from stdin when it is not a terminal)")
+    parser.add_argument("--chat-max-tokens", type=int, default=None, help="max_tokens per chat answer")
+
+
+def default_log_dir() -> Path:
+    base = Path(os.environ.get(LOG_DIR_ENV) or Path(".kvmesh") / "logs")
+    return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    return LaunchConfig(
+        model=args.model, num_workers=args.workers, num_memservers=args.memservers,
+        memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
+        block_size=args.block_size, dtype=args.dtype, worker_threads=args.worker_threads, port=args.port,
+        log_dir=(args.log_dir or default_log_dir()).resolve(),
+        cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
+        ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,
+    )
+
+
+def _raise_stop(signum, frame) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+def summary(cluster: LocalCluster, elapsed_s: float) -> str:
+    c = cluster.config
+    lines = [f"kvmesh up: ready in {elapsed_s:.1f}s",
+             f"  url        {cluster.url}/v1  (OpenAI-compatible; try: kvmesh chat --url {cluster.url})"]
+    try:
+        lines.append(f"  cluster    {cluster.view().describe()}")
+    except RuntimeError as e:
+        lines.append(f"  cluster    (view unavailable: {e})")
+    if c.num_memservers:
+        lines.append(f"  memservers {c.num_memservers} x {format_size(c.memserver_capacity_bytes)} (cpu)")
+    procs = ", ".join(f"{ch.name} pid {ch.pid} :{ch.port}" for ch in cluster.children)
+    lines.append(f"  processes  {procs}")
+    lines.append(f"  logs       {cluster.log_dir}/ (one file per process; cluster.json lists them)")
+    return "\n".join(lines)
+
+
+def _run_chat(url: str, max_tokens: int | None) -> int:
+    from services import chat
+
+    parser = argparse.ArgumentParser()
+    chat.add_arguments(parser)
+    chat_args = parser.parse_args(["--url", url])
+    chat_args.max_tokens = max_tokens
+    # the chat's own Ctrl-C handling: stop the current answer; Ctrl-D, /exit (or end of stdin) quits
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return chat.main(chat_args)
+
+
+def _watch(cluster: LocalCluster) -> int:
+    """Until a signal (StopRequested) or a child dies (1)."""
+    while True:
+        dead = cluster.first_dead()
+        if dead is not None:
+            print(f"kvmesh up: {dead.name} exited with status {dead.popen.returncode}; stopping the cluster\n"
+                  f"last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"kvmesh up: {e}", file=sys.stderr)
+        return 2
+    if config.num_memservers and not memserver_available():
+        print(f"kvmesh up: --memservers {config.num_memservers} needs `kvmesh memserver`, which this build "
+              "does not have yet; run with --memservers 0", file=sys.stderr)
+        return 2
+    progress = Progress()
+    cluster = LocalCluster(config, config.log_dir, progress)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
+    rc = 0
+    try:
+        progress.note(f"kvmesh up: starting {config.num_workers} worker(s), {config.num_memservers} memserver(s); "
+                      f"logs in {config.log_dir}")
+        start = time.monotonic()
+        cluster.start()
+        print(summary(cluster, time.monotonic() - start), flush=True)
+        if args.chat:
+            rc = _run_chat(cluster.url, args.chat_max_tokens)
+        else:
+            print("  Ctrl-C stops the cluster.", flush=True)
+            rc = _watch(cluster)
+    except StopRequested:
+        pass
+    except (ClusterError, TimeoutError) as e:
+        print(f"kvmesh up: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        _stop(cluster)
+    return rc
+
+
+def _stop(cluster: LocalCluster) -> None:
+    def force(signum, frame) -> None:  # a second Ctrl-C: no more waiting
+        cluster.kill_all()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, force)
+    print("kvmesh up: stopping (workers drain first; Ctrl-C again to kill)", file=sys.stderr, flush=True)
+    codes = cluster.stop()
+    bad = {name: code for name, code in codes.items() if code != 0}
+    print(f"kvmesh up: stopped {len(codes)} process(es)" + (f"; non-zero exits: {bad}" if bad else ""),
+          file=sys.stderr, flush=True)

@@ -1,0 +1,164 @@
+"""The global KV manager's routes: memory-server membership, the borrow ledger, `GET /cluster`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from services.router.keys import LEDGER, REGISTRY
+from services.router.ledger import InsufficientCapacity
+from services.runtime.bodies import json_response
+from services.runtime.errors import ApiError
+from services.runtime.wire import (
+    BorrowRequest, MemserverLoad, MemserverRegistration, Repay, Settle, WireDecodeError, decode,
+)
+
+log = structlog.get_logger()
+routes = web.RouteTableDef()
+
+
+async def _decode(request: web.Request, expected: type):
+    try:
+        return decode(await request.read(), expected)
+    except WireDecodeError as e:
+        raise ApiError(f"bad {expected.__name__}: {e}", code="wire_decode_error") from e
+
+
+def kv_geometry(app: web.Application) -> dict | None:
+    for state in app[REGISTRY].all():
+        if state.info.kv_geometry:
+            return state.info.kv_geometry
+    return None
+
+
+def kv_summary(app: web.Application) -> dict:
+    """What workers need each heartbeat: how much the cluster could lend, and who is leaving."""
+    ledger = app[LEDGER]
+    return {
+        "free_blocks": ledger.free_blocks(),
+        "memservers": {s.memserver_id: s.address for s in ledger.servers()},
+        "leaving": [s.memserver_id for s in ledger.servers() if s.leaving],
+    }
+
+
+@routes.get("/internal/kv/geometry")
+async def geometry(request: web.Request) -> web.Response:
+    return json_response({"geometry": kv_geometry(request.app)})
+
+
+@routes.post("/internal/memservers")
+async def register(request: web.Request) -> web.Response:
+    info: MemserverRegistration = await _decode(request, MemserverRegistration)
+    request.app[LEDGER].register(info.memserver_id, info.address, info.device, info.num_blocks, info.num_free)
+    log.info("memserver_registered", memserver=info.memserver_id, address=info.address, device=info.device,
+             num_blocks=info.num_blocks)
+    return json_response({"registered": info.memserver_id})
+
+
+@routes.post("/internal/memservers/{memserver_id}/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    load: MemserverLoad = await _decode(request, MemserverLoad)
+    ledger = request.app[LEDGER]
+    if not ledger.heartbeat(load.memserver_id, load.num_free, load.holdings):
+        raise ApiError(f"unknown memserver {load.memserver_id}; register first", status=404, code="unknown_memserver")
+    if load.leaving:
+        ledger.leave(load.memserver_id)
+    registry = request.app[REGISTRY]
+    # Owners a memserver may keep blocks for: workers the router still knows and sees alive.
+    live = [s.info.worker_id for s in registry.all() if registry.is_live(s) or (s.load and s.load.draining)]
+    return json_response({"live_workers": live})
+
+
+@routes.delete("/internal/memservers/{memserver_id}")
+async def deregister(request: web.Request) -> web.Response:
+    memserver_id = request.match_info["memserver_id"]
+    removed = request.app[LEDGER].remove(memserver_id) is not None
+    log.info("memserver_deregistered", memserver=memserver_id, known=removed)
+    return json_response({"deregistered": removed})
+
+
+@routes.post("/internal/kv/borrow")
+async def borrow(request: web.Request) -> web.Response:
+    req: BorrowRequest = await _decode(request, BorrowRequest)
+    try:
+        grants = request.app[LEDGER].borrow(req.worker_id, req.num_blocks)
+    except InsufficientCapacity as e:
+        raise ApiError(str(e), status=409, code="insufficient_capacity") from e
+    except ValueError as e:
+        raise ApiError(str(e), param="num_blocks") from e
+    return json_response({"grants": [
+        {"reservation_id": g.reservation_id, "memserver_id": g.memserver_id, "address": g.address,
+         "num_blocks": g.num_blocks} for g in grants
+    ]})
+
+
+@routes.post("/internal/kv/settle")
+async def settle(request: web.Request) -> web.Response:
+    req: Settle = await _decode(request, Settle)
+    request.app[LEDGER].settle(req.reservation_id, req.num_stored)
+    return json_response({"ok": True})
+
+
+@routes.post("/internal/kv/repay")
+async def repay(request: web.Request) -> web.Response:
+    req: Repay = await _decode(request, Repay)
+    request.app[LEDGER].repay(req.worker_id, req.memserver_id, req.num_blocks)
+    return json_response({"ok": True})
+
+
+@routes.get("/cluster")
+async def cluster(request: web.Request) -> web.Response:
+    return json_response(cluster_view(request.app))
+
+
+def cluster_view(app: web.Application) -> dict:
+    registry, ledger = app[REGISTRY], app[LEDGER]
+    workers = []
+    block_size = 0
+    for s in registry.all():
+        block_size = block_size or s.info.block_size
+        total = s.load.num_total_blocks if s.load else s.info.num_total_blocks
+        free = s.load.num_free_blocks if s.load else total
+        workers.append({"worker_id": s.info.worker_id, "live": registry.is_live(s), "url": s.info.url,
+                        "block_size": s.info.block_size, "num_blocks": total, "num_free_blocks": free,
+                        "num_used_blocks": total - free})
+    memservers = [{"memserver_id": s.memserver_id, "address": s.address, "device": s.device,
+                   "num_blocks": s.num_blocks, "num_free_blocks": s.num_free,
+                   "num_used_blocks": s.num_blocks - s.num_free, "leaving": s.leaving} for s in ledger.servers()]
+    lent = [{"worker_id": w, "memserver_id": m, "num_blocks": n} for (w, m), n in sorted(ledger.lent().items())]
+    remote_total = sum(m["num_blocks"] for m in memservers)
+    remote_free = ledger.free_blocks()
+    live_workers = [w for w in workers if w["live"]]
+    best_total = max((w["num_blocks"] for w in live_workers), default=0)
+    best_free = max((w["num_free_blocks"] for w in live_workers), default=0)
+    return {
+        "block_size": block_size,
+        "workers": workers,
+        "memservers": memservers,
+        "lent": lent,
+        # One sequence can use its worker's pool plus every memory server.
+        "max_context_tokens": (best_total + remote_total) * block_size if live_workers else 0,
+        "free_context_tokens": (best_free + remote_free) * block_size if live_workers else 0,
+        "num_used_blocks": sum(w["num_used_blocks"] for w in workers) + sum(m["num_used_blocks"] for m in memservers),
+    }
+
+
+def _ledger_expiry_ctx(interval_s: float):
+    async def ledger_expiry(app: web.Application):
+        async def loop():
+            while True:
+                await asyncio.sleep(interval_s)
+                for memserver_id in app[LEDGER].expire():
+                    log.warning("memserver_expired", memserver=memserver_id)
+
+        task = asyncio.create_task(loop(), name="ledger-expiry")
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    return ledger_expiry

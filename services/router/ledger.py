@@ -1,0 +1,162 @@
+"""The global KV manager's borrow ledger: which memory servers exist, how much they have free, and
+which worker holds how many blocks where. Plain Python; time is injected.
+
+A worker borrows N blocks: the ledger picks creditors (most free first, so a spill lands on as few
+servers as possible) and reserves them before the worker transfers anything. The worker then
+stores the blocks on each creditor, which may still refuse (the ledger's view can be stale), and
+settles each reservation with the number actually stored; a refused worker asks again. Repaid
+blocks return to the creditor's free count. A memserver's heartbeat (its own count of free blocks
+and of blocks per owner) is the truth the ledger re-bases on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class InsufficientCapacity(Exception):
+    def __init__(self, wanted: int, available: int):
+        super().__init__(f"the cluster has {available} free KV blocks on memory servers; {wanted} wanted")
+        self.wanted = wanted
+        self.available = available
+
+
+@dataclass(slots=True)
+class MemserverState:
+    memserver_id: str
+    address: str  # transport address, host:port
+    device: str
+    num_blocks: int
+    num_free: int  # as last reported, minus what was lent since
+    last_seen: float
+    holdings: dict[str, int] = field(default_factory=dict)  # owner (worker id) -> blocks held
+    leaving: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    reservation_id: str
+    memserver_id: str
+    address: str
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class _Reservation:
+    worker_id: str
+    memserver_id: str
+    num_blocks: int
+    created: float
+
+
+class Ledger:
+    def __init__(self, heartbeat_timeout_s: float, reservation_timeout_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._timeout = heartbeat_timeout_s
+        self._reservation_timeout = reservation_timeout_s
+        self._clock = clock
+        self._servers: dict[str, MemserverState] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._ids = itertools.count(1)
+
+    # --- membership ---
+    def register(self, memserver_id: str, address: str, device: str, num_blocks: int, num_free: int) -> None:
+        self._servers[memserver_id] = MemserverState(memserver_id, address, device, num_blocks, num_free, self._clock())
+
+    def heartbeat(self, memserver_id: str, num_free: int, holdings: dict[str, int]) -> bool:
+        state = self._servers.get(memserver_id)
+        if state is None:
+            return False
+        state.num_free = num_free
+        state.holdings = {k: v for k, v in holdings.items() if v > 0}
+        state.last_seen = self._clock()
+        return True
+
+    def leave(self, memserver_id: str) -> None:
+        state = self._servers.get(memserver_id)
+        if state is not None:
+            state.leaving = True
+
+    def remove(self, memserver_id: str) -> MemserverState | None:
+        for rid in [r for r, res in self._reservations.items() if res.memserver_id == memserver_id]:
+            del self._reservations[rid]
+        return self._servers.pop(memserver_id, None)
+
+    def expire(self) -> list[str]:
+        """Drop memory servers that missed heartbeats, and stale reservations; returns dropped ids."""
+        now = self._clock()
+        dead = [m for m, s in self._servers.items() if now - s.last_seen >= self._timeout]
+        for memserver_id in dead:
+            self.remove(memserver_id)
+        for rid in [r for r, res in self._reservations.items() if now - res.created >= self._reservation_timeout]:
+            del self._reservations[rid]
+        return dead
+
+    def servers(self) -> list[MemserverState]:
+        return sorted(self._servers.values(), key=lambda s: s.memserver_id)
+
+    # --- borrowing ---
+    def _reserved(self, memserver_id: str) -> int:
+        return sum(r.num_blocks for r in self._reservations.values() if r.memserver_id == memserver_id)
+
+    def available(self, memserver_id: str) -> int:
+        state = self._servers[memserver_id]
+        return 0 if state.leaving else max(0, state.num_free - self._reserved(memserver_id))
+
+    def free_blocks(self) -> int:
+        return sum(self.available(m) for m in self._servers)
+
+    def borrow(self, worker_id: str, num_blocks: int) -> list[Grant]:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        total = self.free_blocks()
+        if total < num_blocks:
+            raise InsufficientCapacity(num_blocks, total)
+        grants, left = [], num_blocks
+        for state in sorted(self._servers.values(), key=lambda s: (-self.available(s.memserver_id), s.memserver_id)):
+            n = min(left, self.available(state.memserver_id))
+            if n <= 0:
+                continue
+            rid = f"r{next(self._ids)}"
+            self._reservations[rid] = _Reservation(worker_id, state.memserver_id, n, self._clock())
+            grants.append(Grant(rid, state.memserver_id, state.address, n))
+            left -= n
+            if left == 0:
+                break
+        return grants
+
+    def settle(self, reservation_id: str, num_stored: int) -> None:
+        """The worker stored num_stored of the reserved blocks (0: the creditor refused)."""
+        res = self._reservations.pop(reservation_id, None)
+        if res is None:
+            return
+        state = self._servers.get(res.memserver_id)
+        if state is None or num_stored <= 0:
+            return
+        stored = min(num_stored, res.num_blocks)
+        state.num_free = max(0, state.num_free - stored)
+        state.holdings[res.worker_id] = state.holdings.get(res.worker_id, 0) + stored
+
+    def repay(self, worker_id: str, memserver_id: str, num_blocks: int) -> None:
+        state = self._servers.get(memserver_id)
+        if state is None:
+            return
+        held = state.holdings.get(worker_id, 0)
+        returned = min(held, num_blocks)
+        state.num_free = min(state.num_blocks, state.num_free + returned)
+        if held - returned > 0:
+            state.holdings[worker_id] = held - returned
+        else:
+            state.holdings.pop(worker_id, None)
+
+    def forget_worker(self, worker_id: str) -> None:
+        """A dead worker: its memservers free its blocks on their own (lease); stop counting them."""
+        for rid in [r for r, res in self._reservations.items() if res.worker_id == worker_id]:
+            del self._reservations[rid]
+
+    def lent(self) -> dict[tuple[str, str], int]:
+        """(worker id, memserver id) -> blocks held."""
+        return {(w, s.memserver_id): n for s in self._servers.values() for w, n in s.holdings.items()}

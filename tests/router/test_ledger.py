@@ -1,0 +1,82 @@
+import pytest
+
+from services.router.ledger import InsufficientCapacity, Ledger
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _ledger(clock=None):
+    ledger = Ledger(heartbeat_timeout_s=3.0, clock=clock or Clock())
+    ledger.register("ms-a", "127.0.0.1:1", "cpu", num_blocks=100, num_free=100)
+    ledger.register("ms-b", "127.0.0.1:2", "cpu", num_blocks=60, num_free=60)
+    return ledger
+
+
+def test_borrow_prefers_most_free_and_spreads_over_few_servers():
+    ledger = _ledger()
+    grants = ledger.borrow("w1", 30)
+    assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-a", 30)]
+    grants = ledger.borrow("w1", 100)  # a has 70 unreserved, b 60
+    assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-a", 70), ("ms-b", 30)]
+    assert ledger.free_blocks() == 30
+
+
+def test_reservation_holds_capacity_until_settled():
+    ledger = _ledger()
+    (grant,) = ledger.borrow("w1", 50)
+    assert ledger.free_blocks() == 110
+    ledger.settle(grant.reservation_id, 50)
+    assert ledger.free_blocks() == 110
+    assert ledger.lent() == {("w1", "ms-a"): 50}
+    ledger.repay("w1", "ms-a", 50)
+    assert ledger.lent() == {} and ledger.free_blocks() == 160
+
+
+def test_refused_reservation_returns_capacity():
+    ledger = _ledger()
+    (grant,) = ledger.borrow("w1", 10)
+    ledger.settle(grant.reservation_id, 0)
+    assert ledger.free_blocks() == 160 and ledger.lent() == {}
+
+
+def test_insufficient_capacity_names_the_numbers():
+    ledger = _ledger()
+    with pytest.raises(InsufficientCapacity, match="160 free KV blocks on memory servers; 161 wanted"):
+        ledger.borrow("w1", 161)
+
+
+def test_heartbeat_is_the_truth_and_silence_removes():
+    clock = Clock()
+    ledger = _ledger(clock)
+    ledger.heartbeat("ms-a", num_free=90, holdings={"w1": 6, "w2": 4})
+    assert ledger.lent() == {("w1", "ms-a"): 6, ("w2", "ms-a"): 4}
+    clock.now = 2.0
+    ledger.heartbeat("ms-a", num_free=90, holdings={"w1": 6, "w2": 4})
+    clock.now = 3.5
+    assert ledger.expire() == ["ms-b"]
+    assert [s.memserver_id for s in ledger.servers()] == ["ms-a"]
+
+
+def test_leaving_server_lends_nothing():
+    ledger = _ledger()
+    ledger.leave("ms-a")
+    grants = ledger.borrow("w1", 10)
+    assert [g.memserver_id for g in grants] == ["ms-b"]
+    assert ledger.free_blocks() == 50
+
+
+def test_stale_reservations_expire():
+    clock = Clock()
+    ledger = Ledger(heartbeat_timeout_s=100, reservation_timeout_s=5, clock=clock)
+    ledger.register("ms-a", "x", "cpu", 10, 10)
+    ledger.borrow("w1", 10)
+    assert ledger.free_blocks() == 0
+    clock.now = 6
+    ledger.expire()
+    assert ledger.free_blocks() == 10
