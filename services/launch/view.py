@@ -14,6 +14,7 @@ class ClusterView:
     block_size: int
     num_total_blocks: int
     num_used_blocks: int
+    max_context_tokens: int | None = None  # one sequence: its worker's pool plus every memserver (/cluster)
 
     @property
     def capacity_tokens(self) -> int:
@@ -27,16 +28,21 @@ class ClusterView:
         return {**asdict(self), "capacity_tokens": self.capacity_tokens, "free_tokens": self.free_tokens}
 
     def describe(self) -> str:
+        longest = "" if self.max_context_tokens is None else f", longest context {self.max_context_tokens:,} tokens"
         return (f"{self.num_workers} worker(s), {self.num_memservers} memserver(s); KV capacity "
-                f"{self.capacity_tokens:,} tokens ({self.num_total_blocks:,} blocks x {self.block_size}), "
+                f"{self.capacity_tokens:,} tokens ({self.num_total_blocks:,} blocks x {self.block_size}){longest}, "
                 f"{self.num_used_blocks:,} blocks used [from {self.source}]")
+
+
+def _total(entry: dict) -> int:
+    return int(entry.get("num_total_blocks", entry.get("num_blocks", 0)))
 
 
 def _used(entry: dict) -> int:
     if "num_used_blocks" in entry:
         return int(entry["num_used_blocks"])
-    if "num_total_blocks" in entry and "num_free_blocks" in entry:
-        return int(entry["num_total_blocks"]) - int(entry["num_free_blocks"])
+    if "num_free_blocks" in entry:
+        return _total(entry) - int(entry["num_free_blocks"])
     return 0
 
 
@@ -48,15 +54,18 @@ def view_from_worker_stats(stats: list[dict]) -> ClusterView:
 
 
 def view_from_cluster_json(body: dict) -> ClusterView:
-    """From the router's /cluster body. Top-level totals win; otherwise the per-node entries are summed."""
+    """From the router's /cluster body: per-node `num_blocks` (or `num_total_blocks`) and
+    `num_used_blocks` (or `num_free_blocks`); top-level totals win where present."""
     workers = body.get("workers") or []
     memservers = body.get("memservers") or []
     nodes = [*workers, *memservers]
     block_size = int(body.get("block_size") or next((n["block_size"] for n in nodes if n.get("block_size")), 0))
     total = body.get("num_total_blocks")
     if total is None:
-        total = sum(int(n.get("num_total_blocks", 0)) for n in nodes)
+        total = sum(_total(n) for n in nodes)
     used = body.get("num_used_blocks")
     if used is None:
         used = _used(body) if "num_free_blocks" in body else sum(_used(n) for n in nodes)
-    return ClusterView("/cluster", len(workers), len(memservers), block_size, int(total), int(used))
+    max_context = body.get("max_context_tokens")
+    return ClusterView("/cluster", len(workers), len(memservers), block_size, int(total), int(used),
+                       None if max_context is None else int(max_context))

@@ -21,7 +21,8 @@ async def _serve(app: web.Application, host: str, port: int, drain: Drain | None
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-        log.info("service_started", host=host, port=port)
+        bound = [a[1] for a in runner.addresses if isinstance(a, tuple)]
+        log.info("service_started", host=host, port=bound[0] if bound else port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shared secret (default: $KVMESH_CLUSTER_TOKEN, else a loopback-only dev token)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    parser.add_argument("--no-remote-kv", action="store_true",
+                        help="never spill KV to memory servers (context bounded by the local pool)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -40,7 +42,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         worker_id=args.worker_id, served_model_name=args.served_model_name, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
         num_threads=args.num_threads, heartbeat_interval_s=args.heartbeat_interval,
-        drain_timeout_s=args.drain_timeout,
+        drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
     )
 
 

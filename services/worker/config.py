@@ -24,6 +24,7 @@ class WorkerConfig:
     num_threads: int | None = None
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
+    remote_kv: bool = False  # spill to memory servers (the CLI turns it on)
 
     def __post_init__(self) -> None:
         if not self.cluster_token:

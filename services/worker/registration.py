@@ -19,8 +19,10 @@ log = structlog.get_logger()
 
 
 class RouterLink:
-    def __init__(self, session: aiohttp.ClientSession, router_url: str, token: str, info: WorkerRegistration):
+    def __init__(self, session: aiohttp.ClientSession, router_url: str, token: str, info: WorkerRegistration,
+                 on_kv_summary: Callable[[dict], None] | None = None):
         self._session = session
+        self._on_kv_summary = on_kv_summary  # the cluster's lendable KV, as each heartbeat answer says
         self._base = router_url.rstrip("/") + "/internal/workers"
         self._headers = {**cluster_headers(token), "Content-Type": CONTENT_TYPE}
         self.info = info
@@ -29,7 +31,12 @@ class RouterLink:
 
     async def _post(self, url: str, data: bytes) -> int:
         async with self._session.post(url, data=data, headers=self._headers) as resp:
-            await resp.read()
+            if resp.status == 200 and resp.content_type == "application/json":
+                body = await resp.json()
+                if self._on_kv_summary is not None and "kv" in body:
+                    self._on_kv_summary(body["kv"])
+            else:
+                await resp.read()
             return resp.status
 
     async def register(self) -> None:

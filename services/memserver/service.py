@@ -1,0 +1,86 @@
+"""A memory server's request handlers: store blocks (received straight into pool slots), partial
+attention, free. Each transport session is bound to one owner (the worker that opened it); when
+the session ends, the owner's blocks are freed."""
+
+from __future__ import annotations
+
+import structlog
+import torch
+
+from services.memserver.messages import Attend, Attended, BlocksStored, FreeBlocks, Freed, FreeOwner, StoreBlocks
+from services.memserver.pool import DTYPES, BlockPool, NotOwner, PoolError
+from transport.client import Reply
+from transport.server import Request
+
+log = structlog.get_logger()
+
+
+class Leaving(PoolError):
+    code = "leaving"
+
+
+class MemoryService:
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.leaving = False
+        self._owner_of: dict[str, str] = {}  # transport session (peer) -> owner
+
+    @property
+    def handlers(self) -> dict:
+        return {StoreBlocks: self.store, Attend: self.attend, FreeBlocks: self.free, FreeOwner: self.free_owner}
+
+    def _bind(self, request: Request, owner: str) -> None:
+        bound = self._owner_of.setdefault(request.peer, owner)
+        if bound != owner:
+            raise NotOwner(f"this connection belongs to {bound}, not {owner}")
+
+    def session_closed(self, peer: str) -> None:
+        owner = self._owner_of.pop(peer, None)
+        if owner is not None and owner not in self._owner_of.values():
+            num = self.pool.free_owner(owner)
+            if num:
+                log.warning("owner_blocks_freed", owner=owner, num_blocks=num, reason="connection closed")
+
+    def reap(self, live_owners: set[str]) -> None:
+        """Free the blocks of owners the router no longer knows (their lease expired)."""
+        for owner in list(self.pool.holdings()):
+            if owner not in live_owners:
+                num = self.pool.free_owner(owner)
+                log.warning("owner_blocks_freed", owner=owner, num_blocks=num, reason="lease expired")
+
+    async def store(self, request: Request) -> BlocksStored:
+        msg: StoreBlocks = request.message
+        if self.leaving:
+            raise Leaving("this memory server is leaving; borrow elsewhere")
+        self._bind(request, msg.owner)
+        if len(request.frame_sizes) != msg.num_blocks:
+            raise PoolError(f"{msg.num_blocks} blocks announced, {len(request.frame_sizes)} frames sent")
+        block_ids = self.pool.allocate(msg.owner, msg.num_blocks)
+        try:
+            await request.recv_frames([self.pool.slot(i) for i in block_ids])
+        except BaseException:
+            self.pool.free(msg.owner, block_ids)
+            raise
+        log.debug("blocks_stored", owner=msg.owner, num_blocks=len(block_ids))
+        return BlocksStored(tuple(block_ids))
+
+    async def attend(self, request: Request) -> Reply:
+        msg: Attend = request.message
+        self._bind(request, msg.owner)
+        geo = self.pool.geometry
+        q = torch.empty(sum(msg.query_lens), msg.num_heads, geo.head_dim, dtype=DTYPES[geo.dtype],
+                        device=self.pool.kv.device)
+        await request.recv_frames([q])
+        out, lse = self.pool.attention(msg.owner, msg.layer, q, [list(t) for t in msg.block_tables],
+                                       list(msg.context_lens), list(msg.query_lens), msg.scale)
+        return Reply(Attended(), [out.contiguous(), lse.contiguous()])
+
+    async def free(self, request: Request) -> Freed:
+        msg: FreeBlocks = request.message
+        self._bind(request, msg.owner)
+        return Freed(self.pool.free(msg.owner, msg.block_ids))
+
+    async def free_owner(self, request: Request) -> Freed:
+        msg: FreeOwner = request.message
+        self._bind(request, msg.owner)
+        return Freed(self.pool.free_owner(msg.owner))

@@ -1,0 +1,183 @@
+"""The worker's RemoteKV over the transport: borrow from the router's ledger, store blocks on
+memory servers, partial attention there, free. Lives on the event loop; the engine's step thread
+calls it through thread-safe futures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import aiohttp
+import structlog
+import torch
+
+from services.memserver.messages import Attend, FreeBlocks, FreeOwner, StoreBlocks
+from services.runtime.auth import cluster_headers
+from services.runtime.wire import CONTENT_TYPE, BorrowRequest, Repay, Settle, encode
+from services.worker.engine.remote import AttentionCall, MemserverLost, RemoteSpan, SpillFailed
+from transport.errors import PeerUnreachable, RemoteError, TransferTimeout, WireDecodeError
+from transport.node import Node
+
+log = structlog.get_logger()
+_TRANSPORT_ERRORS = (PeerUnreachable, TransferTimeout, RemoteError, WireDecodeError)
+
+
+class LedgerClient:
+    """HTTP calls to the router's borrow ledger."""
+
+    def __init__(self, session: aiohttp.ClientSession, router_url: str, token: str, owner: str):
+        self._session = session
+        self._base = router_url.rstrip("/") + "/internal/kv"
+        self._headers = {**cluster_headers(token), "Content-Type": CONTENT_TYPE}
+        self.owner = owner
+
+    async def _post(self, path: str, data: bytes) -> tuple[int, dict]:
+        async with self._session.post(self._base + path, data=data, headers=self._headers) as resp:
+            return resp.status, await resp.json()
+
+    async def borrow(self, num_blocks: int) -> list[dict]:
+        status, body = await self._post("/borrow", encode(BorrowRequest(self.owner, num_blocks)))
+        if status != 200:
+            raise SpillFailed(body.get("error", {}).get("message", f"borrow refused: HTTP {status}"))
+        return body["grants"]
+
+    async def settle(self, reservation_id: str, num_stored: int) -> None:
+        await self._post("/settle", encode(Settle(self.owner, reservation_id, num_stored)))
+
+    async def repay(self, memserver_id: str, num_blocks: int) -> None:
+        await self._post("/repay", encode(Repay(self.owner, memserver_id, num_blocks)))
+
+
+class RemoteKVClient:
+    def __init__(self, loop: asyncio.AbstractEventLoop, node: Node, ledger: LedgerClient, timeout_s: float = 10.0):
+        self._loop = loop
+        self._node = node
+        self._ledger = ledger
+        self.owner = ledger.owner
+        self._scale = 1.0
+        self._block_size = 0
+        self._timeout = timeout_s
+        self._free_hint = 0
+        self._addresses: dict[str, str] = {}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+
+    def configure(self, geometry: dict) -> None:
+        """The model's KV geometry, known once the engine has loaded it."""
+        self._scale = geometry["head_dim"] ** -0.5
+        self._block_size = geometry["block_size"]
+
+    # --- fed by the worker's heartbeat (event loop) ---
+    def update(self, kv: dict) -> None:
+        self._free_hint = int(kv.get("free_blocks", 0))
+        self._addresses.update(kv.get("memservers", {}))
+        for memserver_id in kv.get("leaving", []):
+            self._mark_lost(memserver_id, "leaving")  # move off it: recompute what lives there
+
+    def _mark_lost(self, memserver_id: str, reason: str) -> None:
+        with self._lock:
+            if memserver_id not in self._lost:
+                log.warning("memserver_unusable", memserver=memserver_id, reason=reason)
+            self._lost.add(memserver_id)
+
+    # --- RemoteKV (engine's step thread) ---
+    def free_blocks(self) -> int:
+        return self._free_hint
+
+    def lost_memservers(self) -> set[str]:
+        with self._lock:
+            lost, self._lost = self._lost, set()
+        return lost
+
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+        future = asyncio.run_coroutine_threadsafe(self._spill(request_id, kv, start_token), self._loop)
+        try:
+            return future.result(timeout=self._timeout * 3)
+        except TimeoutError as e:
+            future.cancel()
+            raise SpillFailed(f"spill of {kv.shape[0]} blocks timed out") from e
+
+    def release(self, spans: list[RemoteSpan]) -> None:
+        asyncio.run_coroutine_threadsafe(self._release(list(spans)), self._loop)
+
+    def submit_attention(self, memserver_id: str, call: AttentionCall) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._attend(memserver_id, call), self._loop)
+
+    # --- on the event loop ---
+    async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+        spans: list[RemoteSpan] = []
+        done, attempts = 0, 0
+        while done < kv.shape[0]:
+            attempts += 1
+            if attempts > 3:
+                await self._release(spans)
+                self._free_hint = 0
+                raise SpillFailed(f"memory servers refused {kv.shape[0] - done} of {kv.shape[0]} blocks")
+            try:
+                grants = await self._ledger.borrow(kv.shape[0] - done)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise SpillFailed(f"router unreachable: {e!r}") from e
+            except SpillFailed:
+                await self._release(spans)
+                self._free_hint = 0
+                raise
+            for grant in grants:
+                n = grant["num_blocks"]
+                self._addresses[grant["memserver_id"]] = grant["address"]
+                try:
+                    conn = await self._node.pool.get(grant["address"])
+                    reply = await conn.request(StoreBlocks(self.owner, n), [kv[i] for i in range(done, done + n)],
+                                               timeout=self._timeout)
+                except _TRANSPORT_ERRORS as e:
+                    log.warning("store_refused", request_id=request_id, memserver=grant["memserver_id"], error=str(e))
+                    await self._ledger.settle(grant["reservation_id"], 0)
+                    continue
+                await self._ledger.settle(grant["reservation_id"], n)
+                spans.append(RemoteSpan(grant["memserver_id"], tuple(reply.message.block_ids),
+                                        start_token + done * self._block_size))
+                done += n
+        return spans
+
+    async def _release(self, spans: list[RemoteSpan]) -> None:
+        by_server: dict[str, list[int]] = {}
+        for span in spans:
+            by_server.setdefault(span.memserver_id, []).extend(span.block_ids)
+        for memserver_id, block_ids in sorted(by_server.items()):
+            address = self._addresses.get(memserver_id)
+            try:
+                if address is not None:
+                    conn = await self._node.pool.get(address)
+                    await conn.request(FreeBlocks(self.owner, tuple(block_ids)), timeout=self._timeout)
+            except _TRANSPORT_ERRORS as e:  # a dead server's blocks are gone anyway
+                log.info("free_failed", memserver=memserver_id, num_blocks=len(block_ids), error=str(e))
+            try:
+                await self._ledger.repay(memserver_id, len(block_ids))
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("repay_failed", memserver=memserver_id, error=repr(e))
+
+    async def _attend(self, memserver_id: str, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        address = self._addresses.get(memserver_id)
+        if address is None:
+            raise MemserverLost(memserver_id, "address unknown")
+        num_tokens, num_heads, _ = call.q.shape
+        out = torch.empty_like(call.q)
+        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32)
+        message = Attend(self.owner, call.layer, num_heads, self._scale,
+                         tuple(tuple(t) for t in call.block_tables), tuple(call.context_lens), tuple(call.query_lens))
+        try:
+            conn = await self._node.pool.get(address)
+            await conn.request(message, [call.q], into=[out, lse], timeout=self._timeout)
+        except _TRANSPORT_ERRORS as e:
+            self._mark_lost(memserver_id, str(e))
+            raise MemserverLost(memserver_id, str(e)) from e
+        return out, lse
+
+    async def close(self) -> None:
+        """Free everything we hold everywhere (clean shutdown)."""
+        for memserver_id, address in sorted(self._addresses.items()):
+            try:
+                conn = await self._node.pool.get(address)
+                await conn.request(FreeOwner(self.owner), timeout=2.0)
+            except _TRANSPORT_ERRORS:
+                pass
