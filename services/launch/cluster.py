@@ -1,4 +1,4 @@
-"""A local kvmesh cluster as child processes: router, then memservers, then workers; stopped in the
+"""A local kvmesh cluster as child processes: router, then memservers and workers; stopped in the
 reverse order (workers drain and deregister first). Used by `kvmesh up`, load-test scenarios and
 tests. On ready it writes <log_dir>/cluster.json (URLs, pids, ports) for other tools."""
 
@@ -83,15 +83,16 @@ class LocalCluster:
         self.router = self._spawn("router", "router", ["router", "--host", c.host, "--port", str(port)], port)
         self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
                            60, self._check_alive)
+        # memservers learn the KV block geometry from the first worker: all start now, they join after it
         for _ in range(c.num_memservers):
             self.add_memserver()
-        if c.num_memservers:
-            self.wait_memservers(c.num_memservers)
         for i in range(c.num_workers):
             self.workers.append(self._start_worker(i))
         self.progress.wait(f"{c.num_workers} worker(s) loading model {c.model!r} and joining",
                            lambda: probe.num_live_workers(self.url) >= c.num_workers, c.ready_timeout_s,
                            self._check_alive, interval_s=0.2)
+        if c.num_memservers:
+            self.wait_memservers(c.num_memservers)
         self.progress.wait("router /ready", lambda: probe.get_json(self.url + "/ready")[0] == 200, 30,
                            self._check_alive)
         self.write_manifest()

@@ -1,0 +1,1 @@
+"""Scenario scripts: `python -m loadtest.scenarios {sweep,long-context,memserver-join,memserver-kill}`."""

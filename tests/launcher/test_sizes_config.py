@@ -1,0 +1,78 @@
+"""SIZE parsing and launch-config validation: pure, no processes."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.launch.config import LaunchConfig
+from services.launch.sizes import format_size, parse_size, size_arg
+from services.launch.view import view_from_cluster_json, view_from_worker_stats
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512MiB", 512 << 20), ("8GiB", 8 << 30), ("8gib", 8 << 30), ("1.5G", 3 << 29), ("4096", 4096),
+    ("64 KiB", 64 << 10), ("2GB", 2 * 10**9), ("1TiB", 1 << 40), ("100b", 100),
+])
+def test_parse_size_accepts_binary_and_decimal_units(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "expected a number"), ("GiB", "expected a number"), ("-1GiB", "expected a number"),
+    ("12XB", "unknown unit 'XB'"), ("0MiB", "greater than zero"), ("1.5.2G", "expected a number"),
+])
+def test_parse_size_errors_name_the_problem(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_size(text)
+
+
+def test_size_arg_is_an_argparse_type_with_the_message():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--capacity", type=size_arg)
+    assert parser.parse_args(["--capacity", "8GiB"]).capacity == "8GiB"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown unit"):
+        size_arg("8GiBs")
+
+
+def test_format_size_round_trips():
+    for n in (512 << 20, 8 << 30, 3 << 29, 100):
+        assert parse_size(format_size(n)) == n
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"num_workers": 0}, "--workers"), ({"num_memservers": -1}, "--memservers"),
+    ({"block_size": 12}, "power of two"), ({"dtype": "float16"}, "--dtype"), ({"port": 70000}, "--port"),
+    ({"memserver_capacity": "lots"}, "invalid size"), ({"model": "/no/such/dir"}, "--model"),
+    ({"worker_kv_blocks": 0}, "--worker-kv-blocks"),
+])
+def test_launch_config_rejects_bad_options(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        LaunchConfig(cluster_token="t", **kwargs)
+
+
+def test_cluster_view_from_worker_stats_counts_tokens():
+    view = view_from_worker_stats([
+        {"num_total_blocks": 256, "num_used_blocks": 3, "block_size": 16},
+        {"num_total_blocks": 128, "num_used_blocks": 0, "block_size": 16},
+    ])
+    assert (view.capacity_tokens, view.num_used_blocks, view.free_tokens) == (384 * 16, 3, 381 * 16)
+
+
+def test_cluster_view_from_cluster_json_sums_nodes_when_no_totals():
+    body = {"block_size": 16,
+            "workers": [{"num_total_blocks": 100, "num_free_blocks": 90}],
+            "memservers": [{"num_total_blocks": 1000, "num_used_blocks": 5}, {"num_total_blocks": 1000}]}
+    view = view_from_cluster_json(body)
+    assert (view.num_workers, view.num_memservers, view.num_total_blocks, view.num_used_blocks) == (1, 2, 2100, 15)
+    assert view_from_cluster_json({**body, "num_total_blocks": 7, "num_used_blocks": 0}).num_used_blocks == 0
+
+
+def test_cluster_view_reads_the_routers_cluster_route():
+    body = {"block_size": 16, "max_context_tokens": 20480, "num_used_blocks": 2,
+            "workers": [{"worker_id": "w0", "num_blocks": 256, "num_free_blocks": 254, "num_used_blocks": 2}],
+            "memservers": [{"memserver_id": "m0", "num_blocks": 1024, "num_free_blocks": 1024, "num_used_blocks": 0}]}
+    view = view_from_cluster_json(body)
+    assert (view.capacity_tokens, view.num_used_blocks, view.max_context_tokens) == (1280 * 16, 2, 20480)
+    assert "longest context 20,480 tokens" in view.describe()

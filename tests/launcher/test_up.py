@@ -1,0 +1,94 @@
+"""`kvmesh up` as a user runs it: a real launcher process with a router and a worker on loopback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import openai
+import pytest
+
+from services.launch.cluster import memserver_available
+from tests.launcher.up_process import (
+    REPO, SMALL, cleanup, free_port, pid_alive, port_free, start_up, wait_gone, wait_manifest,
+)
+
+
+def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
+    port = free_port()
+    proc = start_up(tmp_path, *SMALL, "--port", str(port))
+    with cleanup(proc, tmp_path):
+        manifest = wait_manifest(proc, tmp_path)
+        assert manifest["url"] == f"http://127.0.0.1:{port}"
+        kinds = sorted(p["kind"] for p in manifest["processes"])
+        assert kinds == ["router", "worker"]
+        with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="unused", max_retries=0) as client:
+            stream = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True)
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert text
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+        out, err = proc.communicate()
+        pids = [p["pid"] for p in manifest["processes"]]
+        assert wait_gone(pids) == []
+        assert all(port_free(p["port"]) for p in manifest["processes"])
+    assert f"http://127.0.0.1:{port}/v1" in out
+    assert "KV capacity 4,096 tokens (256 blocks x 16)" in out
+    assert str(tmp_path) in out  # where the logs are
+    assert {f.name for f in tmp_path.glob("*.log")} == {"router.log", "worker0.log"}
+    assert "stopped 2 process(es)" in err and "non-zero" not in err
+
+
+def test_up_chat_reads_stdin_and_stops_the_cluster_when_chat_ends(tmp_path):
+    proc = start_up(tmp_path, *SMALL, "--port", "0", "--chat", "--chat-max-tokens", "8", stdin=subprocess.PIPE)
+    with cleanup(proc, tmp_path):
+        out, err = proc.communicate("hello there\nand again\n", timeout=240)
+        assert proc.returncode == 0, err
+        manifest = wait_manifest(proc, tmp_path, timeout=0)
+        assert wait_gone([p["pid"] for p in manifest["processes"]]) == []
+    assert err.count("tok/s]") == 2  # one answer summary per line of stdin
+
+
+def test_launcher_death_takes_its_children_along(tmp_path):
+    """PR_SET_PDEATHSIG: a SIGKILLed launcher leaves no orphans."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from services.launch.procs import spawn
+        child = spawn("sleeper", "test", [sys.executable, "-c", "import time; time.sleep(120)"],
+                      Path({str(tmp_path)!r}), 0, "127.0.0.1", {{}})
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert pid_alive(child_pid)
+        parent.kill()
+        parent.wait(10)
+        assert wait_gone([child_pid], timeout=10) == []
+    finally:
+        parent.stdout.close()
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+@pytest.mark.skipif(memserver_available(), reason="kvmesh memserver exists in this build")
+def test_up_with_memservers_but_no_memserver_build_fails_clearly(tmp_path):
+    proc = start_up(tmp_path, "--memservers", "2", "--port", "0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "--memservers 0" in err and "kvmesh memserver" in err
+    assert not list(tmp_path.glob("*.log"))  # nothing was started
+
+
+def test_up_rejects_a_bad_size_before_starting_anything(tmp_path):
+    proc = start_up(tmp_path, "--memserver-capacity", "8GB!", "--port", "0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "invalid size '8GB!'" in err
