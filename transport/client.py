@@ -1,0 +1,212 @@
+"""Client side: a connection with many requests in flight, matched by request id; a pool."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+import structlog
+
+from transport import buffers
+from transport.channel import Channel, Into
+from transport.errors import PeerUnreachable, RemoteError, TransferTimeout, WireDecodeError
+from transport.wire import Envelope, ErrorReply, Kind, Ping
+
+log = structlog.get_logger("transport")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message with its frames: what ``request`` returns and what a handler may return."""
+
+    message: Any
+    frames: Sequence[Any] = ()
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future
+    into: Into
+    receiving: bool = False  # frames are being received into caller buffers
+
+
+@dataclass(slots=True)
+class _Liveness:
+    interval_s: float
+    timeout_s: float
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Connection:
+    """An authenticated connection to one server. Use ``request``; ``close`` when done (or let the
+    pool own it)."""
+
+    def __init__(self, *, address: str, config: Any) -> None:
+        self.address = address
+        self._config = config
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._live = _Liveness(config.heartbeat_interval_s, config.peer_timeout_s)
+        self._silence_since = time.monotonic()
+        self.channel: Channel | None = None  # set by Node.connect right after construction
+        self.ready = False  # handshake done; liveness pings only after it (handshake has its own)
+        self._monitor: asyncio.Task | None = None
+
+    def attach(self, channel: Channel) -> None:
+        self.channel = channel
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_liveness())
+
+    @property
+    def closed(self) -> bool:
+        return self.channel is None or self.channel.closed
+
+    async def request(self, message: Any, frames: Sequence[Any] = (), *, into: Into = None,
+                      timeout: float | None = None) -> Reply:
+        """Send ``message`` with ``frames``; return the reply. ``into``: buffers for the reply's
+        frames (list, None entries allocate) or ``fn(reply_message, frame_sizes) -> list``.
+        Raises RemoteError, PeerUnreachable, TransferTimeout (WireDecodeError if the reply's frames
+        do not match ``into``). A timeout while reply frames stream into caller buffers closes the
+        connection, since those buffers could still be written."""
+        timeout = self._config.request_timeout_s if timeout is None else timeout
+        if into is not None and not callable(into):
+            for target in into:  # refuse unusable buffers before anything is sent
+                if target is not None:
+                    buffers.as_bytes_view(target, writable=True)
+        request_id = next(self._ids)
+        pending = _Pending(asyncio.get_running_loop().create_future(), into)
+        if not self._pending:
+            self._silence_since = time.monotonic()
+            self._live.wake.set()
+        self._pending[request_id] = pending
+        try:
+            async with asyncio.timeout(timeout):
+                await self.channel.send(Envelope(Kind.REQUEST, request_id, message), frames)
+                return await pending.future
+        except TimeoutError as e:
+            if pending.receiving:
+                await self.close("reply frames timed out")
+            raise TransferTimeout(f"{type(message).__name__} request {request_id} to "
+                                  f"{self.address} timed out after {timeout} s") from e
+        finally:
+            self._pending.pop(request_id, None)
+
+    def on_envelope(self, env: Envelope) -> None:
+        if env.kind != Kind.REPLY:
+            log.warning("message_dropped", peer=self.address, request_id=env.request_id,
+                        reason="request sent to a client")
+            return
+        pending = self._pending.get(env.request_id)
+        if pending is None or pending.future.done():  # timed out meanwhile: drain its frames
+            if env.frame_sizes:
+                asyncio.get_running_loop().create_task(self._drain(env))
+            return
+        if isinstance(env.message, ErrorReply):
+            if env.frame_sizes:
+                asyncio.get_running_loop().create_task(self._drain(env))
+            pending.future.set_exception(RemoteError(env.message.message, env.message.code))
+        elif not env.frame_sizes:
+            pending.future.set_result(Reply(env.message))
+        else:
+            pending.receiving = True
+            asyncio.get_running_loop().create_task(self._receive(pending, env))
+
+    async def _receive(self, pending: _Pending, env: Envelope) -> None:
+        try:
+            frames = await self.channel.recv_frames(env, pending.into)
+        except (PeerUnreachable, TransferTimeout, WireDecodeError, ValueError, TypeError) as e:
+            if not pending.future.done():
+                pending.future.set_exception(e)
+            return
+        finally:
+            pending.receiving = False
+        if not pending.future.done():
+            pending.future.set_result(Reply(env.message, frames))
+
+    async def _drain(self, env: Envelope) -> None:
+        try:
+            await self.channel.recv_frames(env)
+        except (PeerUnreachable, TransferTimeout, WireDecodeError) as e:
+            log.warning("frames_drain_failed", peer=self.address, request_id=env.request_id,
+                        error=str(e))
+
+    def on_decode_error(self, e: WireDecodeError) -> None:
+        pending = self._pending.get(e.request_id) if e.request_id is not None else None
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(e)
+        log.warning("reply_undecodable", peer=self.address, request_id=e.request_id, error=str(e))
+        if e.frame_sizes:
+            env = Envelope(Kind.REPLY, e.request_id, None, e.frame_sizes)
+            asyncio.get_running_loop().create_task(self._drain(env))
+
+    def on_closed(self, err: PeerUnreachable) -> None:
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(err)
+        self._live.wake.set()
+        log.info("connection_closed", peer=self.address, num_failed=len(self._pending),
+                 reason=str(err))
+
+    async def _watch_liveness(self) -> None:
+        """While requests wait, ping a silent peer; declare it unreachable after peer_timeout_s."""
+        live = self._live
+        while not self.closed:
+            if not self._pending:
+                live.wake.clear()
+                await live.wake.wait()
+                continue
+            await asyncio.sleep(live.interval_s)
+            if not self._pending or self.closed or not self.ready:
+                continue
+            silent_s = time.monotonic() - max(self.channel.last_rx, self._silence_since)
+            if silent_s > live.timeout_s:
+                log.warning("peer_silent", peer=self.address, silent_s=round(silent_s, 3),
+                            num_pending=len(self._pending))
+                self.channel.fail(PeerUnreachable(
+                    f"peer {self.address} silent for {silent_s:.2f} s"))
+                return
+            if silent_s >= live.interval_s:
+                asyncio.get_running_loop().create_task(self._ping())
+
+    async def _ping(self) -> None:
+        request_id = next(self._ids)
+        try:
+            await self.channel.send(Envelope(Kind.REQUEST, request_id, Ping()))
+        except PeerUnreachable:
+            pass  # the failure already reached every pending request through on_closed
+
+    async def close(self, reason: str = "closed locally") -> None:
+        if self._monitor is not None and not self._monitor.done():
+            self._monitor.cancel()
+        if self.channel is not None and not self.channel.closed:
+            await self.channel.close(reason)
+        elif self.channel is not None:
+            await self.channel.close(reason)
+
+
+class ConnectionPool:
+    """Connections keyed by address, reused while alive, re-dialled when dead."""
+
+    def __init__(self, dial: Callable[[str], Awaitable[Connection]]) -> None:
+        self._dial = dial
+        self._conns: dict[str, Connection] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, address: str) -> Connection:
+        conn = self._conns.get(address)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(address)
+            if conn is None or conn.closed:
+                conn = await self._dial(address)
+                self._conns[address] = conn
+            return conn
+
+    async def close(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            await conn.close()

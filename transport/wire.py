@@ -1,0 +1,185 @@
+"""Every message type on the kvmesh transport, and the one encode/decode pair.
+
+A message is a msgpack header (this module) plus zero or more raw frames (tensors) sent beside it;
+the header carries the frame sizes. Header layout (a msgpack map with short keys):
+
+    {"t": type name, "v": type version, "k": 0 request / 1 reply, "id": request id,
+     "f": [frame nbytes, ...], "b": {field: value}}
+
+Adding a type takes a few lines; fields must be msgpack-native (int, float, str, bytes, bool,
+None, lists/tuples, dicts). Sequences decode as tuples, so frozen messages stay hashable:
+
+    @message
+    @dataclass(frozen=True, slots=True)
+    class Free:
+        TYPE: ClassVar[str] = "free"
+        VERSION: ClassVar[int] = 1
+        block_ids: tuple[int, ...]
+
+Bumping VERSION makes peers with the old version answer "unsupported_version".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from transport.errors import WireDecodeError
+
+_REGISTRY: dict[str, type] = {}
+
+
+def message(cls: type) -> type:
+    """Class decorator: register a frozen dataclass as a wire message type."""
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"{cls.__name__} must be a frozen dataclass")
+    type_name = cls.__dict__.get("TYPE")
+    if not isinstance(type_name, str) or not isinstance(cls.__dict__.get("VERSION"), int):
+        raise TypeError(f"{cls.__name__} needs TYPE: ClassVar[str] and VERSION: ClassVar[int]")
+    if type_name in _REGISTRY and _REGISTRY[type_name] is not cls:
+        raise ValueError(f"wire type {type_name!r} registered twice")
+    _REGISTRY[type_name] = cls
+    return cls
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 0
+    REPLY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded header: routing fields plus the message."""
+
+    kind: Kind
+    request_id: int
+    message: Any
+    frame_sizes: tuple[int, ...] = ()
+
+
+def encode(env: Envelope) -> bytes:
+    cls = type(env.message)
+    if _REGISTRY.get(getattr(cls, "TYPE", None)) is not cls:
+        raise TypeError(f"{cls.__name__} is not a registered wire message")
+    body = {f.name: getattr(env.message, f.name) for f in dataclasses.fields(env.message)}
+    header = {"t": cls.TYPE, "v": cls.VERSION, "k": int(env.kind), "id": env.request_id,
+              "f": list(env.frame_sizes), "b": body}
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def decode(data: bytes | memoryview, *, max_header_bytes: int, max_frames: int) -> Envelope:
+    """Bytes to an Envelope; every failure raises WireDecodeError (routing fields attached when
+    they were readable)."""
+    if len(data) > max_header_bytes:
+        raise WireDecodeError(f"header of {len(data)} B exceeds {max_header_bytes} B")
+    try:
+        header = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireDecodeError(f"undecodable header: {e}") from e
+    if not isinstance(header, dict):
+        raise WireDecodeError("header is not a map")
+    request_id, kind, sizes = header.get("id"), header.get("k"), header.get("f")
+    if not isinstance(request_id, int) or kind not in (0, 1) or not isinstance(sizes, tuple):
+        raise WireDecodeError("header lacks id/k/f")
+    if len(sizes) > max_frames or not all(isinstance(n, int) and n >= 0 for n in sizes):
+        raise WireDecodeError(f"bad frame list of length {len(sizes)}", request_id=request_id)
+    hint = {"request_id": request_id, "is_request": kind == Kind.REQUEST, "frame_sizes": sizes}
+    type_name, version, body = header.get("t"), header.get("v"), header.get("b")
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        raise WireDecodeError(f"unknown message type {type_name!r}", **hint)
+    if version != cls.VERSION:
+        raise WireDecodeError(f"unsupported version {version!r} of {type_name!r}", **hint)
+    if not isinstance(body, dict):
+        raise WireDecodeError(f"body of {type_name!r} is not a map", **hint)
+    try:
+        msg = cls(**body)
+    except TypeError as e:
+        raise WireDecodeError(f"bad fields for {type_name!r}: {e}", **hint) from e
+    return Envelope(Kind(kind), request_id, msg, sizes)
+
+
+# Generic messages of the RPC layer. ---------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client -> server, first message: a fresh nonce and the tag prefix for frames sent to it."""
+
+    TYPE: ClassVar[str] = "hello"
+    VERSION: ClassVar[int] = 1
+    nonce: bytes
+    tag_prefix: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Server -> client: its nonce, its tag prefix, and proof it holds the token."""
+
+    TYPE: ClassVar[str] = "challenge"
+    VERSION: ClassVar[int] = 1
+    nonce: bytes
+    tag_prefix: int
+    proof: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Client -> server: proof the client holds the token."""
+
+    TYPE: ClassVar[str] = "auth"
+    VERSION: ClassVar[int] = 1
+    proof: bytes
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TYPE: ClassVar[str] = "welcome"
+    VERSION: ClassVar[int] = 1
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """Reply to a request that failed: its handler raised, or it was refused."""
+
+    TYPE: ClassVar[str] = "error"
+    VERSION: ClassVar[int] = 1
+    code: str
+    message: str
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    VERSION: ClassVar[int] = 1
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+    VERSION: ClassVar[int] = 1
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """Test and benchmark message: the server sends the frames back (only the header when
+    ``send_back`` is false) after ``delay_s``, or fails with ``fail`` as the message when set."""
+
+    TYPE: ClassVar[str] = "echo"
+    VERSION: ClassVar[int] = 1
+    note: str = ""
+    delay_s: float = 0.0
+    fail: str | None = None
+    send_back: bool = True
