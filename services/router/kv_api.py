@@ -43,6 +43,11 @@ def kv_summary(app: web.Application) -> dict:
     }
 
 
+@routes.get("/internal/kv/summary")
+async def summary(request: web.Request) -> web.Response:
+    return json_response(kv_summary(request.app))
+
+
 @routes.get("/internal/kv/geometry")
 async def geometry(request: web.Request) -> web.Response:
     return json_response({"geometry": kv_geometry(request.app)})

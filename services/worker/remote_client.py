@@ -45,6 +45,10 @@ class LedgerClient:
     async def settle(self, reservation_id: str, num_stored: int) -> None:
         await self._post("/settle", encode(Settle(self.owner, reservation_id, num_stored)))
 
+    async def summary(self) -> dict:
+        async with self._session.get(self._base + "/summary", headers=self._headers) as resp:
+            return await resp.json() if resp.status == 200 else {}
+
     async def repay(self, memserver_id: str, num_blocks: int) -> None:
         await self._post("/repay", encode(Repay(self.owner, memserver_id, num_blocks)))
 
@@ -74,6 +78,16 @@ class RemoteKVClient:
         self._addresses.update(kv.get("memservers", {}))
         for memserver_id in kv.get("leaving", []):
             self._mark_lost(memserver_id, "leaving")  # move off it: recompute what lives there
+
+    async def refresh(self) -> None:
+        """Ask the router now (a request is about to be refused for lack of room)."""
+        try:
+            kv = await self._ledger.summary()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("kv_summary_failed", error=repr(e))
+            return
+        if kv:
+            self.update(kv)
 
     def _mark_lost(self, memserver_id: str, reason: str) -> None:
         with self._lock:

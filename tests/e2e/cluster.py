@@ -94,6 +94,14 @@ def start_worker(log_dir: Path, router_url: str, *args: str, model: str = "tiny"
                          "--heartbeat-interval", "0.5", *args], log_dir, f"http://127.0.0.1:{port}")
 
 
+def start_memserver(log_dir: Path, router_url: str, *args: str, capacity: str = "16MiB",
+                    name: str = "memserver") -> Proc:
+    port = free_port()
+    return _spawn(name, ["services.memserver", "--router", router_url, "--capacity", capacity, "--http-port",
+                         str(port), "--memserver-id", name, "--heartbeat-interval", "0.5", *args], log_dir,
+                  f"http://127.0.0.1:{port}")
+
+
 def wait_for(predicate, timeout: float, what: str, procs: list[Proc] = (), interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
@@ -147,10 +155,17 @@ def worker_stats(worker: Proc) -> dict:
     return body
 
 
-def wait_zero_used_blocks(workers: list[Proc], timeout: float = 3.0) -> None:
-    for w in workers:
-        if w.alive:
-            wait_for(lambda: worker_stats(w)["num_used_blocks"] == 0, timeout, f"{w.name} to free its KV blocks")
+def wait_zero_used_blocks(procs: list[Proc], timeout: float = 3.0) -> None:
+    """Workers' and memservers' own block accounting (both serve /internal/stats) reaches zero."""
+    for p in procs:
+        if p.alive:
+            wait_for(lambda: worker_stats(p)["num_used_blocks"] == 0, timeout, f"{p.name} to free its KV blocks")
+
+
+def cluster_view(router: Proc) -> dict:
+    status, body = _get_json(router.url + "/cluster")
+    assert status == 200, body
+    return body
 
 
 @dataclass
@@ -158,10 +173,26 @@ class Cluster:
     log_dir: Path
     router: Proc
     workers: list[Proc] = field(default_factory=list)
+    memservers: list[Proc] = field(default_factory=list)
 
     @property
     def procs(self) -> list[Proc]:
-        return [self.router, *self.workers]
+        return [self.router, *self.workers, *self.memservers]
+
+    def add_memserver(self, *args: str, capacity: str = "16MiB") -> Proc:
+        memserver = start_memserver(self.log_dir, self.router.url, *args, capacity=capacity,
+                                    name=f"memserver{len(self.memservers)}")
+        self.memservers.append(memserver)
+        return memserver
+
+    def wait_memservers(self, num: int, timeout: float = 60.0) -> None:
+        watched = [p for p in self.procs if p.alive]
+        wait_for(lambda: len(cluster_view(self.router)["memservers"]) == num, timeout, f"{num} memservers", watched)
+
+    def wait_zero_used_blocks(self, timeout: float = 5.0) -> None:
+        """Every process's own accounting, then the router's ledger, show no block in use."""
+        wait_zero_used_blocks([*self.workers, *self.memservers], timeout)
+        wait_for(lambda: not cluster_view(self.router)["lent"], timeout, "the ledger to show nothing lent")
 
     def add_worker(self, *args: str, model: str = "tiny") -> Proc:
         worker = start_worker(self.log_dir, self.router.url, *args, model=model, name=f"worker{len(self.workers)}")
@@ -177,25 +208,29 @@ class Cluster:
         return "\n".join(f"----- {p.name} (rc={p.popen.poll()}) -----\n{p.log_tail()}" for p in self.procs)
 
     def stop(self) -> dict[str, int]:
-        """Workers first (they deregister), then the router; name -> exit status."""
-        return {p.name: p.terminate() for p in [*self.workers, self.router]}
+        """Workers first (they free and deregister), memservers, then the router; name -> exit status."""
+        return {p.name: p.terminate() for p in [*self.workers, *self.memservers, self.router]}
 
 
 @contextlib.contextmanager
 def running_cluster(log_dir: Path, num_workers: int = 1, router_args: tuple[str, ...] = (),
-                    worker_args: tuple[str, ...] = ()):
+                    worker_args: tuple[str, ...] = (), num_memservers: int = 0, memserver_capacity: str = "16MiB"):
     cluster = Cluster(log_dir, start_router(log_dir, *router_args))
     ACTIVE.append(cluster)
     try:
         wait_for(lambda: _get_json(cluster.router.url + "/health")[0] == 200, 30, "router /health", cluster.procs)
         for _ in range(num_workers):
             cluster.add_worker(*worker_args)
+        for _ in range(num_memservers):
+            cluster.add_memserver(capacity=memserver_capacity)
         if num_workers:
             cluster.wait_ready()
+        if num_memservers:
+            cluster.wait_memservers(num_memservers)
         yield cluster
     finally:
         ACTIVE.remove(cluster)
-        for p in cluster.procs:
+        for p in [*cluster.workers, *cluster.memservers, cluster.router]:
             if p.alive:
                 p.terminate()
 

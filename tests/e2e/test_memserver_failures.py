@@ -1,0 +1,129 @@
+"""Memory servers coming and going: loss mid-stream, runtime join, two owners, worker death."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from services.memserver.messages import FreeBlocks, StoreBlocks
+from tests.e2e.cluster import TOKEN, cluster_view, running_cluster, wait_for, worker_stats
+from tests.e2e.test_memservers import LOCAL_BLOCKS, MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
+
+
+async def test_memserver_killed_mid_stream_streams_complete_identically(tmp_path):
+    prompts = [_prompt(900 + 100 * i, seed=30 + i) for i in range(3)]
+    expected = await asyncio.to_thread(offline_texts, prompts, 40)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=2,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        deltas = 0
+
+        def count():
+            nonlocal deltas
+            deltas += 1
+
+        async with aiohttp.ClientSession() as session:
+            streams = [asyncio.create_task(stream_text(session, cluster.router.url, p, 40, count)) for p in prompts]
+            await asyncio.to_thread(wait_for, lambda: deltas >= 6, 120, "streams to start")
+            view = await asyncio.to_thread(cluster_view, cluster.router)
+            used = {m["memserver_id"]: m["num_used_blocks"] for m in view["memservers"]}
+            victim_name = max(used, key=used.get)
+            victim = next(m for m in cluster.memservers if m.name == victim_name)
+            victim.kill()  # SIGKILL, mid-stream
+            results = await asyncio.gather(*streams)
+        assert [t for t, _ in results] == expected
+        wait_for(lambda: [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]] != [] and
+                 victim_name not in [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]],
+                 15, "the router to drop the dead memserver")
+        cluster.wait_zero_used_blocks()
+
+
+async def test_too_long_request_succeeds_after_a_memserver_joins(tmp_path):
+    prompt = _prompt(1200, seed=5)  # 76 blocks: more than 32 local + 24 remote
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1, memserver_capacity="768KiB") as cluster:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            async with session.post(cluster.router.url + "/v1/completions", json=body) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 400 and error["code"] == "context_length_exceeded", error
+                assert "1208" in error["message"]  # the numbers are named
+            before = cluster_view(cluster.router)["max_context_tokens"]
+            cluster.add_memserver(capacity=MEMSERVER_CAPACITY)
+            cluster.wait_memservers(2)
+            assert cluster_view(cluster.router)["max_context_tokens"] > before
+            await asyncio.sleep(1.5)  # the worker learns the new capacity with its next heartbeat
+            (expected,) = await asyncio.to_thread(offline_texts, [prompt], 8)
+            text, _ = await stream_text(session, cluster.router.url, prompt, 8)
+            assert text == expected
+        cluster.wait_zero_used_blocks()
+
+
+async def test_two_workers_share_memservers_and_owners_stay_apart(tmp_path):
+    prompts = [_prompt(1000, seed=40), _prompt(1100, seed=41)]
+    expected = await asyncio.to_thread(offline_texts, prompts, 16)
+    with running_cluster(tmp_path, 2, worker_args=WORKER_ARGS, num_memservers=2,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        seen_owners: set[tuple[str, str]] = set()
+
+        async def watch(stop: asyncio.Event):
+            while not stop.is_set():
+                view = await asyncio.to_thread(cluster_view, cluster.router)
+                seen_owners.update((e["worker_id"], e["memserver_id"]) for e in view["lent"])
+                await asyncio.sleep(0.2)
+
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(stream_text(session, cluster.router.url, p, 16) for p in prompts))
+        stop.set()
+        await watcher
+        assert [t for t, _ in results] == expected
+        assert len({w for w, _ in seen_owners}) == 2, seen_owners  # both workers borrowed
+        cluster.wait_zero_used_blocks()
+
+
+async def test_memserver_refuses_another_owners_blocks(tmp_path):
+    import torch
+
+    from transport.config import TransportConfig
+    from transport.errors import RemoteError
+    from transport.node import Node
+
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        address = cluster_view(cluster.router)["memservers"][0]["address"]
+        geometry = (4, 2, 16, 2, 32)  # the tiny model's block: layers, k/v, block size, kv heads, head dim
+        node = await Node.start(TransportConfig.from_env(token=TOKEN.encode()))
+        try:
+            alice = await node.connect(address)
+            bob = await node.connect(address)
+            reply = await alice.request(StoreBlocks("alice", 2), [torch.ones(geometry), torch.ones(geometry)])
+            alice_blocks = reply.message.block_ids
+            with pytest.raises(RemoteError, match="not_owner"):
+                await bob.request(FreeBlocks("bob", alice_blocks))
+            with pytest.raises(RemoteError, match="not_owner"):  # one connection, one owner
+                await alice.request(FreeBlocks("bob", alice_blocks))
+            assert (await alice.request(FreeBlocks("alice", alice_blocks))).message.num_blocks == 2
+            await alice.close()
+            await bob.close()
+        finally:
+            await node.close()
+        cluster.wait_zero_used_blocks()
+
+
+async def test_killed_worker_blocks_are_freed_by_memservers(tmp_path):
+    prompt = _prompt(1500, seed=50)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=2,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            async with session.post(cluster.router.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await asyncio.to_thread(wait_for, lambda: sum(
+                    worker_stats(m)["num_used_blocks"] for m in cluster.memservers) > 0, 120, "blocks to spill")
+                cluster.workers[0].kill()
+                await resp.read()
+        wait_for(lambda: all(worker_stats(m)["num_used_blocks"] == 0 for m in cluster.memservers), 10,
+                 "memservers to free the dead worker's blocks")
