@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from services.launch.cluster import ClusterError, LocalCluster, memserver_available
+from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
 from services.launch.progress import Progress
-from services.launch.sizes import format_size, size_arg
+from services.runtime.sizes import format_size, size_arg
 from services.runtime.auth import CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN
 
 LOG_DIR_ENV = "KVMESH_LOG_DIR"
@@ -118,10 +118,6 @@ def main(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ValueError as e:
         print(f"kvmesh up: {e}", file=sys.stderr)
-        return 2
-    if config.num_memservers and not memserver_available():
-        print(f"kvmesh up: --memservers {config.num_memservers} needs `kvmesh memserver`, which this build "
-              "does not have yet; run with --memservers 0", file=sys.stderr)
         return 2
     progress = Progress()
     cluster = LocalCluster(config, config.log_dir, progress)

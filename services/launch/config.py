@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.launch.sizes import parse_size
+from services.runtime.sizes import parse_size
 
 DTYPES = ("auto", "float32", "bfloat16")
 

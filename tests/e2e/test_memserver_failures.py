@@ -9,7 +9,7 @@ import pytest
 
 from services.memserver.messages import FreeBlocks, StoreBlocks
 from tests.e2e.cluster import TOKEN, cluster_view, running_cluster, wait_for, worker_stats
-from tests.e2e.test_memservers import LOCAL_BLOCKS, MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
+from tests.e2e.test_memservers import MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
 
 
 async def test_memserver_killed_mid_stream_streams_complete_identically(tmp_path):

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from services.worker.engine.api import GenerateRequest, SamplingParams
-from tests.e2e.cluster import TOKEN, cluster_view, running_cluster, wait_for, worker_stats
+from tests.e2e.cluster import cluster_view, running_cluster
 
 LOCAL_BLOCKS = 32
 WORKER_ARGS = ("--kv-blocks", str(LOCAL_BLOCKS))

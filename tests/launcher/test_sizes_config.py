@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from services.launch.config import LaunchConfig
-from services.launch.sizes import format_size, parse_size, size_arg
+from services.runtime.sizes import format_size, parse_size, size_arg
 from services.launch.view import view_from_cluster_json, view_from_worker_stats
 
 

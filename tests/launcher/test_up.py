@@ -8,9 +8,7 @@ import sys
 import textwrap
 
 import openai
-import pytest
 
-from services.launch.cluster import memserver_available
 from tests.launcher.up_process import (
     REPO, SMALL, cleanup, free_port, pid_alive, port_free, start_up, wait_gone, wait_manifest,
 )
@@ -76,15 +74,6 @@ def test_launcher_death_takes_its_children_along(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-
-
-@pytest.mark.skipif(memserver_available(), reason="kvmesh memserver exists in this build")
-def test_up_with_memservers_but_no_memserver_build_fails_clearly(tmp_path):
-    proc = start_up(tmp_path, "--memservers", "2", "--port", "0")
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2
-    assert "--memservers 0" in err and "kvmesh memserver" in err
-    assert not list(tmp_path.glob("*.log"))  # nothing was started
 
 
 def test_up_rejects_a_bad_size_before_starting_anything(tmp_path):
