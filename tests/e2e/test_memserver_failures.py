@@ -127,3 +127,30 @@ async def test_killed_worker_blocks_are_freed_by_memservers(tmp_path):
                 await resp.read()
         wait_for(lambda: all(worker_stats(m)["num_used_blocks"] == 0 for m in cluster.memservers), 10,
                  "memservers to free the dead worker's blocks")
+
+
+async def test_memserver_leaves_gracefully_mid_stream(tmp_path):
+    prompts = [_prompt(1000 + 100 * i, seed=60 + i) for i in range(2)]
+    expected = await asyncio.to_thread(offline_texts, prompts, 40)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=2,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        deltas = 0
+
+        def count():
+            nonlocal deltas
+            deltas += 1
+
+        async with aiohttp.ClientSession() as session:
+            streams = [asyncio.create_task(stream_text(session, cluster.router.url, p, 40, count)) for p in prompts]
+            await asyncio.to_thread(wait_for, lambda: deltas >= 4, 120, "streams to start")
+            used = {m.name: worker_stats(m)["num_used_blocks"] for m in cluster.memservers}
+            leaver = next(m for m in cluster.memservers if m.name == max(used, key=used.get))
+            assert used[leaver.name] > 0
+            leaver.popen.send_signal(15)  # SIGTERM: leave gracefully
+            results = await asyncio.gather(*streams)
+        assert [t for t, _ in results] == expected
+        assert await asyncio.to_thread(leaver.popen.wait, 60) == 0
+        assert "memserver_drained" in leaver.log_text() and "num_blocks_left=0" in leaver.log_text()
+        wait_for(lambda: leaver.name not in [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]],
+                 10, "the router to drop the memserver that left")
+        cluster.wait_zero_used_blocks()
