@@ -195,3 +195,11 @@ async def drain(app: web.Application) -> None:
     log.info("worker_drained", num_inflight_at_signal=num_at_signal,
              num_completed=inflight.num_completed - completed_before, num_aborted=num_forced,
              num_left=len(inflight))
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the model is loaded (the server only listens after that) and we are not draining."""
+    if request.app[INFLIGHT].draining:
+        raise ApiError("worker is draining", status=503, code="draining")
+    return json_response({"status": "ready"})

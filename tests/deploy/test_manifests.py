@@ -84,7 +84,7 @@ def test_probes_use_ready_and_health():
     for name, c in containers():
         assert c["livenessProbe"]["httpGet"]["path"] == "/health", name
         ready_path = c["readinessProbe"]["httpGet"]["path"]
-        assert ready_path == ("/ready" if name == "kvmesh-router" else "/health"), name
+        assert ready_path == ("/ready" if name in ("kvmesh-router", "kvmesh-worker") else "/health"), name
         port_names = {p["name"] for p in c["ports"]}
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             if probe in c:

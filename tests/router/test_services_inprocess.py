@@ -121,3 +121,16 @@ async def test_metrics_exposed():
         assert "kvmesh_router_time_to_first_token_seconds_count 1.0" in text
         assert "kvmesh_router_generation_tokens_total 5.0" in text
         assert "kvmesh_worker_kv_blocks_free{" in text
+
+
+async def test_worker_ready_turns_503_while_draining():
+    from services.worker.app import INFLIGHT
+
+    async with running_stack() as s:
+        worker = s.workers[0]
+        async with s.client.get(str(worker.make_url("/ready"))) as resp:
+            assert resp.status == 200
+        worker.app[INFLIGHT].draining = True
+        async with s.client.get(str(worker.make_url("/ready"))) as resp:
+            assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+        worker.app[INFLIGHT].draining = False
