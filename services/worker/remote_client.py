@@ -126,7 +126,7 @@ class RemoteKVClient:
             attempts += 1
             if attempts > 3:
                 await self._release(spans)
-                self._free_hint = 0
+                await self.refresh()
                 raise SpillFailed(f"memory servers refused {kv.shape[0] - done} of {kv.shape[0]} blocks")
             try:
                 grants = await self._ledger.borrow(kv.shape[0] - done)
@@ -134,7 +134,7 @@ class RemoteKVClient:
                 raise SpillFailed(f"router unreachable: {e!r}") from e
             except SpillFailed:
                 await self._release(spans)
-                self._free_hint = 0
+                await self.refresh()
                 raise
             for grant in grants:
                 n = grant["num_blocks"]

@@ -81,3 +81,27 @@ def test_admission_counts_cluster_capacity(model):
     with pytest.raises(ContextLengthExceeded, match="holds 128 tokens here plus 320 free on memory servers"):
         engine.prepare(GenerateRequest("big", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[0])))
     engine.prepare(GenerateRequest("ok", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[1])))
+
+
+def test_sequence_that_no_longer_fits_after_a_loss_ends_with_a_clear_error(model):
+    from services.worker.engine.api import FinishReason, GenerateRequest, SamplingParams
+
+    path, prompts, expected = model
+    engine, remote = _engine(path, remote_servers=2, blocks_per_server=40)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    engine.submit(engine.prepare(GenerateRequest("long", params, prompt_token_ids=tuple(prompts[3]))))  # 700 tokens
+    engine.submit(engine.prepare(GenerateRequest("short", params, prompt_token_ids=tuple(prompts[2]))))
+    finals = {}
+    killed = False
+    while engine.has_work():
+        for delta in engine.step():
+            if delta.finish_reason is not None:
+                finals[delta.request_id] = delta
+        if not killed and remote.used_blocks() > 0:
+            for name in list(remote.servers):  # the whole cluster's remote memory is gone
+                remote.kill(name)
+            killed = True
+    assert finals["long"].finish_reason is FinishReason.ERROR
+    assert "needs 724 tokens, 128 remain" in finals["long"].error
+    assert finals["short"].finish_reason is FinishReason.LENGTH  # undisturbed
+    assert engine.blocks.num_used_blocks == 0

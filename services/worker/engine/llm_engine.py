@@ -142,16 +142,16 @@ class LLMEngine:
 
     def _step(self) -> list[Delta]:
         deltas = self._drain_inbox()
-        self._recover_lost_memservers()
+        self._recover_lost_memservers(deltas)
         out = self.scheduler.schedule()
-        self._spill(out.spills)
+        self._spill(out.spills, deltas)
         chunks = [c for c in out.chunks if c.seq.status is SeqStatus.RUNNING]
         try:
             logits = self.runner.execute(chunks, self.remote) if chunks else None
         except MemserverLost as e:
             # KV written by this partial pass is rewritten when the chunks run again.
             log.warning("memserver_lost", memserver=e.memserver_id, error=str(e))
-            self._recompute_sequences_on({e.memserver_id})
+            self._recompute_sequences_on({e.memserver_id}, deltas)
             logits = None
         if logits is None:
             return deltas
@@ -171,7 +171,7 @@ class LLMEngine:
             deltas.append(self._advance(active, result))
         return deltas
 
-    def _spill(self, plans: list[SpillPlan]) -> None:
+    def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
         # Runs before the forward pass reuses the freed blocks: the gather copies them first.
         for plan in plans:
             if not plan.valid:
@@ -181,23 +181,37 @@ class LLMEngine:
                 spans = self.remote.spill(seq.request_id, self.runner.gather_blocks(plan.block_ids), plan.start_token)
             except SpillFailed as e:
                 log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
-                self.scheduler.preempt(seq)  # its spilled blocks are gone: recompute
+                self._recompute(seq, deltas)  # its spilled blocks are gone
                 continue
             seq.remote_spans.extend(spans)
             log.debug("blocks_spilled", request_id=seq.request_id, num_blocks=len(plan.block_ids),
                       memservers=sorted({s.memserver_id for s in spans}))
 
-    def _recover_lost_memservers(self) -> None:
+    def _recover_lost_memservers(self, deltas: list[Delta]) -> None:
         if self.remote is not None:
             lost = self.remote.lost_memservers()
             if lost:
-                self._recompute_sequences_on(lost)
+                self._recompute_sequences_on(lost, deltas)
 
-    def _recompute_sequences_on(self, memserver_ids: set[str]) -> None:
+    def _recompute_sequences_on(self, memserver_ids: set[str], deltas: list[Delta]) -> None:
         for seq in list(self.scheduler.running):
             if any(span.memserver_id in memserver_ids for span in seq.remote_spans):
                 log.warning("sequence_recomputed", request_id=seq.request_id, memservers=sorted(memserver_ids))
-                self.scheduler.preempt(seq)
+                self._recompute(seq, deltas)
+
+    def _recompute(self, seq: Sequence, deltas: list[Delta]) -> None:
+        """Back to the queue to recompute its KV from its tokens, if the cluster can still hold it."""
+        self.scheduler.preempt(seq)
+        total = seq.num_prompt_tokens + seq.sampling.max_tokens
+        if not self.scheduler.fits_ever(total):
+            capacity = self.blocks.num_blocks + (self.remote.free_blocks() if self.remote is not None else 0)
+            reason = (f"the cluster lost KV capacity: this sequence needs {total} tokens, "
+                      f"{capacity * self.blocks.block_size} remain")
+            log.warning("sequence_failed", request_id=seq.request_id, reason=reason)
+            self.scheduler.finish(seq)
+            del self._active[seq.request_id]
+            deltas.append(Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids),
+                                FinishReason.ERROR, error=reason))
 
     def _free_released(self) -> None:
         released, self.scheduler.released = self.scheduler.released, []
