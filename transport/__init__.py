@@ -21,7 +21,9 @@ The only package that touches ucxx; it knows nothing of models. API::
     await node.close()                                # before the loop ends
 
 Frames: contiguous torch tensors (CPU or CUDA, any dtype: bytes are sent), numpy arrays, bytes.
-Non-contiguous input raises ValueError. ``into`` is a list (None entries allocate) or
+Non-contiguous input raises ValueError. Small CPU frames (``inline_bytes`` per message, 6 KiB by
+default) travel inside the header message and are copied into your buffers on arrival; the others
+are tagged UCX messages received zero-copy straight into them. ``into`` is a list (None entries allocate) or
 ``fn(reply_message, frame_sizes) -> list``. A handler's unread frames are drained for it.
 
 Errors (transport.errors): PeerUnreachable (connect failed, peer died or went silent: every

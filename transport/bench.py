@@ -4,8 +4,10 @@
 
 Two processes: this one (client) and a server process (transport.testing_server for kvmesh, a
 uvloop TCP echo server for the baseline). Throughput: one-way bytes per second of frames sent to
-the server (the reply carries no payload), 2 requests in flight. Latency: 64 B payload echoed
-back, sequential round trips. Idle CPU: each process over 2 s with an open, unused connection.
+the server (the reply carries no payload), 2 requests in flight. Latency, sequential round trips:
+64 B payload echoed back; header only; small frames, shaped like a remote-attention call (a 4 KiB
+request frame, reply frames of 4 KiB and 256 B). Idle CPU: each process over 2 s with an open,
+unused connection.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transport.node import Node
 from transport.wire import Echo
 
 SIZES = [256 << 10, 4 << 20, 64 << 20]
+SMALL_REQUEST, SMALL_REPLY = 4096, (4096, 256)  # q frame -> out + lse frames
 TOKEN = "bench-token"
 
 
@@ -104,6 +107,10 @@ async def bench_kvmesh(quick: bool) -> dict:
         n = 1000 if quick else 5000
         out["lat"] = await _latency(lambda: conn.request(Echo(), [payload], into=[dest]), n)
         out["lat_header"] = await _latency(lambda: conn.request(Echo(note="x" * 64)), n)
+        q = torch.ones(SMALL_REQUEST, dtype=torch.uint8)
+        outs = [torch.empty(size, dtype=torch.uint8) for size in SMALL_REPLY]
+        out["lat_small"] = await _latency(
+            lambda: conn.request(Echo(reply_sizes=SMALL_REPLY), [q], into=outs), n)
         out["idle"] = await _idle_cpu(proc.pid)
         await conn.close()
     finally:
@@ -119,9 +126,10 @@ async def _tcp_serve() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                (n, echo) = struct.unpack("!QB", await reader.readexactly(9))
+                (n, reply_n) = struct.unpack("!QQ", await reader.readexactly(16))
                 data = await reader.readexactly(n)
-                writer.write(struct.pack("!Q", n if echo else 0) + (data if echo else b""))
+                reply = data if reply_n == n else bytes(reply_n)
+                writer.write(struct.pack("!Q", reply_n) + reply)
         except asyncio.IncompleteReadError:
             writer.close()
 
@@ -138,9 +146,10 @@ async def bench_tcp(quick: bool) -> dict:
     reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 26)
     lock = asyncio.Lock()
 
-    async def call(data: bytes, echo: bool) -> bytes:
+    async def call(data: bytes, echo: bool, reply_n: int | None = None) -> bytes:
         async with lock:  # one request on the wire at a time per direction
-            writer.write(struct.pack("!QB", len(data), echo))
+            reply_n = (len(data) if echo else 0) if reply_n is None else reply_n
+            writer.write(struct.pack("!QQ", len(data), reply_n))
             writer.write(data)
             (n,) = struct.unpack("!Q", await reader.readexactly(8))
             return await reader.readexactly(n) if n else b""
@@ -149,7 +158,10 @@ async def bench_tcp(quick: bool) -> dict:
     for size in SIZES:
         data = bytes(size)
         out[size] = await _throughput(lambda: call(data, False), size, quick)
-    out["lat"] = await _latency(lambda: call(b"x" * 64, True), 1000 if quick else 5000)
+    n = 1000 if quick else 5000
+    out["lat"] = await _latency(lambda: call(b"x" * 64, True), n)
+    small = bytes(SMALL_REQUEST)
+    out["lat_small"] = await _latency(lambda: call(small, False, sum(SMALL_REPLY)), n)
     out["idle"] = await _idle_cpu(proc.pid)
     writer.close()
     await writer.wait_closed()
@@ -181,6 +193,10 @@ def _table(kv: dict, tcp: dict, mem: dict) -> str:
                 f"{tcp['lat'][0]:.0f} / {tcp['lat'][1]:.0f} | - | {kv['lat'][0] / tcp['lat'][0]:.2f}x |")
     rows.append(f"| 64 B header-only RPC p50 / p99 (us) | {kv['lat_header'][0]:.0f} / "
                 f"{kv['lat_header'][1]:.0f} | - | - | - |")
+    rows.append(f"| small-frame RPC 4 KiB -> 4 KiB + 256 B p50 / p99 (us) | "
+                f"{kv['lat_small'][0]:.0f} / {kv['lat_small'][1]:.0f} | "
+                f"{tcp['lat_small'][0]:.0f} / {tcp['lat_small'][1]:.0f} | - | "
+                f"{kv['lat_small'][0] / tcp['lat_small'][0]:.2f}x |")
     rows.append(f"| idle CPU client / server (% of a core) | {kv['idle'][0]:.1f} / {kv['idle'][1]:.1f} | "
                 f"{tcp['idle'][0]:.1f} / {tcp['idle'][1]:.1f} | - | - |")
     return "\n".join(rows)

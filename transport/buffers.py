@@ -12,12 +12,21 @@ import torch
 Frame = Any  # torch.Tensor (CPU or CUDA), numpy.ndarray, bytes, bytearray or memoryview
 
 
+# CPU tensors of these dtypes take the cheaper numpy route to their bytes (per-message cost).
+_NUMPY_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                 torch.float32, torch.float64, torch.bool}
+
+
 def as_bytes_view(frame: Frame, *, writable: bool) -> Any:
-    """A 1-D uint8 view of ``frame`` sharing its memory (something ucxx's Array accepts)."""
+    """A 1-D uint8 view of ``frame`` sharing its memory (something ucxx's Array accepts): a numpy
+    array for CPU memory, a uint8 tensor for CUDA memory."""
     if isinstance(frame, torch.Tensor):
         if not frame.is_contiguous():
             raise ValueError(f"non-contiguous tensor of shape {tuple(frame.shape)} refused; "
                              "call .contiguous() first")
+        if frame.dtype in _NUMPY_DTYPES and not frame.is_cuda and not frame.requires_grad:
+            arr = frame.numpy()
+            return arr if arr.ndim == 1 and arr.dtype == np.uint8 else arr.reshape(-1).view(np.uint8)
         # bf16 and friends have no numpy dtype: view the bytes. reshape(-1) of a contiguous
         # tensor is a view, so this never copies (0-d tensors included).
         flat = frame.reshape(-1).view(torch.uint8)
@@ -49,3 +58,16 @@ def nbytes(frame: Frame) -> int:
 def allocate(size: int) -> torch.Tensor:
     """A fresh CPU frame for a reply the caller gave no buffer for."""
     return torch.empty(size, dtype=torch.uint8)
+
+
+def from_bytes(data: bytes) -> torch.Tensor:
+    """A fresh CPU frame holding a copy of ``data``."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else allocate(0)
+
+
+def copy_in(view: Any, data: bytes) -> None:
+    """Copy ``data`` into ``view`` (an ``as_bytes_view`` result of the same size, CPU or CUDA)."""
+    if isinstance(view, np.ndarray):
+        view[:] = np.frombuffer(data, dtype=np.uint8)
+    else:
+        view.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))

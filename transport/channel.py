@@ -1,10 +1,11 @@
 """One UCX endpoint carrying kvmesh messages, both directions: the part client and server share.
 
-A message is an active message holding the msgpack header, followed by one tagged message per
-frame. Tags are worker-wide in UCX, so each side picks the 20-bit prefix of the tags it receives
+A message is an active message holding the msgpack header (with the small CPU frames inside it,
+see ``transport.wire``), followed by one tagged message per other frame. Tags are worker-wide in UCX, so each side picks the 20-bit prefix of the tags it receives
 on (exchanged in the handshake): tag = prefix << 44 | (request_id mod 2**32) << 12 | frame_index.
-A frame is received only once it has arrived (tag probe), straight into the caller's buffer, after
-its length has been checked against the header.
+A tagged frame is received only once it has arrived (tag probe), straight into the caller's buffer,
+after its length has been checked against the header. Headers are received by a driver callback:
+no task or future per message.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import asyncio
 import time
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import structlog
+
 from transport import buffers
 from transport._ucx import Array, Tag
 from transport.errors import PeerUnreachable, TransferTimeout, WireDecodeError
@@ -40,6 +43,7 @@ class Channel:
         self.last_rx = time.monotonic()
         self._worker = worker
         self._progress = progress
+        self.progress = progress
         self._ep = ucx_ep
         self._config = config
         self._on_envelope = on_envelope
@@ -47,8 +51,9 @@ class Channel:
         self._on_closed = on_closed
         self._owned: set[asyncio.Future] = set()
         self.error: PeerUnreachable | None = None
+        self._recv_req: Any = None  # the posted header receive, watched by the driver
         ucx_ep.set_close_callback(self._on_ucx_error)
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        asyncio.get_running_loop().call_soon(self._post_recv)  # not inside worker progress
 
     @property
     def closed(self) -> bool:
@@ -56,56 +61,123 @@ class Channel:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def send(self, env: Envelope, frames: Sequence[Any] = ()) -> None:
-        """Send a header and its frames; returns once UCX has finished with the frame buffers."""
+    def send_nowait(self, env: Envelope, frames: Sequence[Any] = ()) -> list[asyncio.Future]:
+        """Post a header and its frames without waiting: CPU frames that fit ``inline_bytes`` go
+        inside the header, the others as tagged messages. Returns the futures of the tagged sends
+        (done once UCX has finished with those buffers); ``send`` awaits them."""
         views = [buffers.as_bytes_view(f, writable=False) for f in frames]  # refuse before sending
         if len(views) > self._config.max_frames:
             raise ValueError(f"{len(views)} frames exceed max_frames={self._config.max_frames}")
         sizes = tuple(int(v.nbytes) for v in views)
-        header = encode(Envelope(env.kind, env.request_id, env.message, sizes))
+        inline = None
+        if views:
+            budget, inline, num_inline = self._config.inline_bytes, [], 0
+            for view, size in zip(views, sizes):
+                if size <= budget and isinstance(view, np.ndarray):  # CPU memory
+                    inline.append(memoryview(view))
+                    budget -= size
+                    num_inline += 1
+                else:
+                    inline.append(None)
+            if not num_inline:
+                inline = None
+        header = encode(Envelope(env.kind, env.request_id, env.message, sizes, inline))
         self._check_open()
+        futs = []
         try:
             header_arr = Array(header)
             self._progress.detach(self._ep.am_send(header_arr), keep=header_arr)
-            futs = []
             for i, view in enumerate(views):
+                if inline is not None and inline[i] is not None:
+                    continue
                 arr = Array(view)
                 req = self._ep.tag_send(arr, frame_tag(self.send_prefix, env.request_id, i))
                 futs.append(self._own(self._progress.wait(req, keep=(arr, view))))
         except Exception as e:
             raise self._unreachable("send failed", e) from e
-        for fut in futs:
+        return futs
+
+    async def send(self, env: Envelope, frames: Sequence[Any] = ()) -> None:
+        """Send a header and its frames; returns once UCX has finished with the frame buffers."""
+        for fut in self.send_nowait(env, frames):
             await self._await(fut, "frame send failed")
 
     # -- receiving -------------------------------------------------------------------------
 
+    @staticmethod
+    def all_inline(env: Envelope) -> bool:
+        """Every frame of ``env`` came inside its header (true when it has none)."""
+        return not env.frame_sizes or (env.inline is not None and None not in env.inline)
+
+    def recv_inline(self, env: Envelope, into: Into = None) -> list[Any]:
+        """``recv_frames`` for an envelope whose frames all came inline (``all_inline``): copies
+        them into ``into`` right away. Same errors as ``recv_frames``."""
+        out, tagged, problem, caller_error = self._take_inline(env, into)
+        assert not tagged, "frames to receive: use recv_frames"
+        return self._finish(env, out, problem, caller_error)
+
     async def recv_frames(self, env: Envelope, into: Into = None,
                           timeout: float | None = None) -> list[Any]:
         """Receive the frames announced by ``env``: into ``into[i]`` where given (None entries and
-        a missing ``into`` allocate). Frames that do not match the header raise WireDecodeError
-        after they were drained, so the connection stays usable."""
+        a missing ``into`` allocate). Inline frames are copied from the header; tagged frames are
+        received once they have arrived (probe), straight into the buffer, after their length was
+        checked. Frames that do not match the header raise WireDecodeError after they were
+        drained, so the connection stays usable. Does not suspend when every frame is inline."""
+        out, tagged, problem, caller_error = self._take_inline(env, into)
+        if tagged:
+            problem = await self._recv_tagged(env, out, tagged, problem, timeout)
+        return self._finish(env, out, problem, caller_error)
+
+    def _take_inline(self, env: Envelope, into: Into) -> tuple[list, list[int], str | None,
+                                                               BaseException | None]:
+        """Buffers for every frame (the caller's where usable), inline frames copied in; the
+        indices of the tagged frames still to receive; the first mismatch; the caller's error."""
         sizes = env.frame_sizes
-        targets = into(env.message, sizes) if callable(into) else into
+        caller_error: BaseException | None = None
+        if callable(into):
+            try:
+                targets = into(env.message, sizes)
+            except Exception as e:  # still drain, then raise it
+                caller_error, targets = e, None
+        else:
+            targets = into
         targets = list(targets) if targets is not None else [None] * len(sizes)
         problem = None
         if len(targets) != len(sizes):
             problem = f"{len(sizes)} frames announced, {len(targets)} buffers given"
             targets = [None] * len(sizes)
-        out, caller_error = [], None
+        inline = env.inline
+        out, tagged = [], []
         for i, (target, size) in enumerate(zip(targets, sizes)):
+            view = None
             if target is not None:
                 try:
-                    buffers.as_bytes_view(target, writable=True)
+                    view = buffers.as_bytes_view(target, writable=True)
                 except (ValueError, TypeError) as e:  # still drain, then raise it
                     caller_error, target = caller_error or e, None
-            if target is not None and buffers.nbytes(target) != size:
-                problem = problem or f"frame {i}: {size} B announced, buffer holds {buffers.nbytes(target)} B"
+            if target is not None and view.nbytes != size:
+                problem = problem or f"frame {i}: {size} B announced, buffer holds {view.nbytes} B"
                 target = None
-            out.append(target if target is not None else buffers.allocate(size))
+            data = inline[i] if inline is not None else None
+            if data is None:
+                tagged.append(i)
+                if target is None:
+                    target = buffers.allocate(size)
+            elif target is None:
+                target = buffers.from_bytes(data)
+            elif size:
+                buffers.copy_in(view, data)
+            out.append(target)
+        return out, tagged, problem, caller_error
+
+    async def _recv_tagged(self, env: Envelope, out: list, tagged: list[int], problem: str | None,
+                           timeout: float | None) -> str | None:
+        sizes = env.frame_sizes
         timeout = self._config.frame_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         recvs = []
-        for i, (target, size) in enumerate(zip(out, sizes)):
+        for i in tagged:
+            target, size = out[i], sizes[i]
             probe = self._own(self._progress.probe(frame_tag(self.recv_prefix, env.request_id, i)))
             try:
                 result = await asyncio.wait_for(self._await(probe, "frame lost"),
@@ -123,34 +195,61 @@ class Channel:
         for fut in recvs:
             await self._await(fut, "frame receive failed")
         self.last_rx = time.monotonic()
+        return problem
+
+    @staticmethod
+    def _finish(env: Envelope, out: list, problem: str | None,
+                caller_error: BaseException | None) -> list[Any]:
         if caller_error is not None:
             raise caller_error
         if problem:
-            raise WireDecodeError(problem, request_id=env.request_id, frame_sizes=sizes)
+            raise WireDecodeError(problem, request_id=env.request_id, frame_sizes=env.frame_sizes)
         return out
 
-    async def _read_loop(self) -> None:
-        # ucxx routes active messages by endpoint handle and cannot withdraw a posted receive: the
-        # one left posted when this endpoint dies may swallow the first message of a new endpoint
-        # that reuses the handle. The handshake resends Hello for that reason (node.py).
-        while not self.closed:
+    # Headers are received by a callback from the progress driver (no task, no future): decode,
+    # hand the envelope over, post the next receive. ucxx routes active messages by endpoint
+    # handle and cannot withdraw a posted receive: the one left posted when this endpoint dies may
+    # swallow the first message of a new endpoint that reuses the handle. The handshake resends
+    # Hello for that reason (node.py).
+
+    def _post_recv(self) -> None:
+        while self.error is None:
             try:
                 req = self._ep.am_recv()
-                await self._await(self._own(self._progress.wait(req)), "header receive failed")
-            except PeerUnreachable:
-                return
             except Exception as e:
                 self.fail(self._unreachable("header receive failed", e))
                 return
-            self.last_rx = time.monotonic()
-            try:
-                env = decode(memoryview(req.recv_buffer),
-                             max_header_bytes=self._config.max_header_bytes,
-                             max_frames=self._config.max_frames)
-            except WireDecodeError as e:
-                self._on_decode_error(e)
-                continue
+            if not req.completed:
+                self._recv_req = req
+                self._progress.watch(req, self._on_header)
+                return
+            self._on_message(req)  # already there: no driver round trip
+
+    def _on_header(self, req: Any) -> None:
+        self._recv_req = None
+        self._on_message(req)
+        self._post_recv()
+
+    def _on_message(self, req: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            req.check_error()
+        except Exception as e:
+            self.fail(self._unreachable("header receive failed", e))
+            return
+        self.last_rx = time.monotonic()
+        try:
+            env = decode(memoryview(req.recv_buffer), max_header_bytes=self._config.max_header_bytes,
+                         max_frames=self._config.max_frames)
+        except WireDecodeError as e:
+            self._on_decode_error(e)
+            return
+        try:
             self._on_envelope(env)
+        except Exception as e:  # a bug in the owner: keep the connection serving
+            log.error("envelope_dispatch_failed", peer=self.peer, request_id=env.request_id,
+                      error=repr(e))
 
     # -- failure and close -----------------------------------------------------------------
 
@@ -161,6 +260,11 @@ class Channel:
             self._owned.add(fut)
             fut.add_done_callback(self._owned.discard)
         return fut
+
+    async def await_op(self, fut: asyncio.Future, what: str) -> Any:
+        """Await a UCX operation's future; UCX errors and cancellation by ``fail`` become
+        PeerUnreachable."""
+        return await self._await(fut, what)
 
     async def _await(self, fut: asyncio.Future, what: str) -> Any:
         try:
@@ -202,8 +306,9 @@ class Channel:
         for fut in list(self._owned):
             if not fut.done():
                 fut.cancel()  # _await turns a cancel after failure into self.error
-        if not self._reader.done() and self._reader is not asyncio.current_task():
-            self._reader.cancel()
+        if self._recv_req is not None:
+            self._progress.unwatch(self._recv_req)
+            self._recv_req = None
         asyncio.get_running_loop().call_soon(self._release)
         self._on_closed(err)
 
@@ -221,8 +326,3 @@ class Channel:
     async def close(self, reason: str = "closed locally") -> None:
         self.fail(PeerUnreachable(f"{reason}: peer {self.peer}"))
         self._release()
-        if not self._reader.done():
-            try:
-                await self._reader
-            except (asyncio.CancelledError, PeerUnreachable):
-                pass

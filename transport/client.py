@@ -31,6 +31,8 @@ class _Pending:
     future: asyncio.Future
     into: Into
     receiving: bool = False  # frames are being received into caller buffers
+    deadline: float | None = None  # loop time; set once the request is sent (see _expire)
+    what: tuple = ()  # (message type name, request id, timeout): for the TransferTimeout
 
 
 @dataclass(slots=True)
@@ -54,6 +56,8 @@ class Connection:
         self.channel: Channel | None = None  # set by Node.connect right after construction
         self.ready = False  # handshake done; liveness pings only after it (handshake has its own)
         self._monitor: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None  # deadline of the earliest request
+        self._timer_at = 0.0
 
     def attach(self, channel: Channel) -> None:
         self.channel = channel
@@ -75,23 +79,65 @@ class Connection:
             for target in into:  # refuse unusable buffers before anything is sent
                 if target is not None:
                     buffers.as_bytes_view(target, writable=True)
+        channel = self.channel
         request_id = next(self._ids)
-        pending = _Pending(asyncio.get_running_loop().create_future(), into)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = _Pending(loop.create_future(), into)
         if not self._pending:
             self._silence_since = time.monotonic()
             self._live.wake.set()
         self._pending[request_id] = pending
+        progress = channel.progress
+        progress.expecting += 1
         try:
-            async with asyncio.timeout(timeout):
-                await self.channel.send(Envelope(Kind.REQUEST, request_id, message), frames)
-                return await pending.future
+            sends = channel.send_nowait(Envelope(Kind.REQUEST, request_id, message), frames)
+            if sends:  # tagged frames: UCX reads the caller's buffers until these are done
+                async with asyncio.timeout_at(deadline):
+                    for fut in sends:
+                        await channel.await_op(fut, "frame send failed")
+            # The reply's deadline: one timer per connection (_expire), not one per request.
+            pending.deadline = deadline
+            pending.what = (type(message).__name__, request_id, timeout)
+            if self._timer is None or deadline < self._timer_at:
+                self._arm_timer(loop, deadline)
+            return await pending.future
         except TimeoutError as e:
-            if pending.receiving:
-                await self.close("reply frames timed out")
-            raise TransferTimeout(f"{type(message).__name__} request {request_id} to "
-                                  f"{self.address} timed out after {timeout} s") from e
+            raise self._timed_out(type(message).__name__, request_id, timeout) from e
+        except BaseException:
+            if pending.future.done() and not pending.future.cancelled():
+                pending.future.exception()  # failed while sending: the send's error is raised
+            raise
         finally:
+            progress.expecting -= 1
             self._pending.pop(request_id, None)
+
+    def _timed_out(self, type_name: str, request_id: int, timeout: float) -> TransferTimeout:
+        return TransferTimeout(f"{type_name} request {request_id} to {self.address} timed out "
+                               f"after {timeout} s")
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """Fail the requests whose deadline passed; re-arm for the earliest remaining one."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now, earliest = loop.time(), None
+        for pending in list(self._pending.values()):
+            if pending.deadline is None or pending.future.done():
+                continue
+            if pending.deadline <= now:
+                pending.future.set_exception(self._timed_out(*pending.what))
+                if pending.receiving:
+                    loop.create_task(self.close("reply frames timed out"))
+            elif earliest is None or pending.deadline < earliest:
+                earliest = pending.deadline
+        if earliest is not None:
+            self._arm_timer(loop, earliest)
 
     def on_envelope(self, env: Envelope) -> None:
         if env.kind != Kind.REPLY:
@@ -99,16 +145,24 @@ class Connection:
                         reason="request sent to a client")
             return
         pending = self._pending.get(env.request_id)
+        inline_only = self.channel.all_inline(env)
         if pending is None or pending.future.done():  # timed out meanwhile: drain its frames
-            if env.frame_sizes:
+            if not inline_only:
                 asyncio.get_running_loop().create_task(self._drain(env))
             return
         if isinstance(env.message, ErrorReply):
-            if env.frame_sizes:
+            if not inline_only:
                 asyncio.get_running_loop().create_task(self._drain(env))
             pending.future.set_exception(RemoteError(env.message.message, env.message.code))
         elif not env.frame_sizes:
             pending.future.set_result(Reply(env.message))
+        elif inline_only:  # fast path: frames came in the header, copy them right here
+            try:
+                frames = self.channel.recv_inline(env, pending.into)
+            except Exception as e:
+                pending.future.set_exception(e)
+            else:
+                pending.future.set_result(Reply(env.message, frames))
         else:
             pending.receiving = True
             asyncio.get_running_loop().create_task(self._receive(pending, env))
@@ -138,8 +192,9 @@ class Connection:
             pending.future.set_exception(e)
         log.warning("reply_undecodable", peer=self.address, request_id=e.request_id, error=str(e))
         if e.frame_sizes:
-            env = Envelope(Kind.REPLY, e.request_id, None, e.frame_sizes)
-            asyncio.get_running_loop().create_task(self._drain(env))
+            env = Envelope(Kind.REPLY, e.request_id, None, e.frame_sizes, e.inline)
+            if not self.channel.all_inline(env):
+                asyncio.get_running_loop().create_task(self._drain(env))
 
     def on_closed(self, err: PeerUnreachable) -> None:
         for pending in self._pending.values():
@@ -168,18 +223,21 @@ class Connection:
                     f"peer {self.address} silent for {silent_s:.2f} s"))
                 return
             if silent_s >= live.interval_s:
-                asyncio.get_running_loop().create_task(self._ping())
+                self._ping()
 
-    async def _ping(self) -> None:
+    def _ping(self) -> None:
         request_id = next(self._ids)
         try:
-            await self.channel.send(Envelope(Kind.REQUEST, request_id, Ping()))
+            self.channel.send_nowait(Envelope(Kind.REQUEST, request_id, Ping()))
         except PeerUnreachable:
             pass  # the failure already reached every pending request through on_closed
 
     async def close(self, reason: str = "closed locally") -> None:
         if self._monitor is not None and not self._monitor.done():
             self._monitor.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.channel is not None and not self.channel.closed:
             await self.channel.close(reason)
         elif self.channel is not None:

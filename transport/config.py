@@ -14,8 +14,9 @@ are not used: listener endpoints always run with error handling in ucxx 0.52, wh
 and without error handling a dead peer hangs or aborts the survivor (see NOTES-ucx.md).
 
 Progress: the worker runs in UCX *blocking* mode, driven by the asyncio loop (its epoll fd is a
-loop reader), with a short busy-poll (``spin_us``) after each event while requests are pending.
-Idle cost is ~0 (epoll sleeps); a round trip costs one epoll wake-up plus the spin.
+loop reader), with a short busy-poll (``spin_us``) after each event while something is awaited (a
+client's reply, a frame transfer; a server does not spin after replying). Idle cost is ~0 (epoll
+sleeps); a round trip costs one epoll wake-up per side plus the client's spin.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class TransportConfig:
     net_devices: str = "lo"  # UCX_NET_DEVICES
     rndv_scheme: str = "put_zcopy"  # UCX_RNDV_SCHEME: ~3x large-message throughput over tcp
     rndv_thresh: int = 8192  # UCX_RNDV_THRESH: frames above this go zero-copy (rendezvous)
+    inline_bytes: int = 6144  # CPU frames up to this (in all, per message) travel in the header
     spin_us: int = 100  # busy-poll after activity while requests are pending, then sleep in epoll
     request_timeout_s: float = 30.0  # default deadline of one request (TransferTimeout)
     connect_timeout_s: float = 5.0  # connect + authenticate
@@ -45,6 +47,8 @@ class TransportConfig:
             raise ValueError("token must be bytes")
         if self.spin_us < 0:
             raise ValueError("spin_us must be >= 0")
+        if not 0 <= self.inline_bytes < self.max_header_bytes // 2:
+            raise ValueError("inline_bytes must be in 0..max_header_bytes/2")
         if not 0 < self.max_frames <= 4096:
             raise ValueError("max_frames must be in 1..4096")
         for name in ("request_timeout_s", "connect_timeout_s", "heartbeat_interval_s",

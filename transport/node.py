@@ -117,7 +117,7 @@ class Node:
 
     async def _hello(self, conn: Connection, hello: Hello, timeout: float) -> object:
         """Send Hello until answered: the first message on an endpoint whose handle was reused
-        can be swallowed by ucxx (see Channel._read_loop); the server answers repeats."""
+        can be swallowed by ucxx (see Channel._post_recv); the server answers repeats."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             remaining = deadline - asyncio.get_running_loop().time()

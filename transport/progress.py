@@ -1,17 +1,20 @@
 """Drive a UCX worker from the asyncio loop: blocking mode, no progress thread, no busy core.
 
 The worker's epoll fd is a loop reader. On each wake-up (or after Python submits work) the worker
-is progressed, finished UCX requests resolve their asyncio futures, and then, while requests are
-still pending and activity was recent (``spin_us``), progress is retried on the next loop turn
-(catching a fast reply without an epoll round trip, yet letting other tasks run); otherwise the
-worker is armed and the loop sleeps in epoll. A slow tick guards against a missed wake-up.
+is progressed and finished UCX requests are settled: an asyncio future is resolved, or a callback
+runs right there (no task hop; channels receive their headers that way). Then, while something is
+*awaited* (a request expecting its reply, a frame transfer) and activity was recent (``spin_us``),
+progress is retried on the next loop turn (catching a fast reply without an epoll round trip, yet
+letting other tasks run); otherwise the worker is armed and the loop sleeps in epoll. Background
+receives (the header receive every channel keeps posted) do not make the loop spin, so a server
+goes back to sleep once its replies are out. A slow tick guards against a missed wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 _TICK_S = 0.05  # safety net: progress at least this often while anything is pending
 
@@ -22,9 +25,13 @@ class Progress:
         self._loop = loop
         self._spin_s = spin_us / 1e6
         self._spin_until = 0.0
-        self._waits: list[tuple[Any, asyncio.Future | None, Any]] = []  # (request, future, keep)
+        # (request, future | callback | None, keep)
+        self._waits: list[tuple[Any, Any, Any]] = []
         self._probes: list[tuple[Any, asyncio.Future]] = []  # (tag, future of TagProbeResult)
+        self._background = 0  # entries of _waits that are callbacks (they do not spin)
+        self.expecting = 0  # replies awaited by clients of this node (they make it spin)
         self._scheduled = False
+        self._driving = False  # inside _drive: it decides (spin or arm) once the callbacks ran
         self._closed = False
         worker.init_blocking_progress_mode()
         self._fd = worker.epoll_file_descriptor
@@ -46,6 +53,21 @@ class Progress:
             self.kick()
         return fut
 
+    def watch(self, request: Any, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(request)`` from the driver once ``request`` (not yet completed)
+        completes; the callback checks the request's error itself. Background work: it does not
+        make the driver spin. ``unwatch`` withdraws it."""
+        self._waits.append((request, callback, None))
+        self._background += 1
+        self.kick(spin=False)
+
+    def unwatch(self, request: Any) -> None:
+        for i, item in enumerate(self._waits):
+            if item[0] is request:
+                del self._waits[i]
+                self._background -= 1
+                return
+
     def detach(self, request: Any, keep: Any = None) -> None:
         """Fire and forget: hold ``keep`` until the request completes; errors surface elsewhere
         (the endpoint's error callback)."""
@@ -61,9 +83,10 @@ class Progress:
         self.kick()
         return fut
 
-    def kick(self) -> None:
-        self._spin_until = time.monotonic() + self._spin_s
-        if not self._scheduled and not self._closed:
+    def kick(self, spin: bool = True) -> None:
+        if spin:
+            self._spin_until = time.monotonic() + self._spin_s
+        if not self._scheduled and not self._driving and not self._closed:
             self._scheduled = True
             self._loop.call_soon(self._drive)
 
@@ -71,10 +94,17 @@ class Progress:
         self._scheduled = False
         if self._closed:
             return
-        self._worker.progress()
-        if self._poll():
-            self._spin_until = time.monotonic() + self._spin_s
-        if self.num_pending and time.monotonic() < self._spin_until:
+        self._driving = True
+        try:
+            self._worker.progress()
+            if self._poll():
+                self._spin_until = time.monotonic() + self._spin_s
+        finally:
+            self._driving = False
+        if self._closed:
+            return
+        if ((self.expecting or len(self._waits) > self._background or self._probes)
+                and time.monotonic() < self._spin_until):
             self._scheduled = True
             self._loop.call_soon(self._drive)
         elif not self._worker.arm():  # events arrived meanwhile: progress again
@@ -84,19 +114,28 @@ class Progress:
     def _poll(self) -> bool:
         done_any = False
         if self._waits:
-            still = []
-            for item in self._waits:
-                request, fut, _ = item
-                if request.completed:
-                    done_any = True
-                    if fut is not None:
-                        _settle(request, fut)
-                else:
-                    still.append(item)
-            self._waits = still
+            # Callbacks may add waits (a handler replying inline): swap the list first.
+            waits, self._waits = self._waits, []
+            for i, item in enumerate(waits):
+                request, target, _ = item
+                if not request.completed:
+                    self._waits.append(item)
+                    continue
+                done_any = True
+                if target is None:
+                    continue
+                if isinstance(target, asyncio.Future):
+                    _settle(request, target)
+                    continue
+                self._background -= 1
+                try:
+                    target(request)
+                except BaseException:  # keep the rest; the loop's handler reports the error
+                    self._waits.extend(waits[i + 1:])
+                    raise
         if self._probes:
-            still = []
-            for tag, fut in self._probes:
+            probes, self._probes = self._probes, []
+            for tag, fut in probes:
                 if fut.done():  # cancelled by its owner
                     continue
                 result = self._worker.tag_probe(tag, remove=True)
@@ -104,8 +143,7 @@ class Progress:
                     done_any = True
                     fut.set_result(result)
                 else:
-                    still.append((tag, fut))
-            self._probes = still
+                    self._probes.append((tag, fut))
         return done_any
 
     def _tick(self) -> None:
@@ -121,14 +159,15 @@ class Progress:
         self._closed = True
         self._tick_handle.cancel()
         self._loop.remove_reader(self._fd)
-        for _, fut, _ in self._waits:
-            if fut is not None and not fut.done():
-                fut.cancel()
+        for _, target, _ in self._waits:
+            if isinstance(target, asyncio.Future) and not target.done():
+                target.cancel()
         for _, fut in self._probes:
             if not fut.done():
                 fut.cancel()
         self._waits.clear()
         self._probes.clear()
+        self._background = 0
 
 
 def _settle(request: Any, fut: asyncio.Future) -> None:

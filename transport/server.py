@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable
 
 import structlog
 
@@ -39,6 +39,8 @@ class Request:
         if self._taken:
             raise RuntimeError("frames already received")
         self._taken = True
+        if self._channel.all_inline(self._env):  # small frames came in the header: no await
+            return self._channel.recv_inline(self._env, into)
         return await self._channel.recv_frames(self._env, into)
 
 
@@ -73,12 +75,10 @@ class Session:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _send(self, request_id: int, message: Any, frames: Sequence[Any] = ()) -> None:
-        self._spawn(self._send_now(request_id, message, frames))
-
-    async def _send_now(self, request_id: int, message: Any, frames: Sequence[Any] = ()) -> None:
+    def _send(self, request_id: int, message: Any) -> None:
+        """Send a reply without frames right away (nothing to wait for)."""
         try:
-            await self.channel.send(Envelope(Kind.REPLY, request_id, message), frames)
+            self.channel.send_nowait(Envelope(Kind.REPLY, request_id, message))
         except PeerUnreachable as e:
             log.info("reply_dropped", peer=self.peer, request_id=request_id, error=str(e))
 
@@ -133,13 +133,16 @@ class Session:
             self.state = _State.CLOSED
             self._spawn(self.channel.close(f"undecodable header: {e}"))
             return
-        self._spawn(self._refuse(Envelope(Kind.REQUEST, e.request_id, None, e.frame_sizes),
-                                 "bad_request", str(e)))
+        env = Envelope(Kind.REQUEST, e.request_id, None, e.frame_sizes, e.inline)
+        if self.channel.all_inline(env):
+            self._send(e.request_id, ErrorReply("bad_request", str(e)))
+        else:
+            self._spawn(self._refuse(env, "bad_request", str(e)))
 
     async def _refuse(self, env: Envelope, code: str, reason: str) -> None:
-        if env.frame_sizes:
+        if not self.channel.all_inline(env):
             await self._drain(env)
-        await self._send_now(env.request_id, ErrorReply(code, reason))
+        self._send(env.request_id, ErrorReply(code, reason))
 
     async def _drain(self, env: Envelope) -> bool:
         try:
@@ -172,16 +175,19 @@ class Session:
             code = getattr(e, "code", None) or type(e).__name__
             await self._refuse(env if not request._taken else _no_frames(env), str(code), str(e))
             return
-        if env.frame_sizes and not request._taken and not await self._drain(env):
+        if not request._taken and not self.channel.all_inline(env) and not await self._drain(env):
             return
         reply = result if isinstance(result, Reply) else Reply(result)
         try:
-            await self.channel.send(Envelope(Kind.REPLY, env.request_id, reply.message), reply.frames)
+            sends = self.channel.send_nowait(Envelope(Kind.REPLY, env.request_id, reply.message),
+                                             reply.frames)
+            for fut in sends:  # hold the reply's buffers until UCX is done with them
+                await self.channel.await_op(fut, "frame send failed")
         except PeerUnreachable as e:
             log.info("reply_dropped", peer=self.peer, request_id=env.request_id, error=str(e))
         except (ValueError, TypeError) as e:  # the handler's reply is unsendable (non-contiguous...)
             log.warning("reply_refused", peer=self.peer, request_id=env.request_id, error=str(e))
-            await self._send_now(env.request_id, ErrorReply("bad_reply", str(e)))
+            self._send(env.request_id, ErrorReply("bad_reply", str(e)))
 
     def on_closed(self, err: PeerUnreachable) -> None:
         self.state = _State.CLOSED

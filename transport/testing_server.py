@@ -15,6 +15,7 @@ import signal
 import sys
 
 import structlog
+import torch
 import uvloop
 
 from transport.client import Reply
@@ -24,6 +25,16 @@ from transport.server import Request
 from transport.wire import Echo
 
 
+_REPLY_FRAMES: dict[int, torch.Tensor] = {}  # reply_sizes frames, made once per size
+
+
+def _reply_frame(nbytes: int) -> torch.Tensor:
+    frame = _REPLY_FRAMES.get(nbytes)
+    if frame is None:
+        frame = _REPLY_FRAMES[nbytes] = torch.full((nbytes,), 7, dtype=torch.uint8)
+    return frame
+
+
 async def handle_echo(request: Request) -> Reply:
     frames = await request.recv_frames()
     msg: Echo = request.message
@@ -31,6 +42,8 @@ async def handle_echo(request: Request) -> Reply:
         await asyncio.sleep(msg.delay_s)
     if msg.fail is not None:
         raise RuntimeError(msg.fail)
+    if msg.reply_sizes is not None:
+        frames = [_reply_frame(n) for n in msg.reply_sizes]
     return Reply(msg, frames if msg.send_back else ())
 
 

@@ -4,7 +4,11 @@ A message is a msgpack header (this module) plus zero or more raw frames (tensor
 the header carries the frame sizes. Header layout (a msgpack map with short keys):
 
     {"t": type name, "v": type version, "k": 0 request / 1 reply, "id": request id,
-     "f": [frame nbytes, ...], "b": {field: value}}
+     "f": [frame nbytes, ...], "b": {field: value}, "d": [bytes | nil, ...] (optional)}
+
+Small CPU frames travel inside the header ("d", one entry per frame: the bytes, or nil for a frame
+sent as its own tagged message); that saves the tagged message and the probe for it. Larger frames
+(and CUDA ones) are always tagged messages, received zero-copy into the caller's buffer.
 
 Adding a type takes a few lines; fields must be msgpack-native (int, float, str, bytes, bool,
 None, lists/tuples, dicts). Sequences decode as tuples, so frozen messages stay hashable:
@@ -31,6 +35,7 @@ import msgpack
 from transport.errors import WireDecodeError
 
 _REGISTRY: dict[str, type] = {}
+_FIELDS: dict[type, tuple[str, ...]] = {}  # registered class -> its field names
 
 
 def message(cls: type) -> type:
@@ -43,12 +48,16 @@ def message(cls: type) -> type:
     if type_name in _REGISTRY and _REGISTRY[type_name] is not cls:
         raise ValueError(f"wire type {type_name!r} registered twice")
     _REGISTRY[type_name] = cls
+    _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
     return cls
 
 
 class Kind(enum.IntEnum):
     REQUEST = 0
     REPLY = 1
+
+
+_KINDS = (Kind.REQUEST, Kind.REPLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +68,19 @@ class Envelope:
     request_id: int
     message: Any
     frame_sizes: tuple[int, ...] = ()
+    inline: tuple[Any, ...] | None = None  # per frame: its bytes (sent in the header) or None
 
 
 def encode(env: Envelope) -> bytes:
-    cls = type(env.message)
-    if _REGISTRY.get(getattr(cls, "TYPE", None)) is not cls:
+    msg = env.message
+    cls = type(msg)
+    names = _FIELDS.get(cls)
+    if names is None or _REGISTRY.get(cls.TYPE) is not cls:
         raise TypeError(f"{cls.__name__} is not a registered wire message")
-    body = {f.name: getattr(env.message, f.name) for f in dataclasses.fields(env.message)}
     header = {"t": cls.TYPE, "v": cls.VERSION, "k": int(env.kind), "id": env.request_id,
-              "f": list(env.frame_sizes), "b": body}
+              "f": env.frame_sizes, "b": {name: getattr(msg, name) for name in names}}
+    if env.inline is not None:
+        header["d"] = env.inline
     return msgpack.packb(header, use_bin_type=True)
 
 
@@ -85,22 +98,34 @@ def decode(data: bytes | memoryview, *, max_header_bytes: int, max_frames: int) 
     request_id, kind, sizes = header.get("id"), header.get("k"), header.get("f")
     if not isinstance(request_id, int) or kind not in (0, 1) or not isinstance(sizes, tuple):
         raise WireDecodeError("header lacks id/k/f")
-    if len(sizes) > max_frames or not all(isinstance(n, int) and n >= 0 for n in sizes):
-        raise WireDecodeError(f"bad frame list of length {len(sizes)}", request_id=request_id)
-    hint = {"request_id": request_id, "is_request": kind == Kind.REQUEST, "frame_sizes": sizes}
+    inline = None
+    if sizes:
+        if len(sizes) > max_frames or not all(isinstance(n, int) and n >= 0 for n in sizes):
+            raise WireDecodeError(f"bad frame list of length {len(sizes)}", request_id=request_id)
+        inline = header.get("d")
+        if inline is not None:
+            if (not isinstance(inline, tuple) or len(inline) != len(sizes)
+                    or not all(d is None or (isinstance(d, bytes) and len(d) == n)
+                               for d, n in zip(inline, sizes))):
+                raise WireDecodeError("inline frames do not match the frame list")
+            if all(d is None for d in inline):
+                inline = None
     type_name, version, body = header.get("t"), header.get("v"), header.get("b")
     cls = _REGISTRY.get(type_name)
+    problem = None
     if cls is None:
-        raise WireDecodeError(f"unknown message type {type_name!r}", **hint)
-    if version != cls.VERSION:
-        raise WireDecodeError(f"unsupported version {version!r} of {type_name!r}", **hint)
-    if not isinstance(body, dict):
-        raise WireDecodeError(f"body of {type_name!r} is not a map", **hint)
-    try:
-        msg = cls(**body)
-    except TypeError as e:
-        raise WireDecodeError(f"bad fields for {type_name!r}: {e}", **hint) from e
-    return Envelope(Kind(kind), request_id, msg, sizes)
+        problem = f"unknown message type {type_name!r}"
+    elif version != cls.VERSION:
+        problem = f"unsupported version {version!r} of {type_name!r}"
+    elif not isinstance(body, dict):
+        problem = f"body of {type_name!r} is not a map"
+    else:
+        try:
+            return Envelope(_KINDS[kind], request_id, cls(**body), sizes, inline)
+        except TypeError as e:
+            problem = f"bad fields for {type_name!r}: {e}"
+    raise WireDecodeError(problem, request_id=request_id, is_request=kind == Kind.REQUEST,
+                          frame_sizes=sizes, inline=inline)
 
 
 # Generic messages of the RPC layer. ---------------------------------------------------------
@@ -175,7 +200,8 @@ class Pong:
 @dataclass(frozen=True, slots=True)
 class Echo:
     """Test and benchmark message: the server sends the frames back (only the header when
-    ``send_back`` is false) after ``delay_s``, or fails with ``fail`` as the message when set."""
+    ``send_back`` is false; frames of ``reply_sizes`` bytes instead when given) after ``delay_s``,
+    or fails with ``fail`` as the message when set."""
 
     TYPE: ClassVar[str] = "echo"
     VERSION: ClassVar[int] = 1
@@ -183,3 +209,4 @@ class Echo:
     delay_s: float = 0.0
     fail: str | None = None
     send_back: bool = True
+    reply_sizes: tuple[int, ...] | None = None

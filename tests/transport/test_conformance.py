@@ -279,3 +279,27 @@ async def test_silent_peer_fails_pending_requests(node, fresh_server):
 async def test_connect_to_nothing_is_unreachable(node):
     with pytest.raises(PeerUnreachable):
         await asyncio.wait_for(node.connect("127.0.0.1:1"), GENEROUS_S)
+
+
+# -- small frames inside the header, larger ones tagged ---------------------------------------
+
+
+async def test_inline_and_tagged_frames_mixed_in_one_message(node, echo_server):
+    conn = await node.pool.get(echo_server.address)
+    frames = [torch.arange(100, dtype=torch.uint8), torch.randn(64 << 10), b"xyz", torch.randn(3)]
+    outs = [torch.empty(100, dtype=torch.uint8), torch.empty(64 << 10), None, torch.empty(3)]
+    reply = await conn.request(Echo(note="mixed"), frames, into=outs)
+    assert reply.frames[0] is outs[0] and reply.frames[1] is outs[1] and reply.frames[3] is outs[3]
+    assert torch.equal(outs[0], frames[0]) and torch.equal(outs[1], frames[1])
+    assert bytes(reply.frames[2].numpy()) == b"xyz" and torch.equal(outs[3], frames[3])
+
+
+async def test_inline_reply_into_wrong_size_buffer_raises_and_connection_survives(node, echo_server):
+    from transport.errors import WireDecodeError
+
+    conn = await node.pool.get(echo_server.address)
+    with pytest.raises(WireDecodeError):
+        await conn.request(Echo(), [torch.ones(64, dtype=torch.uint8)],
+                           into=[torch.empty(32, dtype=torch.uint8)])
+    reply = await conn.request(Echo(reply_sizes=(4096, 256)), [torch.ones(4096, dtype=torch.uint8)])
+    assert [f.numel() for f in reply.frames] == [4096, 256]

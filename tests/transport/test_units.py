@@ -117,3 +117,14 @@ def test_config_validation():
 def test_remote_error_carries_code_and_message():
     e = RemoteError("boom", "RuntimeError")
     assert (e.code, e.message) == ("RuntimeError", "boom")
+
+
+def test_inline_frames_round_trip_and_mismatch_refused():
+    env = Envelope(Kind.REPLY, 3, Echo(), (3, 5, 0), (b"abc", None, b""))
+    assert decode(encode(env), **LIMITS) == env
+    none_inline = Envelope(Kind.REPLY, 3, Echo(), (3,), (None,))
+    assert decode(encode(none_inline), **LIMITS).inline is None
+    with pytest.raises(WireDecodeError, match="inline"):
+        decode(_raw(f=[4], d=[b"abc"]), **LIMITS)
+    with pytest.raises(WireDecodeError, match="inline"):
+        decode(_raw(f=[3, 1], d=[b"abc"]), **LIMITS)
