@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cpu_attention import is_decode, paged_decode_attention_cpu
 from kernels.reference import merge_states_ref, paged_attention_partial_ref, store_kv_ref
 from kernels.validate import (
     check_attention_inputs,
@@ -50,9 +51,11 @@ def paged_attention_partial(
             max_query_len=max_query_len, check_values=_values_checked(check_values, q.device),
         )
     check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale)
+    lens, starts = context_lens.tolist(), query_start_loc.tolist()
     if _values_checked(check_values, q.device):
-        check_attention_values(context_lens.tolist(), query_start_loc.tolist(), block_tables,
-                               q.shape[0], k_cache.shape[0], k_cache.shape[1])
+        check_attention_values(lens, starts, block_tables, q.shape[0], k_cache.shape[0], k_cache.shape[1])
+    if q.shape[0] and is_decode(q.shape[0], starts) and q.dtype in (torch.float32, torch.bfloat16):
+        return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lens, scale)
     return paged_attention_partial_ref(
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, causal
     )
