@@ -59,8 +59,11 @@ class LocalCluster:
         return self.router.url
 
     def _spawn(self, name: str, kind: str, cli_args: list[str], port: int) -> Child:
-        child = spawn(name, kind, kvmesh_argv(*cli_args), self.log_dir, port, self.config.host,
-                      {"KVMESH_CLUSTER_TOKEN": self.config.cluster_token})
+        # Co-located processes share the cores: OpenMP threads that spin after each parallel region
+        # would steal them from each other (a per-layer worker <-> memserver round trip paid ~50 ms).
+        env = {"KVMESH_CLUSTER_TOKEN": self.config.cluster_token,
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        child = spawn(name, kind, kvmesh_argv(*cli_args), self.log_dir, port, self.config.host, env)
         return child
 
     def _check_alive(self) -> None:

@@ -82,6 +82,7 @@ async def serving_ctx(app: web.Application):
             await asyncio.gather(heartbeats, return_exceptions=True)
             await link.deregister(ident["memserver_id"])
             await node.close()
+            service.close()
 
 
 async def drain(app: web.Application) -> None:

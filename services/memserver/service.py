@@ -4,6 +4,9 @@ the session ends, the owner's blocks are freed."""
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 import structlog
 import torch
 
@@ -24,6 +27,12 @@ class MemoryService:
         self.pool = pool
         self.leaving = False
         self._owner_of: dict[str, str] = {}  # transport session (peer) -> owner
+        # Attention runs off the event loop: a long prefill chunk must not stop this server from
+        # answering its peers' liveness pings (they would declare it dead).
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memserver-attention")
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=True)
 
     @property
     def handlers(self) -> dict:
@@ -71,8 +80,9 @@ class MemoryService:
         q = torch.empty(sum(msg.query_lens), msg.num_heads, geo.head_dim, dtype=DTYPES[geo.dtype],
                         device=self.pool.kv.device)
         await request.recv_frames([q])
-        out, lse = self.pool.attention(msg.owner, msg.layer, q, [list(t) for t in msg.block_tables],
-                                       list(msg.context_lens), list(msg.query_lens), msg.scale)
+        out, lse = await asyncio.get_running_loop().run_in_executor(
+            self._compute, self.pool.attention, msg.owner, msg.layer, q, [list(t) for t in msg.block_tables],
+            list(msg.context_lens), list(msg.query_lens), msg.scale)
         return Reply(Attended(), [out.contiguous(), lse.contiguous()])
 
     async def free(self, request: Request) -> Freed:

@@ -62,6 +62,7 @@ class RemoteKVClient:
         self._scale = 1.0
         self._block_size = 0
         self._timeout = timeout_s
+        self._attention_timeout = 6 * timeout_s
         self._free_hint = 0
         self._addresses: dict[str, str] = {}
         self._lost: set[str] = set()
@@ -181,7 +182,9 @@ class RemoteKVClient:
                          tuple(tuple(t) for t in call.block_tables), tuple(call.context_lens), tuple(call.query_lens))
         try:
             conn = await self._node.pool.get(address)
-            await conn.request(message, [call.q], into=[out, lse], timeout=self._timeout)
+            # A generous deadline: a prefill chunk over many blocks can take seconds on a CPU
+            # memserver; a dead or silent one is caught by the transport's liveness pings.
+            await conn.request(message, [call.q], into=[out, lse], timeout=self._attention_timeout)
         except _TRANSPORT_ERRORS as e:
             self._mark_lost(memserver_id, str(e))
             raise MemserverLost(memserver_id, str(e)) from e

@@ -197,14 +197,17 @@ class LLMEngine:
         for seq in list(self.scheduler.running):
             if any(span.memserver_id in memserver_ids for span in seq.remote_spans):
                 log.warning("sequence_recomputed", request_id=seq.request_id, memservers=sorted(memserver_ids))
-                self._recompute(seq, deltas)
+                self._recompute(seq, deltas, memserver_ids)
 
-    def _recompute(self, seq: Sequence, deltas: list[Delta]) -> None:
+    def _recompute(self, seq: Sequence, deltas: list[Delta], lost: set[str] = frozenset()) -> None:
         """Back to the queue to recompute its KV from its tokens, if the cluster can still hold it."""
+        # Its own blocks on surviving servers are about to be freed: they count as room too (the
+        # free-blocks hint still has them as lent).
+        own = sum(len(s.block_ids) for s in seq.remote_spans if s.memserver_id not in lost)
         self.scheduler.preempt(seq)
         total = seq.num_prompt_tokens + seq.sampling.max_tokens
-        if not self.scheduler.fits_ever(total):
-            capacity = self.blocks.num_blocks + (self.remote.free_blocks() if self.remote is not None else 0)
+        if not self.scheduler.fits_ever(total, extra_blocks=own):
+            capacity = self.blocks.num_blocks + own + (self.remote.free_blocks() if self.remote is not None else 0)
             reason = (f"the cluster lost KV capacity: this sequence needs {total} tokens, "
                       f"{capacity * self.blocks.block_size} remain")
             log.warning("sequence_failed", request_id=seq.request_id, reason=reason)

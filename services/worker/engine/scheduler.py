@@ -188,7 +188,8 @@ class Scheduler:
         seq.remote_spans = []
         seq.num_remote_tokens = 0
 
-    def fits_ever(self, num_tokens: int) -> bool:
-        """Could a sequence of this many tokens be held by the local pool plus the cluster?"""
+    def fits_ever(self, num_tokens: int, extra_blocks: int = 0) -> bool:
+        """Could a sequence of this many tokens be held by the local pool plus the cluster (plus
+        `extra_blocks` known to be coming free)?"""
         remote = self.remote_free_blocks() if self.remote_free_blocks is not None else 0
-        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote
+        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote + extra_blocks
