@@ -73,7 +73,8 @@ def _engine_ctx(factory: EngineFactory):
         await engine.start()
         app[ENGINE] = engine
         log.info("engine_started", model=engine.model_name, max_model_len=engine.max_model_len,
-                 num_blocks=engine.stats().num_total_blocks)
+                 num_blocks=engine.stats().num_total_blocks,
+                 dtype=(getattr(engine, "kv_geometry", None) or {}).get("dtype"))
         yield
         await engine.stop()
 
@@ -169,7 +170,7 @@ async def stats(request: web.Request) -> web.Response:
         "num_total_blocks": s.num_total_blocks, "num_free_blocks": s.num_free_blocks,
         "num_used_blocks": s.num_total_blocks - s.num_free_blocks, "block_size": s.block_size,
         "num_inflight": len(inflight), "outstanding_tokens": inflight.outstanding_tokens(),
-        "draining": inflight.draining,
+        "draining": inflight.draining, "dtype": (getattr(request.app[ENGINE], "kv_geometry", None) or {}).get("dtype"),
     })
 
 
