@@ -7,24 +7,17 @@ from aiohttp import web
 
 from services.router.keys import REGISTRY
 from services.router.kv_api import kv_summary
-from services.runtime.bodies import json_response
+from services.runtime.bodies import json_response, read_message
 from services.runtime.errors import ApiError
-from services.runtime.wire import WireDecodeError, WorkerLoad, WorkerRegistration, decode
+from services.runtime.wire import WorkerLoad, WorkerRegistration
 
 log = structlog.get_logger()
 routes = web.RouteTableDef()
 
 
-async def _decode(request: web.Request, expected: type):
-    try:
-        return decode(await request.read(), expected)
-    except WireDecodeError as e:
-        raise ApiError(f"bad {expected.__name__}: {e}", code="wire_decode_error") from e
-
-
 @routes.post("/internal/workers")
 async def register(request: web.Request) -> web.Response:
-    info: WorkerRegistration = await _decode(request, WorkerRegistration)
+    info: WorkerRegistration = await read_message(request, WorkerRegistration)
     request.app[REGISTRY].register(info)
     log.info("worker_registered", worker_id=info.worker_id, url=info.url, model=info.model_name,
              num_blocks=info.num_total_blocks)
@@ -33,7 +26,7 @@ async def register(request: web.Request) -> web.Response:
 
 @routes.post("/internal/workers/{worker_id}/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
-    load: WorkerLoad = await _decode(request, WorkerLoad)
+    load: WorkerLoad = await read_message(request, WorkerLoad)
     if load.worker_id != request.match_info["worker_id"]:
         raise ApiError("worker_id in path and body differ", param="worker_id")
     if not request.app[REGISTRY].heartbeat(load):

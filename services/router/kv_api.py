@@ -9,21 +9,14 @@ from aiohttp import web
 
 from services.router.keys import LEDGER, REGISTRY
 from services.router.ledger import InsufficientCapacity
-from services.runtime.bodies import json_response
+from services.runtime.bodies import json_response, read_message
 from services.runtime.errors import ApiError
 from services.runtime.wire import (
-    BorrowRequest, MemserverLoad, MemserverRegistration, Repay, Settle, WireDecodeError, decode,
+    BorrowRequest, MemserverLoad, MemserverRegistration, Repay, Settle,
 )
 
 log = structlog.get_logger()
 routes = web.RouteTableDef()
-
-
-async def _decode(request: web.Request, expected: type):
-    try:
-        return decode(await request.read(), expected)
-    except WireDecodeError as e:
-        raise ApiError(f"bad {expected.__name__}: {e}", code="wire_decode_error") from e
 
 
 def kv_geometry(app: web.Application) -> dict | None:
@@ -55,7 +48,7 @@ async def geometry(request: web.Request) -> web.Response:
 
 @routes.post("/internal/memservers")
 async def register(request: web.Request) -> web.Response:
-    info: MemserverRegistration = await _decode(request, MemserverRegistration)
+    info: MemserverRegistration = await read_message(request, MemserverRegistration)
     request.app[LEDGER].register(info.memserver_id, info.address, info.device, info.num_blocks, info.num_free)
     log.info("memserver_registered", memserver=info.memserver_id, address=info.address, device=info.device,
              num_blocks=info.num_blocks)
@@ -64,7 +57,7 @@ async def register(request: web.Request) -> web.Response:
 
 @routes.post("/internal/memservers/{memserver_id}/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
-    load: MemserverLoad = await _decode(request, MemserverLoad)
+    load: MemserverLoad = await read_message(request, MemserverLoad)
     ledger = request.app[LEDGER]
     if not ledger.heartbeat(load.memserver_id, load.num_free, load.holdings):
         raise ApiError(f"unknown memserver {load.memserver_id}; register first", status=404, code="unknown_memserver")
@@ -86,7 +79,7 @@ async def deregister(request: web.Request) -> web.Response:
 
 @routes.post("/internal/kv/borrow")
 async def borrow(request: web.Request) -> web.Response:
-    req: BorrowRequest = await _decode(request, BorrowRequest)
+    req: BorrowRequest = await read_message(request, BorrowRequest)
     try:
         grants = request.app[LEDGER].borrow(req.worker_id, req.num_blocks)
     except InsufficientCapacity as e:
@@ -101,14 +94,14 @@ async def borrow(request: web.Request) -> web.Response:
 
 @routes.post("/internal/kv/settle")
 async def settle(request: web.Request) -> web.Response:
-    req: Settle = await _decode(request, Settle)
+    req: Settle = await read_message(request, Settle)
     request.app[LEDGER].settle(req.reservation_id, req.num_stored)
     return json_response({"ok": True})
 
 
 @routes.post("/internal/kv/repay")
 async def repay(request: web.Request) -> web.Response:
-    req: Repay = await _decode(request, Repay)
+    req: Repay = await read_message(request, Repay)
     request.app[LEDGER].repay(req.worker_id, req.memserver_id, req.num_blocks)
     return json_response({"ok": True})
 

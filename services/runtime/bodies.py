@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 
 from services.runtime.errors import ApiError
+from services.runtime.wire import WireDecodeError, decode
 
 
 async def read_json_object(request: web.Request) -> dict:
@@ -22,6 +23,14 @@ async def read_json_object(request: web.Request) -> dict:
     if not isinstance(obj, dict):
         raise ApiError("request body must be a JSON object", code="invalid_json")
     return obj
+
+
+async def read_message(request: web.Request, expected: type):
+    """A msgpack cluster message of the expected type, or a 400 naming what was wrong."""
+    try:
+        return decode(await request.read(), expected)
+    except WireDecodeError as e:
+        raise ApiError(f"bad {expected.__name__}: {e}", code="wire_decode_error") from e
 
 
 def json_response(payload: dict, status: int = 200) -> web.Response:
