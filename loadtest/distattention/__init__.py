@@ -1,0 +1,1 @@
+"""DistAttention benchmarks (issue 6): see loadtest/bench_distattention.py."""
