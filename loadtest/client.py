@@ -55,12 +55,15 @@ def request_body(target: Target, spec: RequestSpec, prompt, ignore_eos: bool) ->
 
 
 async def send(session: aiohttp.ClientSession, target: Target, spec: RequestSpec, prompt, *,
-               run_start: float, ignore_eos: bool = True, timeout_s: float = 600.0) -> RequestResult:
+               run_start: float, ignore_eos: bool = True, timeout_s: float = 600.0,
+               path: str = "/completions", body: dict | None = None) -> RequestResult:
+    """One streamed request (a completion of `prompt`, or `body` posted to `path`), timed."""
     start = time.perf_counter()
     result = RequestResult(spec.index, target.label, start - run_start, spec.num_prompt_tokens, spec.is_long)
+    body = body if body is not None else request_body(target, spec, prompt, ignore_eos)
     try:
         async with asyncio.timeout(timeout_s):
-            await _stream(session, target, request_body(target, spec, prompt, ignore_eos), start, result)
+            await _stream(session, target.base + path, body, start, result)
     except TimeoutError:
         result.error_kind, result.error = "timeout", f"no answer within {timeout_s}s"
     except aiohttp.ClientError as e:
@@ -69,9 +72,14 @@ async def send(session: aiohttp.ClientSession, target: Target, spec: RequestSpec
     return result
 
 
-async def _stream(session: aiohttp.ClientSession, target: Target, body: dict, start: float,
+def _has_content(choice: dict) -> bool:
+    """A completions chunk carries `text`, a chat chunk `delta.content`."""
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, body: dict, start: float,
                   result: RequestResult) -> None:
-    async with session.post(target.base + "/completions", json=body) as resp:
+    async with session.post(url, json=body) as resp:
         if resp.status != 200:
             text = await resp.text()
             result.error_kind, result.error = f"http_{resp.status}", text[:300]
@@ -96,7 +104,7 @@ async def _stream(session: aiohttp.ClientSession, target: Target, body: dict, st
             if event.get("usage"):
                 result.num_prompt_tokens = event["usage"].get("prompt_tokens", result.num_prompt_tokens)
                 usage_tokens = event["usage"].get("completion_tokens")
-            if any(c.get("text") for c in event.get("choices", [])):
+            if any(_has_content(c) for c in event.get("choices", [])):
                 now = time.perf_counter()
                 if result.ttft_s is None:
                     result.ttft_s = now - start

@@ -3,15 +3,12 @@ times /v1/completions (TTFT, inter-chunk latencies, end to end), into the same R
 
 from __future__ import annotations
 
-import asyncio
-import json
 import random
-import time
 from typing import Callable
 
 import aiohttp
 
-from loadtest.client import RequestResult, Target
+from loadtest.client import RequestResult, Target, send
 from loadtest.prompts import WORDS
 from loadtest.workloads import RequestSpec
 
@@ -97,50 +94,5 @@ async def calibrate_offset(session: aiohttp.ClientSession, target: Target, promp
 
 async def send_chat(session: aiohttp.ClientSession, target: Target, spec: RequestSpec, messages: list[dict], *,
                     run_start: float, ignore_eos: bool = True, timeout_s: float = 600.0) -> RequestResult:
-    start = time.perf_counter()
-    result = RequestResult(spec.index, target.label, start - run_start, spec.num_prompt_tokens, spec.is_long)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await _stream(session, target, request_body(target, spec, messages, ignore_eos), start, result)
-    except TimeoutError:
-        result.error_kind, result.error = "timeout", f"no answer within {timeout_s}s"
-    except aiohttp.ClientError as e:
-        result.error_kind, result.error = "connection", f"{type(e).__name__}: {e}"
-    result.e2e_s = time.perf_counter() - start
-    return result
-
-
-async def _stream(session: aiohttp.ClientSession, target: Target, body: dict, start: float,
-                  result: RequestResult) -> None:
-    async with session.post(target.base + "/chat/completions", json=body) as resp:
-        if resp.status != 200:
-            result.error_kind, result.error = f"http_{resp.status}", (await resp.text())[:300]
-            return
-        last, num_chunks, usage_tokens = start, 0, None
-        async for raw in resp.content:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                result.ok = True
-                break
-            event = json.loads(data)
-            if "error" in event:
-                err = event["error"]
-                result.error_kind = f"stream:{err.get('code') or err.get('type') or 'error'}"
-                result.error = str(err.get("message"))[:300]
-                return
-            if event.get("usage"):
-                result.num_prompt_tokens = event["usage"].get("prompt_tokens", result.num_prompt_tokens)
-                usage_tokens = event["usage"].get("completion_tokens")
-            if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
-                now = time.perf_counter()
-                if result.ttft_s is None:
-                    result.ttft_s = now - start
-                else:
-                    result.itls_s.append(now - last)
-                last, num_chunks = now, num_chunks + 1
-        result.num_output_tokens = usage_tokens if usage_tokens is not None else num_chunks
-        if not result.ok:
-            result.error_kind, result.error = "incomplete", "stream ended without [DONE]"
+    return await send(session, target, spec, None, run_start=run_start, ignore_eos=ignore_eos, timeout_s=timeout_s,
+                      path="/chat/completions", body=request_body(target, spec, messages, ignore_eos))
