@@ -18,6 +18,9 @@ from transport.server import Request
 log = structlog.get_logger()
 
 
+INLINE_MAX_KV_TOKENS = 65536  # decode attention over at most this many tokens runs on the event loop
+
+
 class Leaving(PoolError):
     code = "leaving"
 
@@ -80,9 +83,13 @@ class MemoryService:
         q = torch.empty(sum(msg.query_lens), msg.num_heads, geo.head_dim, dtype=DTYPES[geo.dtype],
                         device=self.pool.kv.device)
         await request.recv_frames([q])
-        out, lse = await asyncio.get_running_loop().run_in_executor(
-            self._compute, self.pool.attention, msg.owner, msg.layer, q, [list(t) for t in msg.block_tables],
-            list(msg.context_lens), list(msg.query_lens), msg.scale)
+        args = (msg.owner, msg.layer, q, [list(t) for t in msg.block_tables], list(msg.context_lens),
+                list(msg.query_lens), msg.scale)
+        if q.shape[0] == len(msg.query_lens) and sum(msg.context_lens) <= INLINE_MAX_KV_TOKENS:
+            # Small decode work (one query per sequence): milliseconds; a thread hop would only add latency.
+            out, lse = self.pool.attention(*args)
+        else:
+            out, lse = await asyncio.get_running_loop().run_in_executor(self._compute, self.pool.attention, *args)
         return Reply(Attended(), [out.contiguous(), lse.contiguous()])
 
     async def free(self, request: Request) -> Freed:
