@@ -12,29 +12,39 @@ from tests.e2e.cluster import TOKEN, cluster_view, running_cluster, wait_for, wo
 from tests.e2e.test_memservers import MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
 
 
+async def _streams_around(cluster, prompts: list[list[int]], max_tokens: int, min_deltas: int, act) -> list[str]:
+    """Stream every prompt; once `min_deltas` deltas arrived, call act(busiest memserver) mid-stream;
+    return the texts."""
+    deltas = 0
+
+    def count():
+        nonlocal deltas
+        deltas += 1
+
+    async with aiohttp.ClientSession() as session:
+        streams = [asyncio.create_task(stream_text(session, cluster.router.url, p, max_tokens, count)) for p in prompts]
+        await asyncio.to_thread(wait_for, lambda: deltas >= min_deltas, 120, "streams to start")
+        used = {m.name: worker_stats(m)["num_used_blocks"] for m in cluster.memservers}
+        busiest = next(m for m in cluster.memservers if m.name == max(used, key=used.get))
+        assert used[busiest.name] > 0, used
+        act(busiest)
+        results = await asyncio.gather(*streams)
+    return [t for t, _ in results]
+
+
+def _memserver_ids(cluster) -> list[str]:
+    return [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]]
+
+
 async def test_memserver_killed_mid_stream_streams_complete_identically(tmp_path):
     prompts = [_prompt(900 + 100 * i, seed=30 + i) for i in range(3)]
     expected = await asyncio.to_thread(offline_texts, prompts, 40)
     with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=2,
                          memserver_capacity=MEMSERVER_CAPACITY) as cluster:
-        deltas = 0
-
-        def count():
-            nonlocal deltas
-            deltas += 1
-
-        async with aiohttp.ClientSession() as session:
-            streams = [asyncio.create_task(stream_text(session, cluster.router.url, p, 40, count)) for p in prompts]
-            await asyncio.to_thread(wait_for, lambda: deltas >= 6, 120, "streams to start")
-            view = await asyncio.to_thread(cluster_view, cluster.router)
-            used = {m["memserver_id"]: m["num_used_blocks"] for m in view["memservers"]}
-            victim_name = max(used, key=used.get)
-            victim = next(m for m in cluster.memservers if m.name == victim_name)
-            victim.kill()  # SIGKILL, mid-stream
-            results = await asyncio.gather(*streams)
-        assert [t for t, _ in results] == expected
-        wait_for(lambda: [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]] != [] and
-                 victim_name not in [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]],
+        victims = []
+        texts = await _streams_around(cluster, prompts, 40, 6, lambda m: (victims.append(m), m.kill()))  # SIGKILL
+        assert texts == expected
+        wait_for(lambda: _memserver_ids(cluster) and victims[0].name not in _memserver_ids(cluster),
                  15, "the router to drop the dead memserver")
         cluster.wait_zero_used_blocks()
 
@@ -134,23 +144,12 @@ async def test_memserver_leaves_gracefully_mid_stream(tmp_path):
     expected = await asyncio.to_thread(offline_texts, prompts, 40)
     with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=2,
                          memserver_capacity=MEMSERVER_CAPACITY) as cluster:
-        deltas = 0
-
-        def count():
-            nonlocal deltas
-            deltas += 1
-
-        async with aiohttp.ClientSession() as session:
-            streams = [asyncio.create_task(stream_text(session, cluster.router.url, p, 40, count)) for p in prompts]
-            await asyncio.to_thread(wait_for, lambda: deltas >= 4, 120, "streams to start")
-            used = {m.name: worker_stats(m)["num_used_blocks"] for m in cluster.memservers}
-            leaver = next(m for m in cluster.memservers if m.name == max(used, key=used.get))
-            assert used[leaver.name] > 0
-            leaver.popen.send_signal(15)  # SIGTERM: leave gracefully
-            results = await asyncio.gather(*streams)
-        assert [t for t, _ in results] == expected
+        leavers = []
+        # SIGTERM: leave gracefully
+        texts = await _streams_around(cluster, prompts, 40, 4, lambda m: (leavers.append(m), m.popen.send_signal(15)))
+        assert texts == expected
+        (leaver,) = leavers
         assert await asyncio.to_thread(leaver.popen.wait, 60) == 0
         assert "memserver_drained" in leaver.log_text() and "num_blocks_left=0" in leaver.log_text()
-        wait_for(lambda: leaver.name not in [m["memserver_id"] for m in cluster_view(cluster.router)["memservers"]],
-                 10, "the router to drop the memserver that left")
+        wait_for(lambda: leaver.name not in _memserver_ids(cluster), 10, "the router to drop the memserver that left")
         cluster.wait_zero_used_blocks()
