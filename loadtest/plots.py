@@ -14,6 +14,14 @@ from loadtest.client import RequestResult  # noqa: E402
 _SERIES = (("TTFT", lambda r: r.ttft_s), ("TPOT", lambda r: r.tpot_s), ("E2E latency", lambda r: r.e2e_s))
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write the PNG, free the figure: the end of every plot here."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def latency_cdfs(runs: dict[str, list[RequestResult]], path: Path) -> Path:
     """One panel per latency (TTFT, TPOT, E2E), one CDF line per run label."""
     fig, axes = plt.subplots(1, len(_SERIES), figsize=(5 * len(_SERIES), 4))
@@ -27,10 +35,7 @@ def latency_cdfs(runs: dict[str, list[RequestResult]], path: Path) -> Path:
         ax.set_title(f"{name} CDF")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def throughput_vs_concurrency(points: dict[str, list[tuple[int, float, float]]], path: Path) -> Path:
@@ -47,7 +52,4 @@ def throughput_vs_concurrency(points: dict[str, list[tuple[int, float, float]]],
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -65,16 +65,14 @@ def capacity_verdict(rows: list[dict]) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    from loadtest import plots  # imports matplotlib with the Agg backend; only when plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return plots
 
 
 def decode_plot(summary: list[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plots = _pyplot()
+    plt = plots.plt
     contexts = sorted({s["context"] for s in summary})
     fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
     for ax, ctx in zip(axes[0], contexts):
@@ -94,14 +92,12 @@ def decode_plot(summary: list[dict], path: Path) -> Path:
         ax.set_title(f"context {ctx:,} tokens")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save_figure(fig, path)
 
 
 def capacity_plot(rows: list[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plots = _pyplot()
+    plt = plots.plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ms = [r["num_memservers"] for r in rows]
     ax.plot(ms, [r["theoretical_tokens"] for r in rows], "k--", label="total blocks x block size")
@@ -113,7 +109,4 @@ def capacity_plot(rows: list[dict], path: Path) -> Path:
     ax.set_title("max servable context vs memservers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save_figure(fig, path)

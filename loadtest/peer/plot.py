@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadtest.plots import plt  # Agg backend already chosen there
+from loadtest.plots import plt, save_figure  # Agg backend already chosen there
 from loadtest.peer.compare import METRICS, case_title
 
 
@@ -27,7 +27,4 @@ def ratio_panels(cases: list[dict], path: Path, peer: str = "vLLM") -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_yticks(ys, labels, fontsize="small")
     axes[0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
