@@ -9,6 +9,9 @@ import textwrap
 
 import openai
 
+from services.launch import probe
+from services.runtime.auth import DEV_CLUSTER_TOKEN
+
 from tests.launcher.up_process import (
     REPO, SMALL, cleanup, free_port, pid_alive, port_free, start_up, wait_gone, wait_manifest,
 )
@@ -27,6 +30,8 @@ def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
                 model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True)
             text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert text
+        view = probe.wait_zero_used_blocks(manifest["url"], DEV_CLUSTER_TOKEN)
+        assert view.num_used_blocks == 0  # the router's view: every worker's pool is free again
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
