@@ -1,55 +1,167 @@
-"""Fast CPU path for decode (one query per sequence): gather each sequence's blocks once and run
-PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp. The plain-torch
-reference (kernels.reference) stays the oracle; tests/kernels/test_cpu_attention.py compares them.
+"""Fast CPU paths over PyTorch's fused CPU flash-attention kernel (it also returns the log-sum-exp).
+
+Decode (one query per sequence): gather each sequence's blocks once, mask the padded tail, one
+fused call for the whole batch. Prefill chunks: one fused call per sequence, with the causal mask
+bottom-right aligned (the chunk's queries see every earlier cached token). What does not depend
+on the layer — host copies of the lengths, gather indices, masks — is computed once per forward
+pass in a `CpuAttentionPlan` and reused by every layer. The plain-torch reference
+(kernels.reference) stays the oracle; tests/kernels/test_cpu_attention.py compares them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NEG_INF = float("-inf")
+_FLASH_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def is_decode(num_tokens: int, query_starts: list[int]) -> bool:
     return num_tokens == len(query_starts) - 1 and query_starts == list(range(num_tokens + 1))
 
 
-def paged_decode_attention_cpu(
-    q: torch.Tensor,  # [S, H, D]: one query per sequence
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
+@dataclass(frozen=True, slots=True)
+class _DecodeGather:
+    ids: torch.Tensor  # [S * num_blocks] int64: block ids, padding clamped to a valid block
+    width: int  # num_blocks * block_size: KV rows gathered per sequence
+    mask: torch.Tensor | None  # [S, 1, 1, width] additive (0 / -inf), None when every row is full
+    empty: torch.Tensor | None  # [S] bool: sequences with no visible token, None if there are none
+
+
+@dataclass(frozen=True, slots=True)
+class _PrefillSeq:
+    start: int  # first query row of the sequence in the packed q
+    end: int
+    ids: torch.Tensor  # [num_blocks] int64
+    kv_len: int
+    is_causal: bool  # plain top-left causal (q_len == kv_len): the fused kernel masks itself
+    bias: torch.Tensor | None  # [1, 1, q_len, kv_len] additive, bottom-right causal mask (q_len < kv_len)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuAttentionPlan:
+    """Layer-independent inputs of one forward pass, read to the host and checked once."""
+
+    context_lens: list[int]
+    query_starts: list[int]
+    decode: _DecodeGather | None  # set when every sequence has exactly one query
+    prefill: tuple[_PrefillSeq, ...] | None  # set otherwise
+    dtype: torch.dtype
+
+
+def plan_cpu_attention(
     block_tables: torch.Tensor,  # [S, max_blocks] int32
-    context_lens: list[int],  # [S]
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out = softmax(q k^T * scale) v over each sequence's first context_lens[s] tokens, and its
-    lse (fp32, natural log); a sequence with no token gets (0, -inf)."""
-    num_seqs, num_heads, head_dim = q.shape
-    pool_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    max_len = max(context_lens)
-    if max_len == 0:  # the fused kernel divides by the key length: nothing to attend to anyway
-        return torch.zeros_like(q), torch.full((num_seqs, num_heads), NEG_INF, dtype=torch.float32)
+    context_lens: list[int],
+    query_starts: list[int],
+    pool_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    causal: bool,
+) -> CpuAttentionPlan:
+    num_seqs = len(context_lens)
+    decode = prefill = None
+    if dtype in _FLASH_DTYPES and num_seqs and is_decode(query_starts[-1], query_starts):
+        decode = _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype)
+    elif dtype in _FLASH_DTYPES and num_seqs:
+        prefill = tuple(_plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal))
+    return CpuAttentionPlan(context_lens, query_starts, decode, prefill, dtype)
+
+
+def _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype) -> _DecodeGather | None:
+    num_seqs, max_len = len(context_lens), max(context_lens)
+    if max_len == 0:  # the fused kernel divides by the key length
+        return None
     num_blocks = (max_len + block_size - 1) // block_size
     width = num_blocks * block_size
     # Padding entries past a sequence's length are masked: clamp so any value is a safe index.
     ids = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1).reshape(-1)
-    # k, v: [S, Hkv, width, D] (strided views of the gathered blocks)
-    k = k_cache.index_select(0, ids).view(num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, ids).view(num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
     lens = torch.tensor(context_lens, dtype=torch.int64)
-    mask = None
+    mask = empty = None
     if min(context_lens) < width:
         visible = torch.arange(width).view(1, -1) < lens.view(-1, 1)  # [S, width]
-        mask = torch.zeros(num_seqs, 1, 1, width, dtype=q.dtype).masked_fill_(~visible.view(num_seqs, 1, 1, -1), NEG_INF)
+        mask = torch.zeros(num_seqs, 1, 1, width, dtype=dtype).masked_fill_(~visible.view(num_seqs, 1, 1, -1), NEG_INF)
+    if min(context_lens) == 0:
+        empty = lens == 0
+    return _DecodeGather(ids, width, mask, empty)
+
+
+def _plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal):
+    for i, kv_len in enumerate(context_lens):
+        start, end = query_starts[i], query_starts[i + 1]
+        q_len = end - start
+        if q_len == 0 or kv_len == 0:
+            continue  # its rows keep (0, -inf)
+        ids = block_tables[i, : (kv_len + block_size - 1) // block_size].long()
+        bias = None
+        if causal and q_len != kv_len:  # query j sees tokens k <= kv_len - q_len + j
+            visible = torch.arange(kv_len).view(1, -1) <= torch.arange(q_len).view(-1, 1) + (kv_len - q_len)
+            bias = torch.zeros(1, 1, q_len, kv_len, dtype=dtype).masked_fill_(~visible, NEG_INF)
+        yield _PrefillSeq(start, end, ids, kv_len, causal and bias is None, bias)
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    plan: CpuAttentionPlan,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(out, lse) through the fused kernel, or None when the plan has no fast path for q."""
+    if q.dtype != plan.dtype:
+        return None
+    if plan.decode is not None:
+        return _decode(q, k_cache, v_cache, plan.decode, scale)
+    if plan.prefill is not None:
+        return _prefill(q, k_cache, v_cache, plan.prefill, scale)
+    return None
+
+
+def _decode(q, k_cache, v_cache, g: _DecodeGather, scale):
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    # k, v: [S, Hkv, width, D] (strided views of the gathered blocks)
+    k = k_cache.index_select(0, g.ids).view(num_seqs, g.width, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, g.ids).view(num_seqs, g.width, num_kv_heads, head_dim).transpose(1, 2)
     # The query heads sharing a KV head ride as that head's query rows: no K/V expansion for GQA.
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qg, k, v, 0.0, False, attn_mask=mask, scale=scale
+        qg, k, v, 0.0, False, attn_mask=g.mask, scale=scale
     )[:2]
     out = out.reshape(num_seqs, num_heads, head_dim)
     lse = lse.reshape(num_seqs, num_heads).float()
-    if min(context_lens) == 0:
-        empty = (lens == 0).view(-1, 1)
-        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
-        lse = lse.masked_fill(empty, NEG_INF)
+    if g.empty is not None:
+        out = out.masked_fill(g.empty.view(-1, 1, 1), 0.0)
+        lse = lse.masked_fill(g.empty.view(-1, 1), NEG_INF)
     return out, lse
+
+
+def _prefill(q, k_cache, v_cache, seqs: tuple[_PrefillSeq, ...], scale):
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    lse = torch.full((num_tokens, num_heads), NEG_INF, dtype=torch.float32)
+    for s in seqs:
+        # k, v: [1, H, kv_len, D] (KV heads repeated for their query heads); q: [1, H, q_len, D]
+        k = k_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len].repeat_interleave(group, dim=1)
+        v = v_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len].repeat_interleave(group, dim=1)
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[s.start:s.end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0), 0.0, s.is_causal, attn_mask=s.bias, scale=scale,
+        )[:2]
+        out[s.start:s.end] = o[0].transpose(0, 1)  # [q_len, H, D]
+        lse[s.start:s.end] = l[0].transpose(0, 1).float()
+    return out, lse
+
+
+def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens: list[int], scale):
+    """Decode attention for one-query-per-sequence q: out = softmax(q k^T * scale) v over each
+    sequence's first context_lens[s] tokens, and its lse (fp32); no visible token gives (0, -inf)."""
+    num_seqs = len(context_lens)
+    plan = plan_cpu_attention(block_tables, context_lens, list(range(num_seqs + 1)), k_cache.shape[0],
+                              k_cache.shape[1], q.dtype, causal=False)
+    if plan.decode is None:
+        return torch.zeros_like(q), torch.full(q.shape[:2], NEG_INF, dtype=torch.float32)
+    return _decode(q, k_cache, v_cache, plan.decode, scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_attention import is_decode, paged_decode_attention_cpu
+from kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu, plan_cpu_attention
 from kernels.reference import merge_states_ref, paged_attention_partial_ref, store_kv_ref
 from kernels.validate import (
     check_attention_inputs,
@@ -25,6 +25,25 @@ def _values_checked(check_values: bool | None, device: torch.device) -> bool:
     return device.type != "cuda" if check_values is None else check_values
 
 
+def plan_paged_attention(
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    k_cache: torch.Tensor,
+    dtype: torch.dtype,
+    causal: bool = True,
+) -> CpuAttentionPlan | None:
+    """What every layer of one forward pass shares, checked and prepared once (CPU only; None on
+    CUDA, where the kernels need no preparation). Pass it to `paged_attention_partial(plan=...)`
+    with any layer's cache of the same pool shape."""
+    if k_cache.device.type == "cuda":
+        return None
+    lens, starts = context_lens.tolist(), query_start_loc.tolist()
+    num_tokens = starts[-1] if starts else 0
+    check_attention_values(lens, starts, block_tables, num_tokens, k_cache.shape[0], k_cache.shape[1])
+    return plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], dtype, causal)
+
+
 def paged_attention_partial(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -37,11 +56,14 @@ def paged_attention_partial(
     *,
     max_query_len: int | None = None,
     check_values: bool | None = None,
+    plan: CpuAttentionPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See kernels.reference.paged_attention_partial_ref for shapes and semantics.
 
     max_query_len: the longest query chunk, if known (spares the Triton path a sync).
     check_values: None = on CPU, off on CUDA.
+    plan: from `plan_paged_attention` over the same tables, lengths and causality (CPU): its
+    values were checked when it was made.
     """
     if q.device.type == "cuda":
         from kernels.triton_attention import paged_attention_partial_triton
@@ -51,11 +73,16 @@ def paged_attention_partial(
             max_query_len=max_query_len, check_values=_values_checked(check_values, q.device),
         )
     check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale)
-    lens, starts = context_lens.tolist(), query_start_loc.tolist()
-    if _values_checked(check_values, q.device):
-        check_attention_values(lens, starts, block_tables, q.shape[0], k_cache.shape[0], k_cache.shape[1])
-    if q.shape[0] and is_decode(q.shape[0], starts) and q.dtype in (torch.float32, torch.bfloat16):
-        return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, lens, scale)
+    if plan is None:
+        lens, starts = context_lens.tolist(), query_start_loc.tolist()
+        if _values_checked(check_values, q.device):
+            check_attention_values(lens, starts, block_tables, q.shape[0], k_cache.shape[0], k_cache.shape[1])
+        plan = plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], q.dtype, causal)
+    elif plan.query_starts[-1] != q.shape[0]:
+        raise ValueError(f"the plan covers {plan.query_starts[-1]} query tokens, q has {q.shape[0]}")
+    fast = paged_attention_cpu(q, k_cache, v_cache, plan, scale)
+    if fast is not None:
+        return fast
     return paged_attention_partial_ref(
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, causal
     )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import paged_attention_partial
+from kernels import paged_attention_partial, plan_paged_attention
 from kernels.cpu_attention import paged_decode_attention_cpu
 from kernels.reference import paged_attention_partial_ref
 from tests.kernels.cases import Case, assert_states_close, make_inputs
@@ -35,3 +35,44 @@ def test_dispatch_uses_it_for_decode_only():
     for x in (decode, prefill):
         out, lse = paged_attention_partial(*x.args())
         assert_states_close(out, lse, *paged_attention_partial_ref(*x.args()), torch.float32)
+
+
+PREFILL_CASES = [
+    Case((5, 1, 16), (5, 40, 16)),  # fresh prompt, decode row, chunk after cached tokens
+    Case((7, 0, 3), (30, 0, 3)),  # a sequence with no query and no KV
+    Case((9, 4), (9, 20), num_heads=8, num_kv_heads=8),
+    Case((9, 4), (9, 20), num_heads=8, num_kv_heads=1),
+    Case((33, 2), (33, 70), head_dim=80, block_size=32),
+    Case((12, 3), (12, 50), head_dim=128, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "older-partition"])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=str)
+def test_fast_prefill_matches_reference(case, causal):
+    x = make_inputs(case)
+    out, lse = paged_attention_partial(*x.args(), causal=causal)
+    assert_states_close(out, lse, *paged_attention_partial_ref(*x.args(), causal=causal), case.dtype)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], PREFILL_CASES[0], PREFILL_CASES[4]], ids=str)
+def test_plan_is_shared_by_layers(case):
+    """One plan per forward pass serves every layer's pool (same tables and lengths)."""
+    x = make_inputs(case)
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    for layer_seed in (1, 2):
+        other = make_inputs(case, seed=layer_seed)  # same geometry and tables, other values
+        args = (other.q, other.k_cache, other.v_cache, x.block_tables, x.context_lens, x.query_start_loc, x.scale)
+        out, lse = paged_attention_partial(*args, plan=plan)
+        assert_states_close(out, lse, *paged_attention_partial_ref(*args), case.dtype)
+
+
+def test_plan_checks_values_once_and_rejects_a_mismatched_q():
+    x = make_inputs(Case((1,) * 2, (20, 40)))
+    bad_tables = x.block_tables.clone()
+    bad_tables[0, 0] = 10**6
+    with pytest.raises(ValueError, match="block_tables entries"):
+        plan_paged_attention(bad_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    with pytest.raises(ValueError, match="the plan covers 2 query tokens"):
+        paged_attention_partial(x.q[:1], *x.args()[1:], plan=plan)

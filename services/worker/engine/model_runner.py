@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import plan_paged_attention
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.remote import RemoteKV
 from services.worker.engine.remote_attention import StepRemoteAttention
@@ -80,12 +81,16 @@ class ModelRunner:
         max_blocks = max(len(c.seq.block_ids) for c in chunks)
         tables = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
         dev = self.device
+        block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+        lens = torch.tensor(context_lens, dtype=torch.int32, device=dev)
+        starts = torch.tensor(query_start, dtype=torch.int32, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            block_tables=block_tables,
+            context_lens=lens,
+            query_start_loc=starts,
             remote=StepRemoteAttention.plan(remote, chunks, query_start, bs) if remote is not None else None,
+            plan=plan_paged_attention(block_tables, lens, starts, self.kv_caches[0][0], self.dtype),
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from kernels import merge_states, paged_attention_partial, store_kv
+from kernels.cpu_attention import CpuAttentionPlan
 
 
 class RemoteAttention(Protocol):
@@ -28,6 +29,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [S] int32: local KV tokens of each sequence, new ones included
     query_start_loc: torch.Tensor  # [S + 1] int32
     remote: RemoteAttention | None = None
+    plan: CpuAttentionPlan | None = None  # kernels.plan_paged_attention: shared by every layer
 
 
 def paged_attention(
@@ -44,7 +46,8 @@ def paged_attention(
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     handle = meta.remote.submit(layer_idx, q) if meta.remote is not None else None
     out, lse = paged_attention_partial(
-        q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale, causal=True
+        q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale, causal=True,
+        plan=meta.plan,
     )
     if handle is None:
         return out

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from services.worker.model.attention import AttentionMetadata, paged_attention
 from services.worker.model.config import ModelConfig
-from services.worker.model.rope import RotaryEmbedding
+from services.worker.model.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -37,13 +37,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, positions, kv_cache, meta: AttentionMetadata, rope: RotaryEmbedding):
+    def forward(self, x, rotary, kv_cache, meta: AttentionMetadata):
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, k, rotary)
         k_cache, v_cache = kv_cache
         out = paged_attention(self.layer_idx, q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -69,8 +69,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, kv_cache, meta, rope):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, rope)
+    def forward(self, x, rotary, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,8 +97,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rotary = self.rope(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta, self.rope)
+            x = layer(x, rotary, kv_cache, meta)
         return self.norm(x)  # [T, hidden]
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from services.worker.model.config import ModelConfig, load_model_config
 from services.worker.model.errors import CheckpointMismatch, ModelError, ModelNotFound
 from services.worker.model.llama import LlamaForCausalLM
+from services.worker.model.packed_linear import pack_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -96,4 +97,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Lla
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = type(model.rope)(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device.type == "cpu":
+        pack_linears(model)
+    return model
