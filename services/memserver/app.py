@@ -62,7 +62,11 @@ async def serving_ctx(app: web.Application):
     node = await Node.start(TransportConfig.from_env(token=config.cluster_token.encode()))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session:
         link = RouterLink(session, config.router_url, config.cluster_token)
-        geometry = Geometry.from_dict(await link.geometry())
+        try:
+            geometry = Geometry.from_dict(await link.geometry())
+        except BaseException:  # e.g. SIGTERM while no worker has registered yet
+            await node.close()
+            raise
         num_blocks = config.capacity_bytes // geometry.block_bytes
         pool = BlockPool(geometry, num_blocks, config.device, config.per_owner_cap)
         service = MemoryService(pool)

@@ -15,24 +15,42 @@ Drain = Callable[[web.Application], Awaitable[None]]
 
 async def _serve(app: web.Application, host: str, port: int, drain: Drain | None, shutdown_timeout: float) -> None:
     log = structlog.get_logger()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Installed before start-up, which may wait (a memserver waits for the model's KV geometry):
+    # SIGTERM then ends the wait cleanly instead of killing the process.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # handler_cancellation: a client that disconnects cancels its handler at once, which is how an
     # abandoned stream frees its KV blocks without waiting for the next write to fail.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
+    if not await _until_stopped(runner.setup(), stop):
+        log.info("shutdown_requested", during="start_up")
+        return
     try:
         await web.TCPSite(runner, host, port).start()
         bound = [a[1] for a in runner.addresses if isinstance(a, tuple)]
         log.info("service_started", host=host, port=bound[0] if bound else port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutdown_requested")
         if drain is not None:
             await drain(app)
     finally:
         await runner.cleanup()
+
+
+async def _until_stopped(coro: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run coro unless stop is set first (then cancel it); True when coro finished."""
+    work = asyncio.ensure_future(coro)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if work.done():
+        work.result()  # start-up errors propagate
+        return True
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return False
 
 
 def run_service(
