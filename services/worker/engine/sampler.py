@@ -16,6 +16,23 @@ class SampleResult:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
 
 
+_ARGMAX_CHUNK = 128
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) (first index of the maximum, NaN counted as maximal), ~8x faster
+    on CPU: its indexed reduction is scalar code, while amax is vectorised. The max of every
+    128-wide chunk picks the first chunk holding the row's maximum; argmax runs only inside it."""
+    # logits: [N, V] fp32 -> [N] int64
+    num_rows, vocab = logits.shape
+    pad = (-vocab) % _ARGMAX_CHUNK
+    padded = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")) if pad else logits
+    chunks = padded.view(num_rows, -1, _ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [N]
+    within = chunks[torch.arange(num_rows), best].argmax(dim=-1)
+    return best * _ARGMAX_CHUNK + within
+
+
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     # logits: [V] fp32, already divided by the temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
@@ -40,7 +57,7 @@ def sample(
             logits[row, list(ids)] = float("-inf")
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    greedy = torch.argmax(logits, dim=-1).tolist()
+    greedy = greedy_argmax(logits).tolist()
     results = []
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature == 0:
