@@ -32,6 +32,8 @@ class StopRequested(BaseException):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' (embedded) or a local Hugging Face model directory")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="model name clients put in requests (default: --model)")
     parser.add_argument("--workers", type=int, default=1, help="number of workers (default 1)")
     parser.add_argument("--memservers", type=int, default=2, help="number of CPU memory servers (default 2)")
     parser.add_argument("--memserver-capacity", type=size_arg, default="512MiB", metavar="SIZE",
@@ -61,7 +63,7 @@ def default_log_dir() -> Path:
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
-        model=args.model, num_workers=args.workers, num_memservers=args.memservers,
+        model=args.model, served_model_name=args.served_model_name, num_workers=args.workers, num_memservers=args.memservers,
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
         block_size=args.block_size, dtype=args.dtype, worker_threads=args.worker_threads, port=args.port,
         log_dir=(args.log_dir or default_log_dir()).resolve(),

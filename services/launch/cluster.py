@@ -98,6 +98,8 @@ class LocalCluster:
         port = free_port(c.host)
         args = ["worker", "--model", c.model, "--router", self.url, "--host", c.host, "--port", str(port),
                 "--block-size", str(c.block_size), "--dtype", c.dtype, "--worker-id", f"worker{index}"]
+        if c.served_model_name is not None:
+            args += ["--served-model-name", c.served_model_name]
         if c.worker_kv_blocks is not None:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
         if c.worker_threads is not None:

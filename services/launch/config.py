@@ -13,6 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
     model: str = "tiny"
+    served_model_name: str | None = None  # the name clients use; None: the workers' default (--model)
     num_workers: int = 1
     num_memservers: int = 2
     memserver_capacity: str = "512MiB"  # passed verbatim to `kvmesh memserver --capacity`
@@ -44,6 +45,8 @@ class LaunchConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.model != "tiny" and not Path(self.model).is_dir():
             raise ValueError(f"--model must be 'tiny' or a model directory; {self.model!r} is not a directory")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("--served-model-name must not be empty")
         if not self.cluster_token:
             raise ValueError("cluster_token must be set")
         parse_size(self.memserver_capacity)

@@ -45,7 +45,7 @@ def test_format_size_round_trips():
     ({"num_workers": 0}, "--workers"), ({"num_memservers": -1}, "--memservers"),
     ({"block_size": 12}, "power of two"), ({"dtype": "float16"}, "--dtype"), ({"port": 70000}, "--port"),
     ({"memserver_capacity": "lots"}, "invalid size"), ({"model": "/no/such/dir"}, "--model"),
-    ({"worker_kv_blocks": 0}, "--worker-kv-blocks"),
+    ({"worker_kv_blocks": 0}, "--worker-kv-blocks"), ({"served_model_name": " "}, "--served-model-name"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):

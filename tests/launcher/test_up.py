@@ -19,15 +19,16 @@ from tests.launcher.up_process import (
 
 def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
     port = free_port()
-    proc = start_up(tmp_path, *SMALL, "--port", str(port))
+    proc = start_up(tmp_path, *SMALL, "--port", str(port), "--served-model-name", "kvmesh-tiny")
     with cleanup(proc, tmp_path):
         manifest = wait_manifest(proc, tmp_path)
         assert manifest["url"] == f"http://127.0.0.1:{port}"
         kinds = sorted(p["kind"] for p in manifest["processes"])
         assert kinds == ["router", "worker"]
         with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="unused", max_retries=0) as client:
+            assert [m.id for m in client.models.list()] == ["kvmesh-tiny"]
             stream = client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True)
+                model="kvmesh-tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True)
             text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert text
         view = probe.wait_zero_used_blocks(manifest["url"], DEV_CLUSTER_TOKEN)
