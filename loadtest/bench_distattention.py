@@ -4,10 +4,13 @@
             as a ratio to an all-local worker measured in the same run (interleaved rounds)
   capacity  max servable context vs number of memservers (0..3): advertised vs total blocks x block
             size, checked by serving exactly that many tokens and refusing one more
+  longctx   (issue 8) prompts of 4x/8x/16x the worker's local KV capacity with 2 memservers: decode
+            tok/s against an all-local worker holding the same requests (not part of "all")
 
   python -m loadtest.bench_distattention                      # both, 8K context
   python -m loadtest.bench_distattention decode --contexts 8000,32000 --rounds 1
   python -m loadtest.bench_distattention capacity --cap-memservers 0,1,2,3
+  python -m loadtest.bench_distattention longctx --local-blocks 32 --multiples 4,8,16 --rounds 3
 
 Prefill on CPU is quadratic in the context and dominates the run time (each measured request
 prefills its whole prompt): on 2 shared cores 20-110 s per 8K request, over 20 minutes for 32K, so
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 from loadtest import report as json_report
-from loadtest.distattention import capacity, decode, report
+from loadtest.distattention import capacity, decode, longctx, report
 from loadtest.distattention.decode_plan import decode_plan
 
 
@@ -51,7 +54,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_distattention", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", nargs="?", choices=("all", "decode", "capacity"), default="all")
+    p.add_argument("bench", nargs="?", choices=("all", "decode", "capacity", "longctx"), default="all")
     p.add_argument("--out", type=Path, default=Path("bench-out/distattention"))
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--child-env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",
@@ -65,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=2, help="interleaved rounds; one request per case per round")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-local", action="store_true", help="skip the --no-remote-kv worker (f=0 is the baseline)")
+    g = p.add_argument_group("longctx (also uses --decode-tokens, --rounds, --seed)")
+    g.add_argument("--local-blocks", type=int, default=32, help="the spilling worker's local KV pool (blocks)")
+    g.add_argument("--multiples", type=_ints, default=[4, 8, 16], help="prompt sizes in local capacities")
+    g.add_argument("--long-memservers", type=int, default=2)
     g = p.add_argument_group("capacity")
     g.add_argument("--cap-memservers", type=_ints, default=[0, 1, 2, 3])
     g.add_argument("--cap-worker-blocks", type=int, default=32, help="the worker's local pool (blocks)")
@@ -100,6 +107,30 @@ def run_decode(args: argparse.Namespace, token: str) -> bool:
     return healthy
 
 
+def run_longctx(args: argparse.Namespace, token: str) -> bool:
+    plans = longctx.longctx_plans(args.local_blocks, args.multiples, args.long_memservers, args.decode_tokens,
+                                  worker_threads=args.worker_threads, env=tuple(args.child_env))
+    rows, runs, healthy = [], [], True
+    for k, plan in plans:
+        print(f"== longctx {k}x local capacity ({args.local_blocks} blocks): context {plan.context:,} + "
+              f"{plan.decode_tokens} decode tokens, {args.long_memservers} memservers, {args.rounds} round(s)",
+              flush=True)
+        t0 = time.perf_counter()
+        with decode.running(plan, args.out / "logs", token) as clusters:
+            raw, leaks = decode.run_rounds_sync(plan, clusters, args.rounds, args.seed)
+            recomputes = decode.recompute_counts(plan, clusters)
+        summary = [{**s, "num_recomputes": recomputes[s["label"]]} for s in decode.summarize(plan, raw)]
+        rows.append(longctx.summarize(k, summary))
+        healthy &= not leaks and all(r["ok"] for r in raw)
+        runs.append({"multiple": k, "context": plan.context, "rows": raw, "leaks": leaks,
+                     "wall_s": time.perf_counter() - t0})
+        json_report.write_json(args.out / "longctx.json", {"args": _jsonable(args), "summary": rows, "runs": runs})
+        print(f"== {k}x done in {time.perf_counter() - t0:.0f}s", flush=True)
+    print("\n" + longctx.table(rows))
+    print(longctx.verdict(rows))
+    return healthy
+
+
 def run_capacity(args: argparse.Namespace, token: str) -> bool:
     print(f"== capacity: worker {args.cap_worker_blocks} blocks, memservers of {args.cap_memserver_capacity}, "
           f"M = {args.cap_memservers}", flush=True)
@@ -126,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         healthy &= run_capacity(args, token)
     if args.bench in ("all", "decode"):
         healthy &= run_decode(args, token)
+    if args.bench == "longctx":
+        healthy &= run_longctx(args, token)
     print(f"results in {args.out.resolve()}")
     return 0 if healthy else 1
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from loadtest.distattention import report
+from loadtest.distattention import longctx, report
 from loadtest.distattention.decode_plan import LOCAL, decode_plan, local_blocks, memserver_capacity, total_blocks
 from services.runtime.sizes import parse_size
 from tests.launcher.up_process import REPO
@@ -59,3 +59,28 @@ def test_tables_show_ratios_and_verdicts():
              "over_refused_properly": True, "leak": False} for m in range(3)]
     assert "+512" in report.capacity_table(rows)
     assert report.capacity_verdict(rows).count("PASS") == 3
+
+
+def test_longctx_plans_size_prompts_in_local_capacities():
+    plans = longctx.longctx_plans(32, [4, 8, 16], 2, 48)
+    assert [k for k, _ in plans] == [4, 8, 16]
+    for k, plan in plans:
+        assert plan.context + plan.decode_tokens == k * 32 * 16
+        local, spilling = plan.cases
+        assert local.label == LOCAL and local.num_kv_blocks * 16 >= plan.context + plan.decode_tokens
+        assert spilling.num_memservers == 2 and spilling.num_kv_blocks == 32 + 2  # capacity + decode tail
+    with pytest.raises(ValueError, match="multiples"):
+        longctx.longctx_plans(32, [1], 2, 48)
+
+
+def test_longctx_reports_decode_speed_against_all_local():
+    _, plan = longctx.longctx_plans(32, [8], 2, 48)[0]
+    summary = [{**{"label": c.label, "num_memservers": c.num_memservers, "num_kv_blocks": c.num_kv_blocks},
+                "context": plan.context, "measured_remote_fraction": f, "itl_median_ms": ms, "itl_p90_ms": ms,
+                "paired_ratios": [ms / 10], "num_failed": 0}
+               for c, f, ms in zip(plan.cases, (None, 0.87), (10.0, 12.5))]
+    row = longctx.summarize(8, summary)
+    assert row["local_tok_s"] == 100.0 and row["remote_tok_s"] == 80.0 and row["speed_vs_local"] == 0.8
+    assert "0.800" in longctx.table([row])
+    assert longctx.verdict([row]).endswith("-> PASS (target >= 0.75x)")
+    assert "FAIL" in longctx.verdict([{**row, "speed_vs_local": 0.7}])
