@@ -1,7 +1,8 @@
 """CPU path benchmark: paged partial attention over P partitions + merge vs one SDPA over all KV.
 
 Decode (one query), 8 query heads / 2 kv heads; the baseline is torch SDPA on the contiguous KV of
-the same tokens, measured in the same run. python -m kernels.bench_cpu [--head-dim 128]
+the same tokens, measured in the same run
+(calls alternated, medians). python -m kernels.bench_cpu [--head-dim 128]
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ from kernels import merge_states, paged_attention_partial
 NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZE = 8, 2, 16
 
 
-def _time(fn, min_time: float = 0.3) -> float:
-    """Median seconds per call."""
-    fn()
-    times = []
+def _time_pair(a, b, min_time: float = 0.5) -> tuple[float, float]:
+    """Median seconds per call of a and of b, calls alternated so both see the same background load."""
+    a(), b()
+    times_a, times_b = [], []
     deadline = time.perf_counter() + min_time
-    while len(times) < 5 or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    while len(times_a) < 7 or time.perf_counter() < deadline:
+        for fn, times in ((a, times_a), (b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times_a)[len(times_a) // 2], sorted(times_b)[len(times_b) // 2]
 
 
 def _case(num_tokens: int, num_parts: int, head_dim: int, dtype: torch.dtype):
@@ -61,7 +63,8 @@ def _case(num_tokens: int, num_parts: int, head_dim: int, dtype: torch.dtype):
     out, _ = paged()
     expected = sdpa().view(1, NUM_HEADS, head_dim)
     err = (out.float() - expected.float()).abs().max().item()
-    return _time(paged), _time(sdpa), err
+    paged_s, sdpa_s = _time_pair(paged, sdpa)
+    return paged_s, sdpa_s, err
 
 
 def main() -> None:

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import merge_states_ref
+
 NEG_INF = float("-inf")
 _FLASH_DTYPES = (torch.float32, torch.bfloat16)
+# Decode gathers K (and V) in pieces of about this size, each attended to while it is still in
+# cache, and merges the pieces' (out, lse) exactly; one gather of a long context would stream it
+# through memory twice.
+_GATHER_BYTES = 2 << 20
 
 
 def is_decode(num_tokens: int, query_starts: list[int]) -> bool:
@@ -46,7 +52,7 @@ class CpuAttentionPlan:
 
     context_lens: list[int]
     query_starts: list[int]
-    decode: _DecodeGather | None  # set when every sequence has exactly one query
+    decode: tuple[_DecodeGather, ...] | None  # set when every sequence has exactly one query
     prefill: tuple[_PrefillSeq, ...] | None  # set otherwise
     dtype: torch.dtype
 
@@ -59,32 +65,42 @@ def plan_cpu_attention(
     block_size: int,
     dtype: torch.dtype,
     causal: bool,
+    block_bytes: int = 0,
 ) -> CpuAttentionPlan:
+    """block_bytes: one block of one K (or V) cache, sizing the decode gather pieces (0: one piece)."""
     num_seqs = len(context_lens)
     decode = prefill = None
     if dtype in _FLASH_DTYPES and num_seqs and is_decode(query_starts[-1], query_starts):
-        decode = _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype)
+        decode = _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype, block_bytes)
     elif dtype in _FLASH_DTYPES and num_seqs:
         prefill = tuple(_plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal))
     return CpuAttentionPlan(context_lens, query_starts, decode, prefill, dtype)
 
 
-def _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype) -> _DecodeGather | None:
+def _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype, block_bytes):
     num_seqs, max_len = len(context_lens), max(context_lens)
     if max_len == 0:  # the fused kernel divides by the key length
         return None
     num_blocks = (max_len + block_size - 1) // block_size
-    width = num_blocks * block_size
+    step = max(1, _GATHER_BYTES // (num_seqs * block_bytes)) if block_bytes else num_blocks
     # Padding entries past a sequence's length are masked: clamp so any value is a safe index.
-    ids = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1).reshape(-1)
+    tables = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1)
     lens = torch.tensor(context_lens, dtype=torch.int64)
+    return tuple(_decode_piece(tables[:, c:c + step], lens - c * block_size, block_size, dtype)
+                 for c in range(0, num_blocks, step))
+
+
+def _decode_piece(tables, lens, block_size, dtype) -> _DecodeGather:
+    # tables: [S, n] block columns of this piece; lens: [S] tokens from the piece's first column on
+    num_seqs, width = tables.shape[0], tables.shape[1] * block_size
+    visible = lens.clamp(0, width)
     mask = empty = None
-    if min(context_lens) < width:
-        visible = torch.arange(width).view(1, -1) < lens.view(-1, 1)  # [S, width]
-        mask = torch.zeros(num_seqs, 1, 1, width, dtype=dtype).masked_fill_(~visible.view(num_seqs, 1, 1, -1), NEG_INF)
-    if min(context_lens) == 0:
-        empty = lens == 0
-    return _DecodeGather(ids, width, mask, empty)
+    if int(visible.min()) < width:
+        hidden = torch.arange(width).view(1, -1) >= visible.view(-1, 1)  # [S, width]
+        mask = torch.zeros(num_seqs, 1, 1, width, dtype=dtype).masked_fill_(hidden.view(num_seqs, 1, 1, -1), NEG_INF)
+    if int(visible.min()) == 0:
+        empty = visible == 0
+    return _DecodeGather(tables.reshape(-1), width, mask, empty)
 
 
 def _plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal):
@@ -118,7 +134,12 @@ def paged_attention_cpu(
     return None
 
 
-def _decode(q, k_cache, v_cache, g: _DecodeGather, scale):
+def _decode(q, k_cache, v_cache, pieces: tuple[_DecodeGather, ...], scale):
+    states = [_decode_one(q, k_cache, v_cache, g, scale) for g in pieces]
+    return states[0] if len(states) == 1 else merge_states_ref(states)
+
+
+def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale):
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     # k, v: [S, Hkv, width, D] (strided views of the gathered blocks)
@@ -131,7 +152,7 @@ def _decode(q, k_cache, v_cache, g: _DecodeGather, scale):
     )[:2]
     out = out.reshape(num_seqs, num_heads, head_dim)
     lse = lse.reshape(num_seqs, num_heads).float()
-    if g.empty is not None:
+    if g.empty is not None:  # fully masked rows: whatever the kernel made of them becomes (0, -inf)
         out = out.masked_fill(g.empty.view(-1, 1, 1), 0.0)
         lse = lse.masked_fill(g.empty.view(-1, 1), NEG_INF)
     return out, lse
@@ -161,7 +182,11 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens: 
     sequence's first context_lens[s] tokens, and its lse (fp32); no visible token gives (0, -inf)."""
     num_seqs = len(context_lens)
     plan = plan_cpu_attention(block_tables, context_lens, list(range(num_seqs + 1)), k_cache.shape[0],
-                              k_cache.shape[1], q.dtype, causal=False)
+                              k_cache.shape[1], q.dtype, causal=False, block_bytes=block_bytes(k_cache))
     if plan.decode is None:
         return torch.zeros_like(q), torch.full(q.shape[:2], NEG_INF, dtype=torch.float32)
     return _decode(q, k_cache, v_cache, plan.decode, scale)
+
+
+def block_bytes(k_cache: torch.Tensor) -> int:
+    return k_cache[0].numel() * k_cache.element_size()

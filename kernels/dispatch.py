@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu, plan_cpu_attention
+from kernels.cpu_attention import CpuAttentionPlan, block_bytes, paged_attention_cpu, plan_cpu_attention
 from kernels.reference import merge_states_ref, paged_attention_partial_ref, store_kv_ref
 from kernels.validate import (
     check_attention_inputs,
@@ -41,7 +41,8 @@ def plan_paged_attention(
     lens, starts = context_lens.tolist(), query_start_loc.tolist()
     num_tokens = starts[-1] if starts else 0
     check_attention_values(lens, starts, block_tables, num_tokens, k_cache.shape[0], k_cache.shape[1])
-    return plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], dtype, causal)
+    return plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], dtype, causal,
+                              block_bytes(k_cache))
 
 
 def paged_attention_partial(
@@ -77,7 +78,8 @@ def paged_attention_partial(
         lens, starts = context_lens.tolist(), query_start_loc.tolist()
         if _values_checked(check_values, q.device):
             check_attention_values(lens, starts, block_tables, q.shape[0], k_cache.shape[0], k_cache.shape[1])
-        plan = plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], q.dtype, causal)
+        plan = plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], q.dtype, causal,
+                                  block_bytes(k_cache))
     elif plan.query_starts[-1] != q.shape[0]:
         raise ValueError(f"the plan covers {plan.query_starts[-1]} query tokens, q has {q.shape[0]}")
     fast = paged_attention_cpu(q, k_cache, v_cache, plan, scale)

@@ -76,3 +76,19 @@ def test_plan_checks_values_once_and_rejects_a_mismatched_q():
     plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
     with pytest.raises(ValueError, match="the plan covers 2 query tokens"):
         paged_attention_partial(x.q[:1], *x.args()[1:], plan=plan)
+
+
+@pytest.mark.parametrize("case", [
+    Case((1,) * 3, (300, 5, 170)),  # a short sequence sees nothing in the later pieces
+    Case((1,) * 2, (0, 257), dtype=torch.bfloat16),
+    Case((1,), (1000,), block_size=32),
+], ids=str)
+def test_long_decode_is_gathered_in_pieces_and_merged_exactly(case, monkeypatch):
+    import kernels.cpu_attention as cpu
+
+    monkeypatch.setattr(cpu, "_GATHER_BYTES", 4096)  # a few blocks a piece
+    x = make_inputs(case)
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    assert len(plan.decode) > 2
+    out, lse = paged_attention_partial(*x.args(), plan=plan)
+    assert_states_close(out, lse, *paged_attention_partial_ref(*x.args()), case.dtype)
