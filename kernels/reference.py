@@ -136,18 +136,17 @@ def merge_states_ref(
         raise ValueError("merge_states needs at least one (out, lse) state")
     out_dtype = states[0][0].dtype
     lses = torch.stack([lse.float() for _, lse in states])  # [N, T, H]
+    outs = torch.stack([out for out, _ in states]).float()  # [N, T, H, D]
     lse_max = lses.max(dim=0).values
     safe_max = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
-    weights = torch.exp(lses - safe_max)  # exp(-inf) = 0 for empty partitions
+    weights = torch.exp(lses - safe_max).unsqueeze(-1)  # [N, T, H, 1]; exp(-inf) = 0 for empty partitions
+    # An empty partition's out is ignored even if it holds garbage (0 * NaN would be NaN).
+    acc = torch.where(weights > 0, weights * outs, 0.0).sum(dim=0)  # partitions summed in list order
     total = weights.sum(dim=0)
-    acc = torch.zeros_like(states[0][0], dtype=torch.float32)
-    for (out_i, _), w in zip(states, weights):
-        # An empty partition's out is ignored even if it holds garbage (0 * NaN would be NaN).
-        acc += torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * out_i.float(), 0.0)
     nonempty = total > 0
-    denom = torch.where(nonempty, total, torch.ones_like(total))
-    out = torch.where(nonempty.unsqueeze(-1), acc / denom.unsqueeze(-1), torch.zeros_like(acc))
-    lse = torch.where(nonempty, safe_max + torch.log(denom), torch.full_like(total, NEG_INF))
+    out = torch.where(nonempty, acc / torch.where(nonempty, total, 1.0), 0.0)
+    total = total.squeeze(-1)
+    lse = torch.where(nonempty.squeeze(-1), safe_max + torch.log(torch.where(total > 0, total, 1.0)), NEG_INF)
     return out.to(out_dtype), lse
 
 
