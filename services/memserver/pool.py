@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import paged_attention_partial
+from kernels import paged_attention_partial, plan_paged_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +67,10 @@ class BlockPool:
         self._free = list(range(num_blocks))  # a heap: lowest ids first keeps allocations compact
         self._owner: list[str | None] = [None] * num_blocks
         self._held: dict[str, set[int]] = {}
+        # Every layer of a worker's step sends the same tables: what was checked and prepared for
+        # them is kept per owner until the tables or any block's ownership change.
+        self._generation = 0
+        self._prepared: dict[str, tuple[int, tuple, _Prepared]] = {}
 
     @property
     def num_free(self) -> int:
@@ -83,6 +87,7 @@ class BlockPool:
         held = self._held.setdefault(owner, set())
         if self.per_owner_cap is not None and len(held) + num_blocks > self.per_owner_cap:
             raise OwnerCapExceeded(f"owner {owner} would hold {len(held) + num_blocks} blocks; the cap is {self.per_owner_cap}")
+        self._generation += 1
         ids = [heapq.heappop(self._free) for _ in range(num_blocks)]
         for block_id in ids:
             self._owner[block_id] = owner
@@ -96,6 +101,7 @@ class BlockPool:
 
     def free(self, owner: str, block_ids) -> int:
         self.check_owned(owner, block_ids)
+        self._generation += 1
         for block_id in set(block_ids):
             self._owner[block_id] = None
             self._held[owner].discard(block_id)
@@ -104,6 +110,8 @@ class BlockPool:
 
     def free_owner(self, owner: str) -> int:
         ids = self._held.pop(owner, set())
+        self._generation += 1
+        self._prepared.pop(owner, None)
         for block_id in ids:
             self._owner[block_id] = None
             heapq.heappush(self._free, block_id)
@@ -118,10 +126,20 @@ class BlockPool:
         than every query. Returns (out [T, H, D], lse [T, H] fp32)."""
         if not 0 <= layer < self.geometry.num_layers:
             raise PoolError(f"layer {layer} out of range [0, {self.geometry.num_layers})")
-        if len(block_tables) != len(context_lens) or len(block_tables) != len(query_lens):
-            raise PoolError("block_tables, context_lens and query_lens differ in length")
         if sum(query_lens) != q.shape[0]:
             raise PoolError(f"query_lens sum to {sum(query_lens)}, q has {q.shape[0]} rows")
+        p = self._prepare(owner, block_tables, context_lens, query_lens)
+        k_cache, v_cache = self.kv[:, layer, 0], self.kv[:, layer, 1]
+        return paged_attention_partial(q, k_cache, v_cache, p.tables, p.context_lens, p.query_starts, scale,
+                                       causal=False, plan=p.plan)
+
+    def _prepare(self, owner: str, block_tables, context_lens, query_lens) -> "_Prepared":
+        key = (tuple(map(tuple, block_tables)), tuple(context_lens), tuple(query_lens))
+        hit = self._prepared.get(owner)
+        if hit is not None and hit[0] == self._generation and hit[1] == key:
+            return hit[2]
+        if len(block_tables) != len(context_lens) or len(block_tables) != len(query_lens):
+            raise PoolError("block_tables, context_lens and query_lens differ in length")
         bs = self.geometry.block_size
         for table, n in zip(block_tables, context_lens):
             self.check_owned(owner, table)
@@ -133,8 +151,17 @@ class BlockPool:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
-        return paged_attention_partial(
-            q, self.kv[:, layer, 0], self.kv[:, layer, 1], tables,
-            torch.tensor(context_lens, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int32, device=device), scale, causal=False,
-        )
+        lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+        query_starts = torch.tensor(starts, dtype=torch.int32, device=device)
+        plan = plan_paged_attention(tables, lens, query_starts, self.kv[:, 0, 0], self.kv.dtype, causal=False)
+        prepared = _Prepared(tables, lens, query_starts, plan)
+        self._prepared[owner] = (self._generation, key, prepared)
+        return prepared
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    tables: torch.Tensor  # [S, max_blocks] int32
+    context_lens: torch.Tensor  # [S] int32
+    query_starts: torch.Tensor  # [S + 1] int32
+    plan: object  # kernels.plan_paged_attention's, None on CUDA

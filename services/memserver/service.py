@@ -83,8 +83,7 @@ class MemoryService:
         q = torch.empty(sum(msg.query_lens), msg.num_heads, geo.head_dim, dtype=DTYPES[geo.dtype],
                         device=self.pool.kv.device)
         await request.recv_frames([q])
-        args = (msg.owner, msg.layer, q, [list(t) for t in msg.block_tables], list(msg.context_lens),
-                list(msg.query_lens), msg.scale)
+        args = (msg.owner, msg.layer, q, msg.block_tables, msg.context_lens, msg.query_lens, msg.scale)
         if q.shape[0] == len(msg.query_lens) and sum(msg.context_lens) <= INLINE_MAX_KV_TOKENS:
             # Small decode work (one query per sequence): milliseconds; a thread hop would only add latency.
             out, lse = self.pool.attention(*args)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.reference import paged_attention_partial_ref
-from services.memserver.pool import BlockPool, Geometry, NotOwner, OwnerCapExceeded, PoolFull
+from services.memserver.pool import BlockPool, Geometry, NotOwner, OwnerCapExceeded, PoolError, PoolFull
 
 GEO = Geometry(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
 
@@ -41,6 +41,28 @@ def test_attention_over_owned_blocks_matches_reference():
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
 
+
+
+def test_tables_checked_once_per_step_yet_ownership_changes_are_seen():
+    """Every layer of a step sends the same tables: the pool reuses what it checked, but a block
+    freed (or handed to another owner) in between is refused on the next call."""
+    torch.manual_seed(0)
+    pool = BlockPool(GEO, num_blocks=6)
+    ids = pool.allocate("w", 3)
+    pool.kv[ids] = torch.randn(3, *GEO.block_shape)
+    q = torch.randn(1, 4, 8)
+    tables = ((ids[2], ids[0]),)
+    first = [pool.attention("w", layer, q, tables, (8,), (1,), 0.3) for layer in (0, 1)]
+    assert not torch.equal(first[0][0], first[1][0])  # each layer reads its own K/V
+    for layer, (out, lse) in enumerate(first):
+        again = pool.attention("w", layer, q, [list(t) for t in tables], [8], [1], 0.3)  # lists hit the same entry
+        assert torch.equal(again[0], out) and torch.equal(again[1], lse)
+    pool.free("w", [ids[0]])
+    pool.allocate("other", 1)
+    with pytest.raises(NotOwner):
+        pool.attention("w", 0, q, tables, (8,), (1,), 0.3)
+    with pytest.raises(PoolError, match="q has 2 rows"):
+        pool.attention("w", 0, torch.randn(2, 4, 8), ((ids[2],),), (4,), (1,), 0.3)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
