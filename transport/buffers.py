@@ -68,6 +68,6 @@ def from_bytes(data: bytes) -> torch.Tensor:
 def copy_in(view: Any, data: bytes) -> None:
     """Copy ``data`` into ``view`` (an ``as_bytes_view`` result of the same size, CPU or CUDA)."""
     if isinstance(view, np.ndarray):
-        view[:] = np.frombuffer(data, dtype=np.uint8)
+        memoryview(view)[:] = data  # one memcpy, fewer numpy calls than view[:] = frombuffer
     else:
         view.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))

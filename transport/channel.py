@@ -21,7 +21,7 @@ from transport import buffers
 from transport._ucx import Array, Tag
 from transport.errors import PeerUnreachable, TransferTimeout, WireDecodeError
 from transport.progress import Progress
-from transport.wire import Envelope, decode, encode
+from transport.wire import Envelope, Kind, decode, encode_header
 
 log = structlog.get_logger("transport")
 
@@ -61,45 +61,55 @@ class Channel:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send_nowait(self, env: Envelope, frames: Sequence[Any] = ()) -> list[asyncio.Future]:
+    def send_nowait(self, kind: Kind, request_id: int, message: Any,
+                    frames: Sequence[Any] = ()) -> list[asyncio.Future]:
         """Post a header and its frames without waiting: CPU frames that fit ``inline_bytes`` go
         inside the header, the others as tagged messages. Returns the futures of the tagged sends
         (done once UCX has finished with those buffers); ``send`` awaits them."""
+        if not frames:  # one active message, nothing to wait for
+            self._post_header(encode_header(kind, request_id, message))
+            return []
         views = [buffers.as_bytes_view(f, writable=False) for f in frames]  # refuse before sending
         if len(views) > self._config.max_frames:
             raise ValueError(f"{len(views)} frames exceed max_frames={self._config.max_frames}")
         sizes = tuple(int(v.nbytes) for v in views)
-        inline = None
-        if views:
-            budget, inline, num_inline = self._config.inline_bytes, [], 0
-            for view, size in zip(views, sizes):
-                if size <= budget and isinstance(view, np.ndarray):  # CPU memory
-                    inline.append(memoryview(view))
-                    budget -= size
-                    num_inline += 1
-                else:
-                    inline.append(None)
-            if not num_inline:
-                inline = None
-        header = encode(Envelope(env.kind, env.request_id, env.message, sizes, inline))
-        self._check_open()
+        budget, inline, num_inline = self._config.inline_bytes, [], 0
+        for view, size in zip(views, sizes):
+            if size <= budget and isinstance(view, np.ndarray):  # CPU memory
+                inline.append(memoryview(view))
+                budget -= size
+                num_inline += 1
+            else:
+                inline.append(None)
+        self._post_header(encode_header(kind, request_id, message, sizes,
+                                        inline if num_inline else None))
+        if num_inline == len(views):
+            return []
         futs = []
         try:
-            header_arr = Array(header)
-            self._progress.detach(self._ep.am_send(header_arr), keep=header_arr)
             for i, view in enumerate(views):
-                if inline is not None and inline[i] is not None:
+                if inline[i] is not None:
                     continue
                 arr = Array(view)
-                req = self._ep.tag_send(arr, frame_tag(self.send_prefix, env.request_id, i))
+                req = self._ep.tag_send(arr, frame_tag(self.send_prefix, request_id, i))
                 futs.append(self._own(self._progress.wait(req, keep=(arr, view))))
         except Exception as e:
             raise self._unreachable("send failed", e) from e
         return futs
 
-    async def send(self, env: Envelope, frames: Sequence[Any] = ()) -> None:
+    def _post_header(self, header: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            header_arr = Array(header)
+            self._progress.detach(self._ep.am_send(header_arr), keep=header_arr)
+        except Exception as e:
+            raise self._unreachable("send failed", e) from e
+
+    async def send(self, kind: Kind, request_id: int, message: Any,
+                   frames: Sequence[Any] = ()) -> None:
         """Send a header and its frames; returns once UCX has finished with the frame buffers."""
-        for fut in self.send_nowait(env, frames):
+        for fut in self.send_nowait(kind, request_id, message, frames):
             await self._await(fut, "frame send failed")
 
     # -- receiving -------------------------------------------------------------------------
@@ -109,55 +119,64 @@ class Channel:
         """Every frame of ``env`` came inside its header (true when it has none)."""
         return not env.frame_sizes or (env.inline is not None and None not in env.inline)
 
-    def recv_inline(self, env: Envelope, into: Into = None) -> list[Any]:
+    def recv_inline(self, env: Envelope, into: Into = None,
+                    views: Sequence[Any] | None = None) -> list[Any]:
         """``recv_frames`` for an envelope whose frames all came inline (``all_inline``): copies
         them into ``into`` right away. Same errors as ``recv_frames``."""
-        out, tagged, problem, caller_error = self._take_inline(env, into)
+        out, _, tagged, problem, caller_error = self._take_inline(env, into, views)
         assert not tagged, "frames to receive: use recv_frames"
         return self._finish(env, out, problem, caller_error)
 
-    async def recv_frames(self, env: Envelope, into: Into = None,
-                          timeout: float | None = None) -> list[Any]:
+    async def recv_frames(self, env: Envelope, into: Into = None, timeout: float | None = None,
+                          views: Sequence[Any] | None = None) -> list[Any]:
         """Receive the frames announced by ``env``: into ``into[i]`` where given (None entries and
         a missing ``into`` allocate). Inline frames are copied from the header; tagged frames are
         received once they have arrived (probe), straight into the buffer, after their length was
         checked. Frames that do not match the header raise WireDecodeError after they were
-        drained, so the connection stays usable. Does not suspend when every frame is inline."""
-        out, tagged, problem, caller_error = self._take_inline(env, into)
+        drained, so the connection stays usable. Does not suspend when every frame is inline.
+        ``views``: ``as_bytes_view`` of each ``into`` entry, when the caller already made them."""
+        out, views, tagged, problem, caller_error = self._take_inline(env, into, views)
         if tagged:
-            problem = await self._recv_tagged(env, out, tagged, problem, timeout)
+            problem = await self._recv_tagged(env, out, views, tagged, problem, timeout)
         return self._finish(env, out, problem, caller_error)
 
-    def _take_inline(self, env: Envelope, into: Into) -> tuple[list, list[int], str | None,
-                                                               BaseException | None]:
-        """Buffers for every frame (the caller's where usable), inline frames copied in; the
-        indices of the tagged frames still to receive; the first mismatch; the caller's error."""
+    def _take_inline(self, env: Envelope, into: Into, views: Sequence[Any] | None
+                     ) -> tuple[list, list, list[int], str | None, BaseException | None]:
+        """Buffers for every frame (the caller's where usable) and their byte views (None where
+        allocated here), inline frames copied in; the indices of the tagged frames still to
+        receive; the first mismatch; the caller's error."""
         sizes = env.frame_sizes
+        num_frames = len(sizes)
         caller_error: BaseException | None = None
         if callable(into):
+            views = None
             try:
                 targets = into(env.message, sizes)
             except Exception as e:  # still drain, then raise it
                 caller_error, targets = e, None
         else:
             targets = into
-        targets = list(targets) if targets is not None else [None] * len(sizes)
+        targets = list(targets) if targets is not None else [None] * num_frames
         problem = None
-        if len(targets) != len(sizes):
-            problem = f"{len(sizes)} frames announced, {len(targets)} buffers given"
-            targets = [None] * len(sizes)
+        if len(targets) != num_frames:
+            problem = f"{num_frames} frames announced, {len(targets)} buffers given"
+            targets, views = [None] * num_frames, None
         inline = env.inline
-        out, tagged = [], []
-        for i, (target, size) in enumerate(zip(targets, sizes)):
+        out, out_views, tagged = [], [], []
+        for i in range(num_frames):
+            target, size = targets[i], sizes[i]
             view = None
             if target is not None:
-                try:
-                    view = buffers.as_bytes_view(target, writable=True)
-                except (ValueError, TypeError) as e:  # still drain, then raise it
-                    caller_error, target = caller_error or e, None
+                if views is not None:
+                    view = views[i]
+                else:
+                    try:
+                        view = buffers.as_bytes_view(target, writable=True)
+                    except (ValueError, TypeError) as e:  # still drain, then raise it
+                        caller_error, target = caller_error or e, None
             if target is not None and view.nbytes != size:
                 problem = problem or f"frame {i}: {size} B announced, buffer holds {view.nbytes} B"
-                target = None
+                target = view = None
             data = inline[i] if inline is not None else None
             if data is None:
                 tagged.append(i)
@@ -168,10 +187,11 @@ class Channel:
             elif size:
                 buffers.copy_in(view, data)
             out.append(target)
-        return out, tagged, problem, caller_error
+            out_views.append(view)
+        return out, out_views, tagged, problem, caller_error
 
-    async def _recv_tagged(self, env: Envelope, out: list, tagged: list[int], problem: str | None,
-                           timeout: float | None) -> str | None:
+    async def _recv_tagged(self, env: Envelope, out: list, views: list, tagged: list[int],
+                           problem: str | None, timeout: float | None) -> str | None:
         sizes = env.frame_sizes
         timeout = self._config.frame_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -185,10 +205,12 @@ class Channel:
             except TimeoutError as e:
                 raise TransferTimeout(f"frame {i} of request {env.request_id} from {self.peer} "
                                       f"did not arrive within {timeout} s") from e
+            view = views[i]
             if result.length != size:
                 problem = problem or f"frame {i}: {size} B announced, {result.length} B sent"
-                target = buffers.allocate(result.length)
-            view = buffers.as_bytes_view(target, writable=True)
+                target, view = buffers.allocate(result.length), None
+            if view is None:
+                view = buffers.as_bytes_view(target, writable=True)
             arr = Array(view)
             req = self._worker.tag_recv_with_handle(arr, result)
             recvs.append(self._own(self._progress.wait(req, keep=(arr, view))))
@@ -277,10 +299,6 @@ class Channel:
             raise
         except Exception as e:  # a UCX status: the endpoint broke under this request
             raise self._unreachable(what, e) from e
-
-    def _check_open(self) -> None:
-        if self.error is not None:
-            raise self.error
 
     def _unreachable(self, what: str, cause: BaseException | None = None) -> PeerUnreachable:
         if self.error is not None:

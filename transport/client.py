@@ -30,6 +30,7 @@ class Reply:
 class _Pending:
     future: asyncio.Future
     into: Into
+    views: list | None = None  # as_bytes_view of each ``into`` entry (a list ``into`` only)
     receiving: bool = False  # frames are being received into caller buffers
     deadline: float | None = None  # loop time; set once the request is sent (see _expire)
     what: tuple = ()  # (message type name, request id, timeout): for the TransferTimeout
@@ -58,10 +59,12 @@ class Connection:
         self._monitor: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None  # deadline of the earliest request
         self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def attach(self, channel: Channel) -> None:
         self.channel = channel
-        self._monitor = asyncio.get_running_loop().create_task(self._watch_liveness())
+        self._loop = asyncio.get_running_loop()  # asyncio.get_running_loop() costs a getpid()
+        self._monitor = self._loop.create_task(self._watch_liveness())
 
     @property
     def closed(self) -> bool:
@@ -75,23 +78,20 @@ class Connection:
         do not match ``into``). A timeout while reply frames stream into caller buffers closes the
         connection, since those buffers could still be written."""
         timeout = self._config.request_timeout_s if timeout is None else timeout
-        if into is not None and not callable(into):
-            for target in into:  # refuse unusable buffers before anything is sent
-                if target is not None:
-                    buffers.as_bytes_view(target, writable=True)
-        channel = self.channel
+        views = None
+        if into is not None and not callable(into):  # refuse unusable buffers before sending
+            views = [None if target is None else buffers.as_bytes_view(target, writable=True)
+                     for target in into]
+        channel, loop = self.channel, self._loop
         request_id = next(self._ids)
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        pending = _Pending(loop.create_future(), into)
+        pending = _Pending(loop.create_future(), into, views)
         if not self._pending:
             self._silence_since = time.monotonic()
             self._live.wake.set()
         self._pending[request_id] = pending
-        progress = channel.progress
-        progress.expecting += 1
         try:
-            sends = channel.send_nowait(Envelope(Kind.REQUEST, request_id, message), frames)
+            sends = channel.send_nowait(Kind.REQUEST, request_id, message, frames)
             if sends:  # tagged frames: UCX reads the caller's buffers until these are done
                 async with asyncio.timeout_at(deadline):
                     for fut in sends:
@@ -109,7 +109,6 @@ class Connection:
                 pending.future.exception()  # failed while sending: the send's error is raised
             raise
         finally:
-            progress.expecting -= 1
             self._pending.pop(request_id, None)
 
     def _timed_out(self, type_name: str, request_id: int, timeout: float) -> TransferTimeout:
@@ -158,7 +157,7 @@ class Connection:
             pending.future.set_result(Reply(env.message))
         elif inline_only:  # fast path: frames came in the header, copy them right here
             try:
-                frames = self.channel.recv_inline(env, pending.into)
+                frames = self.channel.recv_inline(env, pending.into, pending.views)
             except Exception as e:
                 pending.future.set_exception(e)
             else:
@@ -169,7 +168,7 @@ class Connection:
 
     async def _receive(self, pending: _Pending, env: Envelope) -> None:
         try:
-            frames = await self.channel.recv_frames(env, pending.into)
+            frames = await self.channel.recv_frames(env, pending.into, views=pending.views)
         except (PeerUnreachable, TransferTimeout, WireDecodeError, ValueError, TypeError) as e:
             if not pending.future.done():
                 pending.future.set_exception(e)
@@ -228,7 +227,7 @@ class Connection:
     def _ping(self) -> None:
         request_id = next(self._ids)
         try:
-            self.channel.send_nowait(Envelope(Kind.REQUEST, request_id, Ping()))
+            self.channel.send_nowait(Kind.REQUEST, request_id, Ping())
         except PeerUnreachable:
             pass  # the failure already reached every pending request through on_closed
 

@@ -14,9 +14,9 @@ are not used: listener endpoints always run with error handling in ucxx 0.52, wh
 and without error handling a dead peer hangs or aborts the survivor (see NOTES-ucx.md).
 
 Progress: the worker runs in UCX *blocking* mode, driven by the asyncio loop (its epoll fd is a
-loop reader), with a short busy-poll (``spin_us``) after each event while something is awaited (a
-client's reply, a frame transfer; a server does not spin after replying). Idle cost is ~0 (epoll
-sleeps); a round trip costs one epoll wake-up per side plus the client's spin.
+loop reader), with a short busy-poll (``spin_us``) after each event, on both sides (a client after
+sending, a server after a request and its reply): a round trip usually needs no epoll wake-up.
+Idle cost is ~0 (epoll sleeps once the spin after the last event ran out).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class TransportConfig:
     rndv_scheme: str = "put_zcopy"  # UCX_RNDV_SCHEME: ~3x large-message throughput over tcp
     rndv_thresh: int = 8192  # UCX_RNDV_THRESH: frames above this go zero-copy (rendezvous)
     inline_bytes: int = 6144  # CPU frames up to this (in all, per message) travel in the header
-    spin_us: int = 100  # busy-poll after activity while requests are pending, then sleep in epoll
+    spin_us: int = 100  # busy-poll this long after the last activity, then sleep in epoll
     request_timeout_s: float = 30.0  # default deadline of one request (TransferTimeout)
     connect_timeout_s: float = 5.0  # connect + authenticate
     heartbeat_interval_s: float = 0.2  # ping a peer that has been silent this long while requests wait

@@ -13,6 +13,7 @@ import structlog
 from transport import auth
 from transport.channel import Channel, Into
 from transport.client import Reply
+from transport.eager import run_eagerly
 from transport.errors import PeerUnreachable, TransferTimeout, WireDecodeError
 from transport.wire import (Auth, Challenge, Envelope, ErrorReply, Hello, Kind, Ping, Pong,
                             Welcome)
@@ -71,14 +72,17 @@ class Session:
         loop.call_later(self._server.config.connect_timeout_s, self._handshake_deadline)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(asyncio.get_running_loop().create_task(coro))
+
+    def _track(self, task: asyncio.Task | None) -> None:
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _send(self, request_id: int, message: Any) -> None:
         """Send a reply without frames right away (nothing to wait for)."""
         try:
-            self.channel.send_nowait(Envelope(Kind.REPLY, request_id, message))
+            self.channel.send_nowait(Kind.REPLY, request_id, message)
         except PeerUnreachable as e:
             log.info("reply_dropped", peer=self.peer, request_id=request_id, error=str(e))
 
@@ -101,8 +105,8 @@ class Session:
         if self.state is _State.READY and env.kind is Kind.REQUEST:
             if isinstance(msg, Ping):
                 self._send(env.request_id, Pong())
-            else:
-                self._spawn(self._serve(env))
+            else:  # a handler that does not wait replies from here: no task, no loop turn
+                self._track(run_eagerly(self._serve(env)))
         elif self.state is _State.AWAIT_HELLO and isinstance(msg, Hello) and not env.frame_sizes:
             client_nonce = msg.nonce if isinstance(msg.nonce, bytes) else b""
             self._nonces = (client_nonce, self._nonces[1])
@@ -179,7 +183,7 @@ class Session:
             return
         reply = result if isinstance(result, Reply) else Reply(result)
         try:
-            sends = self.channel.send_nowait(Envelope(Kind.REPLY, env.request_id, reply.message),
+            sends = self.channel.send_nowait(Kind.REPLY, env.request_id, reply.message,
                                              reply.frames)
             for fut in sends:  # hold the reply's buffers until UCX is done with them
                 await self.channel.await_op(fut, "frame send failed")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
@@ -36,6 +36,9 @@ from transport.errors import WireDecodeError
 
 _REGISTRY: dict[str, type] = {}
 _FIELDS: dict[type, tuple[str, ...]] = {}  # registered class -> its field names
+# One packer, reused: msgpack.packb builds a new one per call. Packing holds the GIL throughout
+# (no Python callbacks for the types a header holds) and resets the buffer after each message.
+_PACKER = msgpack.Packer(use_bin_type=True)
 
 
 def message(cls: type) -> type:
@@ -60,9 +63,9 @@ class Kind(enum.IntEnum):
 _KINDS = (Kind.REQUEST, Kind.REPLY)
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A decoded header: routing fields plus the message."""
+class Envelope(NamedTuple):
+    """A decoded header: routing fields plus the message. A named tuple, not a dataclass: one is
+    built per message received, and a frozen dataclass costs several times more to build."""
 
     kind: Kind
     request_id: int
@@ -72,16 +75,21 @@ class Envelope:
 
 
 def encode(env: Envelope) -> bytes:
-    msg = env.message
-    cls = type(msg)
+    return encode_header(env.kind, env.request_id, env.message, env.frame_sizes, env.inline)
+
+
+def encode_header(kind: Kind, request_id: int, message: Any, frame_sizes: tuple[int, ...] = (),
+                  inline: tuple[Any, ...] | list[Any] | None = None) -> bytes:
+    """``encode`` without building the Envelope first (the send path)."""
+    cls = type(message)
     names = _FIELDS.get(cls)
-    if names is None or _REGISTRY.get(cls.TYPE) is not cls:
+    if names is None:  # registration guarantees one class per type name
         raise TypeError(f"{cls.__name__} is not a registered wire message")
-    header = {"t": cls.TYPE, "v": cls.VERSION, "k": int(env.kind), "id": env.request_id,
-              "f": env.frame_sizes, "b": {name: getattr(msg, name) for name in names}}
-    if env.inline is not None:
-        header["d"] = env.inline
-    return msgpack.packb(header, use_bin_type=True)
+    header = {"t": cls.TYPE, "v": cls.VERSION, "k": kind, "id": request_id, "f": frame_sizes,
+              "b": {name: getattr(message, name) for name in names}}
+    if inline is not None:
+        header["d"] = inline
+    return _PACKER.pack(header)
 
 
 def decode(data: bytes | memoryview, *, max_header_bytes: int, max_frames: int) -> Envelope:
@@ -100,15 +108,14 @@ def decode(data: bytes | memoryview, *, max_header_bytes: int, max_frames: int) 
         raise WireDecodeError("header lacks id/k/f")
     inline = None
     if sizes:
-        if len(sizes) > max_frames or not all(isinstance(n, int) and n >= 0 for n in sizes):
+        if len(sizes) > max_frames or not _sizes_valid(sizes):
             raise WireDecodeError(f"bad frame list of length {len(sizes)}", request_id=request_id)
         inline = header.get("d")
         if inline is not None:
-            if (not isinstance(inline, tuple) or len(inline) != len(sizes)
-                    or not all(d is None or (isinstance(d, bytes) and len(d) == n)
-                               for d, n in zip(inline, sizes))):
+            num_inline = _num_inline(inline, sizes)
+            if num_inline is None:
                 raise WireDecodeError("inline frames do not match the frame list")
-            if all(d is None for d in inline):
+            if not num_inline:
                 inline = None
     type_name, version, body = header.get("t"), header.get("v"), header.get("b")
     cls = _REGISTRY.get(type_name)
@@ -126,6 +133,26 @@ def decode(data: bytes | memoryview, *, max_header_bytes: int, max_frames: int) 
             problem = f"bad fields for {type_name!r}: {e}"
     raise WireDecodeError(problem, request_id=request_id, is_request=kind == Kind.REQUEST,
                           frame_sizes=sizes, inline=inline)
+
+
+def _sizes_valid(sizes: tuple) -> bool:
+    for n in sizes:
+        if not isinstance(n, int) or n < 0:
+            return False
+    return True
+
+
+def _num_inline(inline: Any, sizes: tuple) -> int | None:
+    """How many frames ``inline`` holds; None if it does not match ``sizes``."""
+    if not isinstance(inline, tuple) or len(inline) != len(sizes):
+        return None
+    num_inline = 0
+    for data, n in zip(inline, sizes):
+        if data is not None:
+            if not isinstance(data, bytes) or len(data) != n:
+                return None
+            num_inline += 1
+    return num_inline
 
 
 # Generic messages of the RPC layer. ---------------------------------------------------------
