@@ -85,21 +85,20 @@ def _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype, blo
     step = max(1, _GATHER_BYTES // (num_seqs * block_bytes)) if block_bytes else num_blocks
     # Padding entries past a sequence's length are masked: clamp so any value is a safe index.
     tables = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1)
-    lens = torch.tensor(context_lens, dtype=torch.int64)
-    return tuple(_decode_piece(tables[:, c:c + step], lens - c * block_size, block_size, dtype)
+    return tuple(_decode_piece(tables[:, c:c + step], [n - c * block_size for n in context_lens], block_size, dtype)
                  for c in range(0, num_blocks, step))
 
 
-def _decode_piece(tables, lens, block_size, dtype) -> _DecodeGather:
-    # tables: [S, n] block columns of this piece; lens: [S] tokens from the piece's first column on
+def _decode_piece(tables, lens: list[int], block_size, dtype) -> _DecodeGather:
+    # tables: [S, n] block columns of this piece; lens: tokens of each sequence from its first column on
     num_seqs, width = tables.shape[0], tables.shape[1] * block_size
-    visible = lens.clamp(0, width)
+    visible = [min(max(n, 0), width) for n in lens]
     mask = empty = None
-    if int(visible.min()) < width:
-        hidden = torch.arange(width).view(1, -1) >= visible.view(-1, 1)  # [S, width]
+    if min(visible) < width:
+        hidden = torch.arange(width).view(1, -1) >= torch.tensor(visible).view(-1, 1)  # [S, width]
         mask = torch.zeros(num_seqs, 1, 1, width, dtype=dtype).masked_fill_(hidden.view(num_seqs, 1, 1, -1), NEG_INF)
-    if int(visible.min()) == 0:
-        empty = visible == 0
+    if min(visible) == 0:
+        empty = torch.tensor([v == 0 for v in visible])
     return _DecodeGather(tables.reshape(-1), width, mask, empty)
 
 
