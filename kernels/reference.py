@@ -137,16 +137,11 @@ def merge_states_ref(
     out_dtype = states[0][0].dtype
     lses = torch.stack([lse.float() for _, lse in states])  # [N, T, H]
     outs = torch.stack([out for out, _ in states]).float()  # [N, T, H, D]
-    lse_max = lses.max(dim=0).values
-    safe_max = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
-    weights = torch.exp(lses - safe_max).unsqueeze(-1)  # [N, T, H, 1]; exp(-inf) = 0 for empty partitions
+    lse = torch.logsumexp(lses, dim=0)  # -inf where every partition is empty
+    # Normalised weights; exp(-inf) = 0 for an empty partition, and NaN (-inf - -inf) -> 0 where all are.
+    weights = torch.exp(lses - lse).nan_to_num_(0.0).unsqueeze(-1)  # [N, T, H, 1]
     # An empty partition's out is ignored even if it holds garbage (0 * NaN would be NaN).
-    acc = torch.where(weights > 0, weights * outs, 0.0).sum(dim=0)  # partitions summed in list order
-    total = weights.sum(dim=0)
-    nonempty = total > 0
-    out = torch.where(nonempty, acc / torch.where(nonempty, total, 1.0), 0.0)
-    total = total.squeeze(-1)
-    lse = torch.where(nonempty.squeeze(-1), safe_max + torch.log(torch.where(total > 0, total, 1.0)), NEG_INF)
+    out = (torch.where(weights > 0, outs, 0.0) * weights).sum(dim=0)  # partitions summed in list order
     return out.to(out_dtype), lse
 
 

@@ -10,7 +10,11 @@ request, is caught without an epoll wake-up, and neither side's core goes idle b
 messages. That matters most on virtual machines, where waking a peer whose core went idle costs
 tens of microseconds on each side (on the 2-vCPU dev VM a 64 B RPC took ~280 us p50 with only the
 client spinning, ~90 us with both; ``python -m transport.bench``). Idle costs nothing: the spin
-only follows activity. A slow tick guards against a missed wake-up.
+only follows activity. And it only runs while it pays: when the gaps between activities have
+mostly been longer than the spin (a memory server's attention takes milliseconds, and so does the
+worker's step between two layers), spinning would only take the CPU (and the GIL) from the compute
+that is about to send the next message, so the driver sleeps in epoll at once until short gaps
+come back. A slow tick guards against a missed wake-up.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from typing import Any, Callable
 
 _TICK_S = 0.05  # safety net: progress at least this often while anything is pending
+_SPIN_DECAY = 0.9  # weight of the past in the share of gaps a spin would have caught
 
 
 class Progress:
@@ -28,6 +33,8 @@ class Progress:
         self._loop = loop
         self._spin_s = spin_us / 1e6
         self._spin_until = 0.0
+        self._last_activity = 0.0
+        self.spin_hit_rate = 1.0  # recent share of gaps between activities shorter than the spin
         # (request, future | callback | None, keep)
         self._waits: list[tuple[Any, Any, Any]] = []
         self._probes: list[tuple[Any, asyncio.Future]] = []  # (tag, future of TagProbeResult)
@@ -84,7 +91,7 @@ class Progress:
 
     def kick(self, spin: bool = True) -> None:
         if spin:
-            self._spin_until = time.monotonic() + self._spin_s
+            self._activity()
         if not self._scheduled and not self._driving and not self._closed:
             self._scheduled = True
             self._loop.call_soon(self._drive)
@@ -101,7 +108,7 @@ class Progress:
         try:
             self._worker.progress()
             if self._poll():
-                self._spin_until = time.monotonic() + self._spin_s
+                self._activity()
         finally:
             self._driving = False
         if self._closed:
@@ -110,6 +117,14 @@ class Progress:
         if time.monotonic() < self._spin_until or not self._worker.arm():
             self._scheduled = True
             self._loop.call_soon(self._drive)
+
+    def _activity(self) -> None:
+        now = time.monotonic()
+        caught = now - self._last_activity <= self._spin_s
+        self._last_activity = now
+        self.spin_hit_rate = _SPIN_DECAY * self.spin_hit_rate + (1 - _SPIN_DECAY) * caught
+        if self.spin_hit_rate >= 0.5:
+            self._spin_until = now + self._spin_s
 
     def _poll(self) -> bool:
         done_any = False
