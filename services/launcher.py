@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one (default 8000)")
     parser.add_argument("--worker-threads", type=int, default=None, metavar="N",
-                        help="torch threads per worker (default: torch's choice; set it when workers share cores)")
+                        help="torch threads per worker (default: all cores but one, shared by the workers)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help=f"per-run log dir (default ${LOG_DIR_ENV}/<timestamp>, else ./.kvmesh/logs/<timestamp>)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")

@@ -14,6 +14,7 @@ from services.launch import probe
 from services.launch.config import LaunchConfig
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
 from services.launch.progress import Progress
+from services.worker.config import default_num_threads
 from services.launch.view import ClusterView
 
 
@@ -102,8 +103,9 @@ class LocalCluster:
             args += ["--served-model-name", c.served_model_name]
         if c.worker_kv_blocks is not None:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
-        if c.worker_threads is not None:
-            args += ["--num-threads", str(c.worker_threads)]
+        # Workers of one host share its cores (default_num_threads leaves one spare).
+        threads = c.worker_threads if c.worker_threads is not None else default_num_threads(c.num_workers)
+        args += ["--num-threads", str(threads)]
         return self._spawn(f"worker{index}", "worker", args, port)
 
     def add_memserver(self) -> Child:

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch intra-op threads (default: all usable cores but one)")
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
     parser.add_argument("--worker-id", default=None)

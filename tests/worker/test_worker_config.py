@@ -1,0 +1,20 @@
+"""The worker's torch thread default leaves a core to the event loop that streams tokens."""
+
+import os
+
+import pytest
+
+from services.worker.config import WorkerConfig, default_num_threads
+
+
+def test_default_threads_are_all_usable_cores_but_one_shared_by_the_workers():
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_threads() == max(1, cores - 1)
+    assert default_num_threads(num_workers=cores) == 1  # never zero
+    assert WorkerConfig(cluster_token="t").engine_config().num_threads == default_num_threads()
+    assert WorkerConfig(cluster_token="t", num_threads=3).engine_config().num_threads == 3
+
+
+def test_bad_thread_count_is_refused():
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        WorkerConfig(cluster_token="t", num_threads=0)
