@@ -12,12 +12,11 @@
   python -m loadtest.bench_distattention capacity --cap-memservers 0,1,2,3
   python -m loadtest.bench_distattention longctx --local-blocks 32 --multiples 4,8,16 --rounds 3
 
-Prefill on CPU is quadratic in the context and dominates the run time (each measured request
-prefills its whole prompt): on 2 shared cores 20-110 s per 8K request, over 20 minutes for 32K, so
-32K is opt-in (--contexts 8000,32000). With remote blocks, one prefill chunk's attention on a
-memserver then takes seconds, past the transport's 1 s peer timeout: the worker declares the
-memserver lost and recomputes (see `sequence_recomputed` in the worker logs under --out/logs).
-Tables go to stdout; decode.json, capacity.json and PNG plots to --out. Exit status 1 when a
+Each measured request prefills its whole prompt: on 2 shared cores an 8K prompt takes ~3 s (the
+fused CPU attention path; it was 20-110 s with the Python reference). Prefill is quadratic in the
+context, so 32K is opt-in (--contexts 8000,32000). A memserver deemed lost mid-request shows up as
+`sequence_recomputed` in the worker logs under --out/logs (the recomp column counts them).
+Tables go to stdout; decode.json, capacity.json, longctx.json and PNG plots to --out. Exit status 1 when a
 request failed or blocks leaked. Every process started is stopped on the way out (SIGTERM, then
 SIGKILL), also on Ctrl-C or SIGTERM; children die with this process in any case (PDEATHSIG).
 """
