@@ -38,9 +38,17 @@ def plan_paged_attention(
     with any layer's cache of the same pool shape."""
     if k_cache.device.type == "cuda":
         return None
+    return _plan_cpu(block_tables, context_lens, query_start_loc, k_cache, dtype, causal, None, check=True)
+
+
+def _plan_cpu(block_tables, context_lens, query_start_loc, k_cache, dtype, causal, num_tokens: int | None,
+              check: bool) -> CpuAttentionPlan:
+    """Host copies of the lengths, their value checks (num_tokens: q's rows, else the last query
+    offset), and the CPU plan."""
     lens, starts = context_lens.tolist(), query_start_loc.tolist()
-    num_tokens = starts[-1] if starts else 0
-    check_attention_values(lens, starts, block_tables, num_tokens, k_cache.shape[0], k_cache.shape[1])
+    if check:
+        num_tokens = num_tokens if num_tokens is not None else (starts[-1] if starts else 0)
+        check_attention_values(lens, starts, block_tables, num_tokens, k_cache.shape[0], k_cache.shape[1])
     return plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], dtype, causal,
                               block_bytes(k_cache))
 
@@ -75,11 +83,8 @@ def paged_attention_partial(
         )
     check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale)
     if plan is None:
-        lens, starts = context_lens.tolist(), query_start_loc.tolist()
-        if _values_checked(check_values, q.device):
-            check_attention_values(lens, starts, block_tables, q.shape[0], k_cache.shape[0], k_cache.shape[1])
-        plan = plan_cpu_attention(block_tables, lens, starts, k_cache.shape[0], k_cache.shape[1], q.dtype, causal,
-                                  block_bytes(k_cache))
+        plan = _plan_cpu(block_tables, context_lens, query_start_loc, k_cache, q.dtype, causal, q.shape[0],
+                         check=_values_checked(check_values, q.device))
     elif plan.query_starts[-1] != q.shape[0]:
         raise ValueError(f"the plan covers {plan.query_starts[-1]} query tokens, q has {q.shape[0]}")
     fast = paged_attention_cpu(q, k_cache, v_cache, plan, scale)

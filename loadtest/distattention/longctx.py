@@ -7,6 +7,7 @@ a planned remote share of 1 - 1/k."""
 from __future__ import annotations
 
 from loadtest.distattention.decode_plan import DecodePlan, decode_plan
+from loadtest.distattention.report import fmt
 
 TARGET_MULTIPLE = 8
 TARGET_SPEED = 0.75  # decode tok/s at 8x local capacity, as a share of all-local
@@ -60,10 +61,10 @@ def table(rows: list[dict]) -> str:
         rounds = ", ".join(f"{x:.2f}" for x in r["paired_speed"])
         lines.append(
             f"{r['multiple']:>5} {r['context']:>7} {'-' if frac is None else f'{frac:.0%}':>6} "
-            f"{_f(r['local_tok_s'], '.1f'):>11} {_f(r['remote_tok_s'], '.1f'):>11} "
-            f"{_f(r['local_itl_ms']) + ' / ' + _f(r['remote_itl_ms']):>22} "
-            f"{_f(r['local_itl_p90_ms']) + ' / ' + _f(r['remote_itl_p90_ms']):>22} "
-            f"{_f(r['speed_vs_local'], '.3f'):>13} {rounds:>16} {r['num_failed']:>6}")
+            f"{fmt(r['local_tok_s'], '.1f'):>11} {fmt(r['remote_tok_s'], '.1f'):>11} "
+            f"{fmt(r['local_itl_ms']) + ' / ' + fmt(r['remote_itl_ms']):>22} "
+            f"{fmt(r['local_itl_p90_ms']) + ' / ' + fmt(r['remote_itl_p90_ms']):>22} "
+            f"{fmt(r['speed_vs_local'], '.3f'):>13} {rounds:>16} {r['num_failed']:>6}")
     return "\n".join(lines)
 
 
@@ -74,7 +75,3 @@ def verdict(rows: list[dict]) -> str:
     ok = row["speed_vs_local"] >= TARGET_SPEED
     return (f"decode at {TARGET_MULTIPLE}x local capacity = {row['speed_vs_local']:.3f}x all-local tok/s -> "
             f"{'PASS' if ok else 'FAIL'} (target >= {TARGET_SPEED}x)")
-
-
-def _f(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)

@@ -9,7 +9,7 @@ TARGET_RATIO = 1.3  # issue 6: decode with 75% of the KV remote within 1.3x of a
 CAPACITY_TOLERANCE = 0.02
 
 
-def _f(value, spec: str = ".2f", none: str = "-") -> str:
+def fmt(value, spec: str = ".2f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
@@ -22,10 +22,10 @@ def decode_table(summary: list[dict]) -> str:
         rounds = ", ".join(f"{r:.2f}" for r in s["paired_ratios"])
         lines.append(
             f"{s['context']:>7} {s['label']:<8} {s['num_memservers']:>2} {s['fraction']:>7.0%} "
-            f"{_f(s['measured_remote_fraction'], '.0%'):>8} {s['num_kv_blocks']:>9} {s['num_ok']:>3} "
-            f"{_f(s.get('num_recomputes'), 'd'):>6} "
-            f"{_f(s['ttft_median_s'], '.1f'):>7} {_f(s['itl_median_ms']):>10} {_f(s['itl_p90_ms']):>10} "
-            f"{_f(s['ratio_vs_local'], '.3f'):>8} {rounds:>18}")
+            f"{fmt(s['measured_remote_fraction'], '.0%'):>8} {s['num_kv_blocks']:>9} {s['num_ok']:>3} "
+            f"{fmt(s.get('num_recomputes'), 'd'):>6} "
+            f"{fmt(s['ttft_median_s'], '.1f'):>7} {fmt(s['itl_median_ms']):>10} {fmt(s['itl_p90_ms']):>10} "
+            f"{fmt(s['ratio_vs_local'], '.3f'):>8} {rounds:>18}")
     return "\n".join(lines)
 
 
@@ -48,7 +48,7 @@ def capacity_table(rows: list[dict]) -> str:
         step = "-" if prev is None else f"{r['largest_served'] - prev:+,}"
         refused, leak = "yes" if r["over_refused_properly"] else "NO", "YES" if r["leak"] else "no"
         lines.append(f"{r['num_memservers']:>2} {r['total_blocks']:>12,} {r['theoretical_tokens']:>11,} "
-                     f"{r['advertised_max_context']:>10,} {r['largest_served']:>14,} {_f(r['ratio'], '.4f'):>6} "
+                     f"{r['advertised_max_context']:>10,} {r['largest_served']:>14,} {fmt(r['ratio'], '.4f'):>6} "
                      f"{refused:>10} {step:>11} {leak:>5}")
         prev = r["largest_served"]
     return "\n".join(lines)
