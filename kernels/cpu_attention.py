@@ -10,18 +10,21 @@ pass in a `CpuAttentionPlan` and reused by every layer. The plain-torch referenc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import merge_states_ref
+from kernels.cpu_merge import merge_states_cpu
 
 NEG_INF = float("-inf")
 _FLASH_DTYPES = (torch.float32, torch.bfloat16)
 # Decode gathers K (and V) in pieces of about this size, each attended to while it is still in
 # cache, and merges the pieces' (out, lse) exactly; one gather of a long context would stream it
-# through memory twice.
-_GATHER_BYTES = 2 << 20
+# through memory twice. 1 MiB (1024 tokens of 2 fp32 KV heads of 128): the fused kernel runs as
+# fast per token as at 512 tokens, and at 2048 at half that speed (K and V out of cache); 2 MiB
+# allocations also page-faulted in afresh on every call.
+_GATHER_BYTES = 1 << 20
 
 
 def is_decode(num_tokens: int, query_starts: list[int]) -> bool:
@@ -30,7 +33,9 @@ def is_decode(num_tokens: int, query_starts: list[int]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _DecodeGather:
-    ids: torch.Tensor  # [S * num_blocks] int64: block ids, padding clamped to a valid block
+    # [S * num_blocks] block ids in the table's int dtype, padding clamped to a valid block; may view
+    # the caller's table (callers build a table per step and never write it while its plan is in use)
+    ids: torch.Tensor
     width: int  # num_blocks * block_size: KV rows gathered per sequence
     mask: torch.Tensor | None  # [S, 1, 1, width] additive (0 / -inf), None when every row is full
     empty: torch.Tensor | None  # [S] bool: sequences with no visible token, None if there are none
@@ -83,8 +88,14 @@ def _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype, blo
         return None
     num_blocks = (max_len + block_size - 1) // block_size
     step = max(1, _GATHER_BYTES // (num_seqs * block_bytes)) if block_bytes else num_blocks
-    # Padding entries past a sequence's length are masked: clamp so any value is a safe index.
-    tables = block_tables[:, :num_blocks].long().clamp(0, pool_blocks - 1)
+    # int32 ids index as they are. Padding entries past a shorter sequence's length are masked:
+    # clamp so any value is a safe index. Without padding every entry is a used block, which
+    # index_select bounds-checks (and the value checks already did).
+    tables = block_tables if block_tables.shape[1] == num_blocks else block_tables[:, :num_blocks]
+    if min(context_lens) <= (num_blocks - 1) * block_size:
+        tables = tables.clamp(0, pool_blocks - 1)
+    if step >= num_blocks:  # one piece: most calls, planned in the fewest tensor ops
+        return (_decode_piece(tables, context_lens, block_size, dtype),)
     return tuple(_decode_piece(tables[:, c:c + step], [n - c * block_size for n in context_lens], block_size, dtype)
                  for c in range(0, num_blocks, step))
 
@@ -134,27 +145,44 @@ def paged_attention_cpu(
 
 
 def _decode(q, k_cache, v_cache, pieces: tuple[_DecodeGather, ...], scale):
-    states = [_decode_one(q, k_cache, v_cache, g, scale) for g in pieces]
-    return states[0] if len(states) == 1 else merge_states_ref(states)
+    if len(pieces) == 1:
+        return _decode_one(q, k_cache, v_cache, pieces[0], scale)
+    # One K and one V buffer serve every piece: a fresh ~1 MiB allocation per piece is handed back
+    # to the OS on free and page-faults in again (64K tokens over 2 partitions: ~14K faults, half the time).
+    rows = pieces[0].ids.shape[0]  # the first piece is the widest
+    k_buf, v_buf = k_cache.new_empty((rows, *k_cache.shape[1:])), v_cache.new_empty((rows, *v_cache.shape[1:]))
+    return merge_states_cpu([_decode_one(q, k_cache, v_cache, g, scale, k_buf, v_buf) for g in pieces])
 
 
-def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale):
+def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale, k_buf=None, v_buf=None):
+    # Runs once per partition, layer and step, its code often evicted by the KV it just streamed:
+    # each tensor op then costs several times its warm ~1 us, hence as_strided, not view + transpose.
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    # k, v: [S, Hkv, width, D] (strided views of the gathered blocks)
-    k = k_cache.index_select(0, g.ids).view(num_seqs, g.width, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, g.ids).view(num_seqs, g.width, num_kv_heads, head_dim).transpose(1, 2)
+    # k, v: [S, Hkv, width, D], strided views of the gathered [S * n, block_size, Hkv, D] blocks
+    shape = (num_seqs, num_kv_heads, g.width, head_dim)
+    strides = (g.width * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
+    k = _gather(k_cache, g.ids, k_buf).as_strided(shape, strides)
+    v = _gather(v_cache, g.ids, v_buf).as_strided(shape, strides)
     # The query heads sharing a KV head ride as that head's query rows: no K/V expansion for GQA.
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qg, k, v, 0.0, False, attn_mask=g.mask, scale=scale
     )[:2]
+    # out: [S, Hkv, G, D] (contiguous: a view); lse: [S, Hkv, G] fp32 for fp32 and bf16 alike
     out = out.reshape(num_seqs, num_heads, head_dim)
-    lse = lse.reshape(num_seqs, num_heads).float()
+    lse = lse.reshape(num_seqs, num_heads)
     if g.empty is not None:  # fully masked rows: whatever the kernel made of them becomes (0, -inf)
         out = out.masked_fill(g.empty.view(-1, 1, 1), 0.0)
         lse = lse.masked_fill(g.empty.view(-1, 1), NEG_INF)
     return out, lse
+
+
+def _gather(cache, ids, buf):
+    # -> [len(ids), block_size, Hkv, D] contiguous: into buf's first rows when given
+    if buf is None:
+        return cache.index_select(0, ids)
+    return torch.index_select(cache, 0, ids, out=buf.narrow(0, 0, ids.shape[0]))
 
 
 def _prefill(q, k_cache, v_cache, seqs: tuple[_PrefillSeq, ...], scale):
@@ -188,4 +216,4 @@ def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens: 
 
 
 def block_bytes(k_cache: torch.Tensor) -> int:
-    return k_cache[0].numel() * k_cache.element_size()
+    return math.prod(k_cache.shape[1:]) * k_cache.element_size()  # from the shape: no tensor op

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from kernels.cpu_attention import CpuAttentionPlan, block_bytes, paged_attention_cpu, plan_cpu_attention
-from kernels.reference import merge_states_ref, paged_attention_partial_ref, store_kv_ref
+from kernels.cpu_merge import merge_states_cpu
+from kernels.reference import paged_attention_partial_ref, store_kv_ref
 from kernels.validate import (
     check_attention_inputs,
     check_attention_values,
@@ -74,7 +75,7 @@ def paged_attention_partial(
     plan: from `plan_paged_attention` over the same tables, lengths and causality (CPU): its
     values were checked when it was made.
     """
-    if q.device.type == "cuda":
+    if q.is_cuda:
         from kernels.triton_attention import paged_attention_partial_triton
 
         return paged_attention_partial_triton(
@@ -96,13 +97,13 @@ def paged_attention_partial(
 
 
 def merge_states(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """See kernels.reference.merge_states_ref."""
+    """See kernels.reference.merge_states_ref (CPU: kernels.cpu_merge, the same in fewer ops)."""
     if states and states[0][0].device.type == "cuda":
         from kernels.triton_merge import merge_states_triton
 
         return merge_states_triton(states)
     check_merge_inputs(states)
-    return merge_states_ref(states)
+    return merge_states_cpu(states)
 
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping, *, check_values: bool | None = None) -> None:

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench", nargs="?", choices=("all", "decode", "capacity", "longctx"), default="all")
     p.add_argument("--out", type=Path, default=Path("bench-out/distattention"))
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--memserver-threads", type=int, default=None,
+                   help="torch threads per memserver (default: the memserver's, usable cores but one)")
     p.add_argument("--child-env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",
                    help="environment of every cluster process, repeatable (e.g. OMP_WAIT_POLICY=PASSIVE: "
                         "OpenMP threads of worker and memserver then sleep instead of spinning on shared cores)")
@@ -84,7 +86,7 @@ def run_decode(args: argparse.Namespace, token: str) -> bool:
     for ctx in args.contexts:
         plan = decode_plan(ctx, args.fractions, args.memservers, args.decode_tokens,
                            worker_threads=args.worker_threads, with_local=not args.no_local,
-                           env=tuple(args.child_env))
+                           env=tuple(args.child_env), memserver_threads=args.memserver_threads)
         print(f"== decode, context {ctx:,} tokens, {args.decode_tokens} decode tokens, {args.rounds} round(s), "
               f"{len(plan.cases)} cases", flush=True)
         t0 = time.perf_counter()
@@ -108,7 +110,8 @@ def run_decode(args: argparse.Namespace, token: str) -> bool:
 
 def run_longctx(args: argparse.Namespace, token: str) -> bool:
     plans = longctx.longctx_plans(args.local_blocks, args.multiples, args.long_memservers, args.decode_tokens,
-                                  worker_threads=args.worker_threads, env=tuple(args.child_env))
+                                  worker_threads=args.worker_threads, env=tuple(args.child_env),
+                                  memserver_threads=args.memserver_threads)
     rows, runs, healthy = [], [], True
     for k, plan in plans:
         print(f"== longctx {k}x local capacity ({args.local_blocks} blocks): context {plan.context:,} + "

@@ -92,7 +92,7 @@ class Channel:
                     continue
                 arr = Array(view)
                 req = self._ep.tag_send(arr, frame_tag(self.send_prefix, request_id, i))
-                futs.append(self._own(self._progress.wait(req, keep=(arr, view))))
+                futs.append(self._own(self._progress.wait(req, keep=(arr, view), arrival=False)))
         except Exception as e:
             raise self._unreachable("send failed", e) from e
         return futs
@@ -282,6 +282,15 @@ class Channel:
             self._owned.add(fut)
             fut.add_done_callback(self._owned.discard)
         return fut
+
+    def op_error(self, fut: asyncio.Future, what: str) -> PeerUnreachable | None:
+        """The error ``await_op`` would raise for a finished operation (None if it succeeded)."""
+        if fut.cancelled():
+            return self.error or self._unreachable(what)
+        error = fut.exception()
+        if error is None or isinstance(error, PeerUnreachable):
+            return error
+        return self._unreachable(what, error)
 
     async def await_op(self, fut: asyncio.Future, what: str) -> Any:
         """Await a UCX operation's future; UCX errors and cancellation by ``fail`` become

@@ -32,7 +32,7 @@ class _Pending:
     into: Into
     views: list | None = None  # as_bytes_view of each ``into`` entry (a list ``into`` only)
     receiving: bool = False  # frames are being received into caller buffers
-    deadline: float | None = None  # loop time; set once the request is sent (see _expire)
+    deadline: float | None = None  # loop time: sending and the reply (see _expire)
     what: tuple = ()  # (message type name, request id, timeout): for the TransferTimeout
 
 
@@ -77,6 +77,15 @@ class Connection:
         Raises RemoteError, PeerUnreachable, TransferTimeout (WireDecodeError if the reply's frames
         do not match ``into``). A timeout while reply frames stream into caller buffers closes the
         connection, since those buffers could still be written."""
+        return await self.start_request(message, frames, into=into, timeout=timeout)
+
+    def start_request(self, message: Any, frames: Sequence[Any] = (), *, into: Into = None,
+                      timeout: float | None = None, sent: list | None = None) -> asyncio.Future:
+        """``request`` without a coroutine, for callers that chain callbacks or run the loop
+        themselves: posts the request now (in the loop's thread) and returns the future of its
+        Reply, failed with the errors ``request`` raises. The frames must stay unchanged until
+        that future is done; cancelling it withdraws the request. ``sent``: a list that receives
+        the futures of the frames sent as tagged messages (done once UCX has read them)."""
         timeout = self._config.request_timeout_s if timeout is None else timeout
         views = None
         if into is not None and not callable(into):  # refuse unusable buffers before sending
@@ -85,31 +94,32 @@ class Connection:
         channel, loop = self.channel, self._loop
         request_id = next(self._ids)
         deadline = loop.time() + timeout
-        pending = _Pending(loop.create_future(), into, views)
+        future = loop.create_future()
+        pending = _Pending(future, into, views, deadline=deadline,
+                           what=(type(message).__name__, request_id, timeout))
         if not self._pending:
             self._silence_since = time.monotonic()
             self._live.wake.set()
         self._pending[request_id] = pending
+        future.add_done_callback(lambda _: self._pending.pop(request_id, None))
         try:
             sends = channel.send_nowait(Kind.REQUEST, request_id, message, frames)
-            if sends:  # tagged frames: UCX reads the caller's buffers until these are done
-                async with asyncio.timeout_at(deadline):
-                    for fut in sends:
-                        await channel.await_op(fut, "frame send failed")
-            # The reply's deadline: one timer per connection (_expire), not one per request.
-            pending.deadline = deadline
-            pending.what = (type(message).__name__, request_id, timeout)
-            if self._timer is None or deadline < self._timer_at:
-                self._arm_timer(loop, deadline)
-            return await pending.future
-        except TimeoutError as e:
-            raise self._timed_out(type(message).__name__, request_id, timeout) from e
         except BaseException:
-            if pending.future.done() and not pending.future.cancelled():
-                pending.future.exception()  # failed while sending: the send's error is raised
+            future.cancel()
             raise
-        finally:
-            self._pending.pop(request_id, None)
+        for send in sends:  # tagged frames: a failed send fails the request
+            send.add_done_callback(lambda op: self._frame_sent(op, future))
+        if sent is not None:
+            sent.extend(sends)
+        # The deadline covers sending and the reply: one timer per connection (_expire).
+        if self._timer is None or deadline < self._timer_at:
+            self._arm_timer(loop, deadline)
+        return future
+
+    def _frame_sent(self, op: asyncio.Future, future: asyncio.Future) -> None:
+        error = self.channel.op_error(op, "frame send failed")
+        if error is not None and not future.done():
+            future.set_exception(error)
 
     def _timed_out(self, type_name: str, request_id: int, timeout: float) -> TransferTimeout:
         return TransferTimeout(f"{type_name} request {request_id} to {self.address} timed out "
@@ -211,10 +221,17 @@ class Connection:
                 live.wake.clear()
                 await live.wake.wait()
                 continue
+            slept_at = time.monotonic()
             await asyncio.sleep(live.interval_s)
             if not self._pending or self.closed or not self.ready:
                 continue
-            silent_s = time.monotonic() - max(self.channel.last_rx, self._silence_since)
+            now = time.monotonic()
+            if now - slept_at > 2 * live.interval_s:
+                # The loop did not run meanwhile (its owner runs it only while it waits for a
+                # reply, or a long callback held it): nothing could be heard and no ping went
+                # out, so that time is no silence. The peer gets a fresh window from now.
+                self._silence_since = max(self._silence_since, now - live.interval_s)
+            silent_s = now - max(self.channel.last_rx, self._silence_since)
             if silent_s > live.timeout_s:
                 log.warning("peer_silent", peer=self.address, silent_s=round(silent_s, 3),
                             num_pending=len(self._pending))
@@ -250,6 +267,11 @@ class ConnectionPool:
         self._dial = dial
         self._conns: dict[str, Connection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def peek(self, address: str) -> Connection | None:
+        """The live connection to ``address``, if there is one (``get`` dials otherwise)."""
+        conn = self._conns.get(address)
+        return conn if conn is not None and not conn.closed else None
 
     async def get(self, address: str) -> Connection:
         conn = self._conns.get(address)

@@ -3,8 +3,8 @@
 The worker's epoll fd is a loop reader. On each wake-up (or after Python submits work) the worker
 is progressed and finished UCX requests are settled: an asyncio future is resolved, or a callback
 runs right there (no task hop; channels receive their headers, and servers run their handlers,
-that way). After any activity (a message received, a send posted, an operation finished) progress
-is retried on each loop turn for ``spin_us``, letting other tasks run in between; then the worker
+that way). After any activity (a message or frame received, a send posted) progress is retried on
+each loop turn for ``spin_us``, letting other tasks run in between; then the worker
 is armed and the loop sleeps in epoll. Both sides of a round trip spin: a reply, or the next
 request, is caught without an epoll wake-up, and neither side's core goes idle between the two
 messages. That matters most on virtual machines, where waking a peer whose core went idle costs
@@ -14,7 +14,10 @@ only follows activity. And it only runs while it pays: when the gaps between act
 mostly been longer than the spin (a memory server's attention takes milliseconds, and so does the
 worker's step between two layers), spinning would only take the CPU (and the GIL) from the compute
 that is about to send the next message, so the driver sleeps in epoll at once until short gaps
-come back. A slow tick guards against a missed wake-up.
+come back. The completion of our own sends is no activity: it follows the send at once, and
+counting it made every other gap look short (the decode round trip then spun half the time on
+both sides, taking a 2-core host's CPU from the attention it waited for). A slow tick guards
+against a missed wake-up.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class Progress:
         self._spin_until = 0.0
         self._last_activity = 0.0
         self.spin_hit_rate = 1.0  # recent share of gaps between activities shorter than the spin
-        # (request, future | callback | None, keep)
-        self._waits: list[tuple[Any, Any, Any]] = []
+        # (request, future | callback | None, keep, arrival: its completion is activity)
+        self._waits: list[tuple[Any, Any, Any, bool]] = []
         self._probes: list[tuple[Any, asyncio.Future]] = []  # (tag, future of TagProbeResult)
         self._scheduled = False
         self._driving = False  # inside _drive: it decides (spin or arm) once the callbacks ran
@@ -50,14 +53,15 @@ class Progress:
     def num_pending(self) -> int:
         return len(self._waits) + len(self._probes)
 
-    def wait(self, request: Any, keep: Any = None) -> asyncio.Future:
+    def wait(self, request: Any, keep: Any = None, arrival: bool = True) -> asyncio.Future:
         """A future resolved when the UCX request completes (exception = the UCX error).
-        ``keep`` (e.g. the buffer) is held until then."""
+        ``keep`` (e.g. the buffer) is held until then. ``arrival``: a receive (its completion is
+        activity), not a send."""
         fut = self._loop.create_future()
         if request.completed:
             _settle(request, fut)
         else:
-            self._waits.append((request, fut, keep))
+            self._waits.append((request, fut, keep, arrival))
             self.kick()
         return fut
 
@@ -65,7 +69,7 @@ class Progress:
         """Call ``callback(request)`` from the driver once ``request`` (not yet completed)
         completes; the callback checks the request's error itself. Posting it is no activity:
         it does not make the driver spin. ``unwatch`` withdraws it."""
-        self._waits.append((request, callback, None))
+        self._waits.append((request, callback, None, True))
         self.kick(spin=False)
 
     def unwatch(self, request: Any) -> None:
@@ -78,7 +82,7 @@ class Progress:
         """Fire and forget: hold ``keep`` until the request completes; errors surface elsewhere
         (the endpoint's error callback). A send: the driver spins (its answer may follow)."""
         if not request.completed:
-            self._waits.append((request, None, keep))
+            self._waits.append((request, None, keep, False))
         self.kick()
 
     def probe(self, tag: Any) -> asyncio.Future:
@@ -132,11 +136,11 @@ class Progress:
             # Callbacks may add waits (a handler replying inline): swap the list first.
             waits, self._waits = self._waits, []
             for i, item in enumerate(waits):
-                request, target, _ = item
+                request, target, _, arrival = item
                 if not request.completed:
                     self._waits.append(item)
                     continue
-                done_any = True
+                done_any |= arrival
                 if target is None:
                     continue
                 if isinstance(target, asyncio.Future):
@@ -173,7 +177,7 @@ class Progress:
         self._closed = True
         self._tick_handle.cancel()
         self._loop.remove_reader(self._fd)
-        for _, target, _ in self._waits:
+        for _, target, _, _ in self._waits:
             if isinstance(target, asyncio.Future) and not target.done():
                 target.cancel()
         for _, fut in self._probes:

@@ -30,6 +30,7 @@ class ClusterSpec:
     memserver_capacity: str = "64MiB"
     block_size: int = 16
     worker_threads: int | None = None
+    memserver_threads: int | None = None  # None: the memserver's default (usable cores but one)
     heartbeat_timeout_s: float = 15.0  # generous: 2 shared cores, long synchronous prefill steps
     env: tuple[tuple[str, str], ...] = ()  # extra environment of every process (e.g. OMP_WAIT_POLICY)
 
@@ -79,7 +80,8 @@ class BenchCluster:
             name = f"memserver{i}"
             self.memservers.append(self._spawn(name, "memserver", [
                 "memserver", "--router", self.url, "--capacity", s.memserver_capacity, "--host", HOST,
-                "--http-port", str(port), "--memserver-id", name, "--heartbeat-interval", "0.5"], port))
+                "--http-port", str(port), "--memserver-id", name, "--heartbeat-interval", "0.5",
+                *(["--num-threads", str(s.memserver_threads)] if s.memserver_threads is not None else [])], port))
         for w in s.workers:
             port = free_port(HOST)
             args = ["worker", "--model", "tiny", "--router", self.url, "--host", HOST, "--port", str(port),

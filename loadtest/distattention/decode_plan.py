@@ -55,7 +55,7 @@ def memserver_capacity(context: int, max_fraction: float, decode_tokens: int, bl
 
 def decode_plan(context: int, fractions: list[float], memservers: list[int], decode_tokens: int,
                 block_size: int = 16, worker_threads: int | None = None, with_local: bool = True,
-                env: tuple[tuple[str, str], ...] = ()) -> DecodePlan:
+                env: tuple[tuple[str, str], ...] = (), memserver_threads: int | None = None) -> DecodePlan:
     """One cluster per memserver count. The all-local baseline (--no-remote-kv) and f=0 (remote on,
     pool big enough: nothing spills, so the memserver count is moot) live in the first cluster."""
     if not memservers or min(memservers) < 1:
@@ -78,5 +78,6 @@ def decode_plan(context: int, fractions: list[float], memservers: list[int], dec
             n = local_blocks(context, f, decode_tokens, block_size)
             workers.append(WorkerSpec(worker, n))
             cases.append(DecodeCase(f"{name}/{worker}", name, worker, m, f, n))
-        clusters.append(ClusterSpec(name, tuple(workers), m, capacity, block_size, worker_threads, env=env))
+        clusters.append(ClusterSpec(name, tuple(workers), m, capacity, block_size, worker_threads,
+                                    memserver_threads=memserver_threads, env=env))
     return DecodePlan(context, decode_tokens, tuple(clusters), tuple(cases), capacity)

@@ -15,7 +15,8 @@ TARGET_SPEED = 0.75  # decode tok/s at 8x local capacity, as a share of all-loca
 
 def longctx_plans(local_blocks: int, multiples: list[int], num_memservers: int, decode_tokens: int,
                   block_size: int = 16, worker_threads: int | None = None,
-                  env: tuple[tuple[str, str], ...] = ()) -> list[tuple[int, DecodePlan]]:
+                  env: tuple[tuple[str, str], ...] = (),
+                  memserver_threads: int | None = None) -> list[tuple[int, DecodePlan]]:
     """One plan per multiple k: prompt = k x local capacity - decode tokens (the whole request is
     k x capacity); the spilling worker's pool is the local capacity (plus the decode tail)."""
     if local_blocks < 4:
@@ -27,7 +28,7 @@ def longctx_plans(local_blocks: int, multiples: list[int], num_memservers: int, 
         total = k * local_blocks * block_size
         context = total - decode_tokens
         plan = decode_plan(context, [1 - 1 / k], [num_memservers], decode_tokens, block_size,
-                           worker_threads=worker_threads, env=env)
+                           worker_threads=worker_threads, env=env, memserver_threads=memserver_threads)
         plans.append((k, plan))
     return plans
 

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds owners get to move their blocks off on SIGTERM")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads for attention")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch intra-op threads for attention (default: usable cores but one)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -43,10 +44,15 @@ def main(args: argparse.Namespace) -> int:
         log.error("bad_config", error=str(e))
         print(f"kvmesh memserver: {e}", file=sys.stderr)
         return 2
-    if args.num_threads:
-        import torch
+    if args.num_threads is not None and args.num_threads < 1:
+        print(f"kvmesh memserver: --num-threads must be >= 1, got {args.num_threads}", file=sys.stderr)
+        return 2
+    import torch
 
-        torch.set_num_threads(args.num_threads)
+    from services.runtime.host import default_num_threads, keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(args.num_threads or default_num_threads())
     from services.memserver.app import create_app, drain
     from services.runtime.serve import run_service
 

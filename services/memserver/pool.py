@@ -120,41 +120,52 @@ class BlockPool:
     def slot(self, block_id: int) -> torch.Tensor:
         return self.kv[block_id]  # [L, 2, bs, Hkv, D], contiguous
 
-    def attention(self, owner: str, layer: int, q: torch.Tensor, block_tables: list[list[int]],
-                  context_lens: list[int], query_lens: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, owner: str, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-causal partial attention of q over the owner's blocks: every token here is older
-        than every query. Returns (out [T, H, D], lse [T, H] fp32)."""
+        than every query. block_tables [S, W] int32 (padded past each sequence's blocks), seq_lens
+        [3, S] int32 (rows num_blocks, context_len, query_len): the layout of an Attend message,
+        CPU tensors. Returns (out [T, H, D], lse [T, H] fp32)."""
         if not 0 <= layer < self.geometry.num_layers:
             raise PoolError(f"layer {layer} out of range [0, {self.geometry.num_layers})")
-        if sum(query_lens) != q.shape[0]:
-            raise PoolError(f"query_lens sum to {sum(query_lens)}, q has {q.shape[0]} rows")
-        p = self._prepare(owner, block_tables, context_lens, query_lens)
+        p = self._prepare(owner, block_tables, seq_lens)
+        if p.num_tokens != q.shape[0]:
+            raise PoolError(f"query_lens sum to {p.num_tokens}, q has {q.shape[0]} rows")
         k_cache, v_cache = self.kv[:, layer, 0], self.kv[:, layer, 1]
         return paged_attention_partial(q, k_cache, v_cache, p.tables, p.context_lens, p.query_starts, scale,
                                        causal=False, plan=p.plan)
 
-    def _prepare(self, owner: str, block_tables, context_lens, query_lens) -> "_Prepared":
-        key = (tuple(map(tuple, block_tables)), tuple(context_lens), tuple(query_lens))
+    def _prepare(self, owner: str, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> "_Prepared":
+        # The same bytes as the last call of this owner, and no block changed hands since: reuse.
+        key = (block_tables.numpy().tobytes(), seq_lens.numpy().tobytes())
         hit = self._prepared.get(owner)
         if hit is not None and hit[0] == self._generation and hit[1] == key:
             return hit[2]
-        if len(block_tables) != len(context_lens) or len(block_tables) != len(query_lens):
-            raise PoolError("block_tables, context_lens and query_lens differ in length")
-        bs = self.geometry.block_size
-        for table, n in zip(block_tables, context_lens):
-            self.check_owned(owner, table)
-            if n > len(table) * bs:
-                raise PoolError(f"context_len {n} exceeds the {len(table)} blocks given")
-        width = max(1, max((len(t) for t in block_tables), default=1))
+        num_seqs = block_tables.shape[0] if block_tables.dim() == 2 else -1
+        if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (3, num_seqs):
+            raise PoolError(f"block_tables [S, W] and seq_lens [3, S] must be int32, got {block_tables.dtype} "
+                            f"{tuple(block_tables.shape)} and {seq_lens.dtype} {tuple(seq_lens.shape)}")
+        num_blocks, context_lens, query_lens = seq_lens.tolist()
+        width, bs = block_tables.shape[1], self.geometry.block_size
+        rows = block_tables.tolist()
+        for table, n, ctx, qlen in zip(rows, num_blocks, context_lens, query_lens):
+            if not 0 <= n <= width or not 0 <= ctx <= n * bs or qlen < 0:
+                raise PoolError(f"sequence of {n} blocks (table width {width}), context_len {ctx}, query_len "
+                                f"{qlen}: needs 0 <= blocks <= width, 0 <= context_len <= blocks x {bs}, "
+                                "query_len >= 0")
+            self.check_owned(owner, table[:n])
         device = self.kv.device
-        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=device)
+        # Padding past a sequence's blocks may hold anything: zero it so every id is a valid index.
+        padded = torch.arange(width).view(1, -1) >= torch.tensor(num_blocks, dtype=torch.int64).view(-1, 1)
+        tables = block_tables.masked_fill(padded, 0) if width else block_tables.new_zeros(num_seqs, 1)
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
+        tables = tables.to(device)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
         query_starts = torch.tensor(starts, dtype=torch.int32, device=device)
         plan = plan_paged_attention(tables, lens, query_starts, self.kv[:, 0, 0], self.kv.dtype, causal=False)
-        prepared = _Prepared(tables, lens, query_starts, plan)
+        prepared = _Prepared(tables, lens, query_starts, starts[-1], plan)
         self._prepared[owner] = (self._generation, key, prepared)
         return prepared
 
@@ -164,4 +175,5 @@ class _Prepared:
     tables: torch.Tensor  # [S, max_blocks] int32
     context_lens: torch.Tensor  # [S] int32
     query_starts: torch.Tensor  # [S + 1] int32
+    num_tokens: int  # query rows: sum of query_lens
     plan: object  # kernels.plan_paged_attention's, None on CUDA

@@ -11,7 +11,7 @@ import structlog
 import torch
 
 from services.memserver.messages import Attend, Attended, BlocksStored, FreeBlocks, Freed, FreeOwner, StoreBlocks
-from services.memserver.pool import DTYPES, BlockPool, NotOwner, PoolError
+from services.memserver.pool import BlockPool, NotOwner, PoolError
 from transport.client import Reply
 from transport.server import Request
 
@@ -23,6 +23,10 @@ INLINE_MAX_KV_TOKENS = 65536  # decode attention over at most this many tokens r
 
 class Leaving(PoolError):
     code = "leaving"
+
+
+class BadAttend(PoolError):
+    code = "bad_request"
 
 
 class MemoryService:
@@ -79,12 +83,19 @@ class MemoryService:
     async def attend(self, request: Request) -> Reply:
         msg: Attend = request.message
         self._bind(request, msg.owner)
-        geo = self.pool.geometry
-        q = torch.empty(sum(msg.query_lens), msg.num_heads, geo.head_dim, dtype=DTYPES[geo.dtype],
-                        device=self.pool.kv.device)
-        await request.recv_frames([q])
-        args = (msg.owner, msg.layer, q, msg.block_tables, msg.context_lens, msg.query_lens, msg.scale)
-        if q.shape[0] == len(msg.query_lens) and sum(msg.context_lens) <= INLINE_MAX_KV_TOKENS:
+        geo, kv = self.pool.geometry, self.pool.kv
+        if msg.q_dtype != geo.dtype:
+            raise BadAttend(f"q is {msg.q_dtype}; this pool holds {geo.dtype} KV")
+        try:
+            msg.check_frames(request.frame_sizes, geo.head_dim, kv.element_size())
+        except ValueError as e:
+            raise BadAttend(str(e)) from None
+        q = torch.empty(msg.num_tokens, msg.num_heads, geo.head_dim, dtype=kv.dtype, device=kv.device)
+        tables = torch.empty(msg.num_seqs, msg.table_width, dtype=torch.int32)
+        seq_lens = torch.empty(3, msg.num_seqs, dtype=torch.int32)
+        await request.recv_frames([q, tables, seq_lens])
+        args = (msg.owner, msg.layer, q, tables, seq_lens, msg.scale)
+        if msg.num_tokens == msg.num_seqs and msg.num_seqs * msg.table_width * geo.block_size <= INLINE_MAX_KV_TOKENS:
             # Small decode work (one query per sequence): milliseconds; a thread hop would only add latency.
             out, lse = self.pool.attention(*args)
         else:

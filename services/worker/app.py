@@ -32,45 +32,23 @@ ENGINE = web.AppKey("engine", object)
 INFLIGHT = web.AppKey("inflight", InflightTable)
 ROUTER_LINK = web.AppKey("router_link", RouterLink)
 HEARTBEAT_TASK = web.AppKey("heartbeat_task", asyncio.Task)
-REMOTE_KV = web.AppKey("remote_kv", object)
 
 routes = web.RouteTableDef()
 
 
-def default_engine_factory(config: WorkerConfig, remote=None):
-    from services.worker.engine.async_engine import AsyncEngine  # torch: only when a real engine is wanted
-    from services.worker.engine.llm_engine import LLMEngine
+def default_engine_factory(config: WorkerConfig):
+    from services.worker.engine.client import EngineProcess
 
-    engine_config = config.engine_config()
-    return AsyncEngine(engine_config, engine=LLMEngine(engine_config, remote=remote))
-
-
-async def remote_kv_ctx(app: web.Application):
-    """Transport node + ledger client: how the engine reaches memory servers."""
-    from services.worker.remote_client import LedgerClient, RemoteKVClient
-    from transport.config import TransportConfig
-    from transport.node import Node
-
-    config = app[CONFIG]
-    node = await Node.start(TransportConfig.from_env(token=config.cluster_token.encode()))
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
-        ledger = LedgerClient(session, config.router_url, config.cluster_token, config.id)
-        app[REMOTE_KV] = RemoteKVClient(asyncio.get_running_loop(), node, ledger)
-        try:
-            yield
-        finally:
-            await app[REMOTE_KV].close()
-            await node.close()
+    remote = None
+    if config.remote_kv:
+        remote = {"cluster_token": config.cluster_token, "router_url": config.router_url, "owner": config.id}
+    return EngineProcess(config.engine_config(), remote=remote)
 
 
 def _engine_ctx(factory: EngineFactory):
     async def engine_ctx(app: web.Application):
-        remote = app.get(REMOTE_KV)
-        args = (app[CONFIG],) if remote is None else (app[CONFIG], remote)
-        engine = await asyncio.to_thread(factory, *args)  # loads the model: seconds
-        if remote is not None:
-            remote.configure(engine.kv_geometry)
-        await engine.start()
+        engine = factory(app[CONFIG])
+        await engine.start()  # loads the model: seconds
         app[ENGINE] = engine
         log.info("engine_started", model=engine.model_name, max_model_len=engine.max_model_len,
                  num_blocks=engine.stats().num_total_blocks,
@@ -95,9 +73,8 @@ async def router_link_ctx(app: web.Application):
                               engine.max_model_len, stats.block_size, stats.num_total_blocks,
                               kv_geometry=getattr(engine, "kv_geometry", None))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
-        remote = app.get(REMOTE_KV)
         link = RouterLink(session, config.router_url, config.cluster_token, info,
-                          on_kv_summary=remote.update if remote is not None else None)
+                          on_kv_summary=getattr(engine, "update_kv_summary", None) if config.remote_kv else None)
         app[ROUTER_LINK] = link
         app[HEARTBEAT_TASK] = asyncio.create_task(link.run(lambda: _load(app), config.heartbeat_interval_s))
         yield
@@ -116,8 +93,6 @@ def create_app(config: WorkerConfig, engine_factory: EngineFactory = default_eng
                           client_max_size=64 * 1024 * 1024)
     app[CONFIG] = config
     app[INFLIGHT] = InflightTable()
-    if config.remote_kv:
-        app.cleanup_ctx.append(remote_kv_ctx)
     app.cleanup_ctx.append(_engine_ctx(engine_factory))
     app.cleanup_ctx.append(router_link_ctx)
     app.add_routes(routes)

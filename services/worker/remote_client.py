@@ -1,26 +1,25 @@
 """The worker's RemoteKV over the transport: borrow from the router's ledger, store blocks on
-memory servers, partial attention there, free. Lives on the event loop; the engine's step thread
-calls it through thread-safe futures."""
+memory servers, partial attention there (services.worker.attend_client), free. Lives on the event
+loop; the engine's step thread calls it through thread-safe futures."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
 
 import aiohttp
 import structlog
 import torch
 
-from services.memserver.messages import Attend, FreeBlocks, FreeOwner, StoreBlocks
+from services.memserver.messages import FreeBlocks, FreeOwner, StoreBlocks
 from services.runtime.auth import cluster_headers
 from services.runtime.wire import CONTENT_TYPE, BorrowRequest, Repay, Settle, encode
-from services.worker.engine.remote import AttentionCall, MemserverLost, RemoteSpan, SpillFailed
-from transport.errors import PeerUnreachable, RemoteError, TransferTimeout, WireDecodeError
+from services.worker.attend_client import TRANSPORT_ERRORS as _TRANSPORT_ERRORS
+from services.worker.attend_client import AttendClient
+from services.worker.engine.remote import AttentionCall, RemoteSpan, SpillFailed
 from transport.node import Node
 
 log = structlog.get_logger()
-_TRANSPORT_ERRORS = (PeerUnreachable, TransferTimeout, RemoteError, WireDecodeError)
 
 
 class LedgerClient:
@@ -54,23 +53,26 @@ class LedgerClient:
 
 
 class RemoteKVClient:
-    def __init__(self, loop: asyncio.AbstractEventLoop, node: Node, ledger: LedgerClient, timeout_s: float = 10.0):
+    def __init__(self, loop: asyncio.AbstractEventLoop, node: Node, ledger: LedgerClient, timeout_s: float = 10.0,
+                 attention_lane: bool = True):
         self._loop = loop
         self._node = node
         self._ledger = ledger
         self.owner = ledger.owner
-        self._scale = 1.0
         self._block_size = 0
         self._timeout = timeout_s
-        self._attention_timeout = 6 * timeout_s
         self._free_hint = 0
         self._addresses: dict[str, str] = {}
         self._lost: set[str] = set()
         self._lock = threading.Lock()
+        # A generous deadline: a prefill chunk over many blocks can take seconds on a CPU memserver;
+        # a dead or silent one is caught by the transport's liveness pings.
+        self._attention = AttendClient(loop, node, self.owner, self._addresses, self._mark_lost, 6 * timeout_s,
+                                       lane=attention_lane)
 
     def configure(self, geometry: dict) -> None:
         """The model's KV geometry, known once the engine has loaded it."""
-        self._scale = geometry["head_dim"] ** -0.5
+        self._attention.scale = geometry["head_dim"] ** -0.5
         self._block_size = geometry["block_size"]
 
     # --- fed by the worker's heartbeat (event loop) ---
@@ -116,8 +118,8 @@ class RemoteKVClient:
     def release(self, spans: list[RemoteSpan]) -> None:
         asyncio.run_coroutine_threadsafe(self._release(list(spans)), self._loop)
 
-    def submit_attention(self, memserver_id: str, call: AttentionCall) -> Future:
-        return asyncio.run_coroutine_threadsafe(self._attend(memserver_id, call), self._loop)
+    def submit_attention(self, calls: list[tuple[str, AttentionCall]]) -> list:
+        return self._attention.submit(calls)
 
     # --- on the event loop ---
     async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
@@ -171,30 +173,13 @@ class RemoteKVClient:
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("repay_failed", memserver=memserver_id, error=repr(e))
 
-    async def _attend(self, memserver_id: str, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-        address = self._addresses.get(memserver_id)
-        if address is None:
-            raise MemserverLost(memserver_id, "address unknown")
-        num_tokens, num_heads, _ = call.q.shape
-        out = torch.empty_like(call.q)
-        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32)
-        message = Attend(self.owner, call.layer, num_heads, self._scale,
-                         tuple(tuple(t) for t in call.block_tables), tuple(call.context_lens), tuple(call.query_lens))
-        try:
-            conn = await self._node.pool.get(address)
-            # A generous deadline: a prefill chunk over many blocks can take seconds on a CPU
-            # memserver; a dead or silent one is caught by the transport's liveness pings.
-            await conn.request(message, [call.q], into=[out, lse], timeout=self._attention_timeout)
-        except _TRANSPORT_ERRORS as e:
-            self._mark_lost(memserver_id, str(e))
-            raise MemserverLost(memserver_id, str(e)) from e
-        return out, lse
-
     async def close(self) -> None:
-        """Free everything we hold everywhere (clean shutdown)."""
+        """Free everything we hold everywhere (clean shutdown, once the engine stopped stepping)."""
+        await self._attention.close()
         for memserver_id, address in sorted(self._addresses.items()):
             try:
                 conn = await self._node.pool.get(address)
                 await conn.request(FreeOwner(self.owner), timeout=2.0)
             except _TRANSPORT_ERRORS:
                 pass
+

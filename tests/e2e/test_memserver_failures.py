@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from services.memserver.messages import FreeBlocks, StoreBlocks
+from services.memserver.messages import Attend, FreeBlocks, StoreBlocks, attend_layout
 from tests.e2e.cluster import TOKEN, cluster_view, running_cluster, wait_for, worker_stats
 from tests.e2e.test_memservers import MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
 
@@ -114,12 +114,36 @@ async def test_memserver_refuses_another_owners_blocks(tmp_path):
                 await bob.request(FreeBlocks("bob", alice_blocks))
             with pytest.raises(RemoteError, match="not_owner"):  # one connection, one owner
                 await alice.request(FreeBlocks("bob", alice_blocks))
+            await _attend_checks(alice, bob, alice_blocks)
             assert (await alice.request(FreeBlocks("alice", alice_blocks))).message.num_blocks == 2
             await alice.close()
             await bob.close()
         finally:
             await node.close()
         cluster.wait_zero_used_blocks()
+
+
+async def _attend_checks(alice, bob, alice_blocks) -> None:
+    """Attend over real UCX: a good request is answered; another owner's blocks, a q of the wrong
+    dtype and int64 tables are refused with an error that says why; the connection stays usable."""
+    import torch
+
+    from transport.errors import RemoteError
+
+    tables, seq_lens = attend_layout([list(alice_blocks)], [32], [1])
+    q = torch.ones(1, 8, 32)
+    good = Attend("alice", 0, 8, 0.2, "float32", 1, 1, 2)
+    out, lse = torch.empty(1, 8, 32), torch.empty(1, 8)
+    await alice.request(good, [q, tables, seq_lens], into=[out, lse])
+    torch.testing.assert_close(out, torch.ones(1, 8, 32))  # every value in alice's blocks is 1
+    with pytest.raises(RemoteError, match="not_owner"):
+        await bob.request(Attend("bob", 0, 8, 0.2, "float32", 1, 1, 2), [q, tables, seq_lens])
+    with pytest.raises(RemoteError, match="q is bfloat16; this pool holds float32"):
+        await alice.request(Attend("alice", 0, 8, 0.2, "bfloat16", 1, 1, 2), [q.bfloat16(), tables, seq_lens])
+    with pytest.raises(RemoteError, match=r"frame 1 holds 16 B; block_tables \[1, 2\] int32 needs 8 B") as info:
+        await alice.request(good, [q, tables.long(), seq_lens])
+    assert info.value.code == "bad_request"
+    await alice.request(good, [q, tables, seq_lens], into=[out, lse])
 
 
 async def test_killed_worker_blocks_are_freed_by_memservers(tmp_path):

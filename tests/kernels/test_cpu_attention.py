@@ -92,3 +92,28 @@ def test_long_decode_is_gathered_in_pieces_and_merged_exactly(case, monkeypatch)
     assert len(plan.decode) > 2
     out, lse = paged_attention_partial(*x.args(), plan=plan)
     assert_states_close(out, lse, *paged_attention_partial_ref(*x.args()), case.dtype)
+
+
+@pytest.mark.parametrize("kv_lens", [(64, 64), (64,), (160, 150)], ids=str)
+def test_decode_over_tables_exactly_as_wide_as_the_blocks(kv_lens):
+    """A memory server's partition: no padding column, so the int32 ids go to index_select as they
+    are (no slice, no clamp when every row reaches the last column)."""
+    x = make_inputs(Case((1,) * len(kv_lens), kv_lens))
+    tables = x.block_tables[:, : -(-max(kv_lens) // 16)].contiguous()
+    args = (x.q, x.k_cache, x.v_cache, tables, x.context_lens, x.query_start_loc, x.scale)
+    out, lse = paged_attention_partial(*args)
+    assert_states_close(out, lse, *paged_attention_partial_ref(*args), torch.float32)
+
+
+def test_decode_pieces_share_one_buffer_and_the_last_piece_is_narrower(monkeypatch):
+    """Pieces of 2 block columns over 5 columns: the last gathers into the first rows of the shared
+    K/V buffers; every sequence's tokens of every piece must land in the merge."""
+    import kernels.cpu_attention as cpu
+
+    case = Case((1,) * 3, (80, 33, 65))  # 5, 3 and 5 blocks of 16
+    x = make_inputs(case)
+    monkeypatch.setattr(cpu, "_GATHER_BYTES", 2 * 3 * cpu.block_bytes(x.k_cache))
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    assert [g.width for g in plan.decode] == [32, 32, 16]
+    out, lse = paged_attention_partial(*x.args(), plan=plan)
+    assert_states_close(out, lse, *paged_attention_partial_ref(*x.args()), case.dtype)

@@ -12,6 +12,7 @@ import pytest
     (["--device", "tpu"], "device must be cpu or cuda"),
     (["--router", "localhost:8000"], "router URL must be http"),
     (["--per-owner-cap", "0"], "per_owner_cap must be >= 1"),
+    (["--num-threads", "0"], "--num-threads must be >= 1"),
 ])
 def test_bad_settings_exit_2_with_a_clear_message(args, message):
     proc = subprocess.run([sys.executable, "-m", "services.cli", "memserver", *args],

@@ -303,3 +303,26 @@ async def test_inline_reply_into_wrong_size_buffer_raises_and_connection_survive
                            into=[torch.empty(32, dtype=torch.uint8)])
     reply = await conn.request(Echo(reply_sizes=(4096, 256)), [torch.ones(4096, dtype=torch.uint8)])
     assert [f.numel() for f in reply.frames] == [4096, 256]
+
+
+async def test_start_request_settles_its_future_from_callbacks(node, echo_server):
+    """The callback API a worker's step thread uses through call_soon_threadsafe: replies (inline
+    and tagged frames), handler errors and deadlines all settle the future, and it is cancellable."""
+    conn = await node.pool.get(echo_server.address)
+    assert node.pool.peek(echo_server.address) is conn and node.pool.peek("127.0.0.1:1") is None
+    big, out = torch.randn(64 << 10), torch.empty(64 << 10)
+    futs = [conn.start_request(Echo(note="small"), [torch.ones(4)]),
+            conn.start_request(Echo(note="big"), [big], into=[out]),
+            conn.start_request(Echo(fail="boom")),
+            conn.start_request(Echo(delay_s=2.0), timeout=0.2)]
+    done, _ = await asyncio.wait(futs, timeout=GENEROUS_S)
+    assert len(done) == 4
+    assert futs[0].result().message.note == "small"
+    assert futs[1].result().frames[0] is out and torch.equal(out, big)
+    assert isinstance(futs[2].exception(), RemoteError)
+    assert isinstance(futs[3].exception(), TransferTimeout)
+    cancelled = conn.start_request(Echo(delay_s=0.2))
+    cancelled.cancel()
+    await asyncio.sleep(0)  # done callbacks run on the next loop turn
+    assert not conn._pending  # withdrawn: a late reply is dropped
+    assert (await conn.request(Echo(note="after"))).message.note == "after"

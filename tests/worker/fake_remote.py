@@ -55,19 +55,21 @@ class FakeRemoteKV:
             if server.alive:
                 server.free_ids.extend(span.block_ids)
 
-    def submit_attention(self, memserver_id: str, call: AttentionCall) -> Future:
+    def submit_attention(self, calls: list[tuple[str, AttentionCall]]) -> list[Future]:
+        return [self._attend(memserver_id, call) for memserver_id, call in calls]
+
+    def _attend(self, memserver_id: str, call: AttentionCall) -> Future:
         future: Future = Future()
         server = self.servers[memserver_id]
         self.num_attention_calls += 1
         if not server.alive:
             future.set_exception(MemserverLost(memserver_id, "killed"))
             return future
-        width = max(len(t) for t in call.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in call.block_tables], dtype=torch.int32)
-        qsl = torch.tensor([0, *torch.tensor(call.query_lens).cumsum(0).tolist()], dtype=torch.int32)
+        _, context_lens, query_lens = call.seq_lens.tolist()
+        qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
         k = server.pool[:, call.layer, 0]
         v = server.pool[:, call.layer, 1]
-        out, lse = paged_attention_partial(call.q, k, v, tables, torch.tensor(call.context_lens, dtype=torch.int32),
+        out, lse = paged_attention_partial(call.q, k, v, call.block_tables, torch.tensor(context_lens, dtype=torch.int32),
                                            qsl, self.scale, causal=False)
         future.set_result((out, lse))
         return future

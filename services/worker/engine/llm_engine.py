@@ -120,6 +120,9 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
 
+    def active_request_ids(self) -> list[str]:
+        return [*self._active, *(a.seq.request_id for a in self._inbox)]
+
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.has_work())
 

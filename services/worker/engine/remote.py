@@ -36,13 +36,13 @@ class RemoteSpan:
 
 @dataclass(frozen=True, slots=True)
 class AttentionCall:
-    """One layer's queries for one memory server: every sequence with blocks there."""
+    """One layer's queries for one memory server: every sequence with blocks there. The layout
+    tensors are built once per step and shared by its layers (services.memserver.messages.Attend)."""
 
     layer: int
     q: torch.Tensor  # [num_tokens, num_heads, head_dim], contiguous
-    block_tables: list[list[int]]  # per sequence: its block ids on that server, token order
-    context_lens: list[int]  # per sequence: tokens in those blocks
-    query_lens: list[int]  # per sequence: its query rows in q
+    block_tables: torch.Tensor  # [num_seqs, width] int32: per sequence its block ids there, token order
+    seq_lens: torch.Tensor  # [3, num_seqs] int32: rows num_blocks, context_len (tokens there), query_len
 
 
 class RemoteKV(Protocol):
@@ -56,9 +56,10 @@ class RemoteKV(Protocol):
     def release(self, spans: list[RemoteSpan]) -> None:
         """Free blocks on their memory servers (best effort, never raises)."""
 
-    def submit_attention(self, memserver_id: str, call: AttentionCall) -> Future:
-        """Start a partial attention; the future yields (out [T, H, D], lse [T, H] fp32) or raises
-        MemserverLost."""
+    def submit_attention(self, calls: list[tuple[str, AttentionCall]]) -> list[Future]:
+        """Start one layer's partial attention on each memory server named (one call each). One
+        future each, or an object with the same blocking ``result()``: (out [T, H, D], lse [T, H]
+        fp32), or MemserverLost raised. The caller collects them in the thread that submitted."""
 
     def lost_memservers(self) -> set[str]:
         """Memory servers found dead since the last call (each reported once)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.memserver.messages import attend_layout
 from services.worker.engine.remote import AttentionCall, RemoteKV
 from services.worker.engine.scheduler import ScheduledChunk
 
@@ -15,9 +16,9 @@ from services.worker.engine.scheduler import ScheduledChunk
 class _ServerPart:
     memserver_id: str
     rows: torch.Tensor  # [T_m] int64: packed query rows of the sequences with blocks there
-    block_tables: list[list[int]]
-    context_lens: list[int]
-    query_lens: list[int]
+    covers_all: bool  # rows are every packed row, in order: no scatter needed
+    block_tables: torch.Tensor  # [S_m, width] int32, built once for every layer of the step
+    seq_lens: torch.Tensor  # [3, S_m] int32: num_blocks, context_len, query_len
 
 
 class StepRemoteAttention:
@@ -43,26 +44,28 @@ class StepRemoteAttention:
                 qlens.append(chunk.num_tokens)
         if not by_server:
             return None
+        num_tokens = query_start[-1]
         parts = [
-            _ServerPart(m, torch.tensor(r, dtype=torch.int64), t, l, q)
+            _ServerPart(m, torch.tensor(r, dtype=torch.int64), r == list(range(num_tokens)), *attend_layout(t, l, q))
             for m, (r, t, l, q) in sorted(by_server.items())
         ]
-        return cls(remote, parts, query_start[-1])
+        return cls(remote, parts, num_tokens)
 
     def submit(self, layer_idx: int, q: torch.Tensor) -> list:
-        return [
-            self.remote.submit_attention(
-                part.memserver_id,
-                AttentionCall(layer_idx, q.index_select(0, part.rows.to(q.device)), part.block_tables,
-                              part.context_lens, part.query_lens),
-            )
+        # index_select copies: the request reads its q after this returns, the caller's may change.
+        return self.remote.submit_attention([
+            (part.memserver_id,
+             AttentionCall(layer_idx, q.index_select(0, part.rows.to(q.device)), part.block_tables, part.seq_lens))
             for part in self.parts
-        ]
+        ])
 
     def collect(self, handle: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         states = []
         for part, future in zip(self.parts, handle):
             out_m, lse_m = future.result()  # raises MemserverLost
+            if part.covers_all:  # e.g. decode of sequences that all have blocks there
+                states.append((out_m, lse_m.float()))
+                continue
             rows = part.rows.to(out_m.device)
             out = out_m.new_zeros(self.num_tokens, *out_m.shape[1:])
             lse = torch.full((self.num_tokens, lse_m.shape[1]), float("-inf"), dtype=torch.float32, device=lse_m.device)

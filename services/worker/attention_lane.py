@@ -1,0 +1,100 @@
+"""The step thread's own path to memory servers, for the per-layer attention requests.
+
+A private event loop and UCX node, run only by the thread that steps the model and only while it
+waits for a reply: a request leaves from that thread as soon as the layer's queries exist, and the
+reply wakes that thread directly. Through the worker's event loop instead, every layer paid two
+thread hand-offs (step thread -> loop to send, loop -> step thread on the reply) and the GIL
+traffic between them: ~300 us of a ~2 ms remote layer on a loaded 2-core host. Spills, frees and
+the ledger stay on the worker's loop (services.worker.remote_client).
+
+Between steps nothing runs here: a peer that died meanwhile is found on the next request (its
+endpoint errors, or the liveness pings of the transport find it silent while the step waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Sequence
+
+import uvloop
+
+from transport.client import Reply
+from transport.config import TransportConfig
+from transport.errors import PeerUnreachable
+from transport.node import Node
+
+
+class AttentionLane:
+    """Used by one thread (``owner``, the first caller); ``close`` from any thread once it stopped."""
+
+    def __init__(self, config: TransportConfig):
+        self._config = config
+        self.owner = threading.get_ident()
+        self._lock = threading.Lock()  # the owner runs the loop; close waits for it to finish
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._node: Node | None = None
+        self._closed = False
+
+    def usable_here(self) -> bool:
+        """The calling thread owns the lane and runs no event loop of its own."""
+        if threading.get_ident() != self.owner or self._closed:
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return True
+        return False
+
+    def request(self, address: str, message: Any, frames: Sequence[Any], *, into: Sequence[Any],
+                timeout: float) -> asyncio.Future:
+        """Post a request now and return the future of its Reply (``wait`` for it). Dials first
+        when there is no connection to ``address``. Raises the transport's errors."""
+        with self._lock:
+            if self._closed:
+                raise PeerUnreachable("attention lane closed")
+            loop = self._started()
+            conn = self._node.pool.peek(address) or loop.run_until_complete(self._node.pool.get(address))
+            sent: list[asyncio.Future] = []
+            reply = conn.start_request(message, frames, into=into, timeout=timeout, sent=sent)
+            reply.add_done_callback(_retrieve)  # one never waited for (the step failed) logs nothing
+            if sent:  # tagged frames: a rendezvous needs this side's progress to move the data
+                loop.run_until_complete(asyncio.wait(sent))
+            return reply
+
+    def wait(self, reply: asyncio.Future) -> Reply:
+        """Run the lane until ``reply`` is done; its Reply, or the transport error it failed with."""
+        with self._lock:
+            if not reply.done():
+                if self._loop is None:
+                    raise PeerUnreachable("attention lane closed")
+                self._loop.run_until_complete(reply)  # a future, not a coroutine: no task
+        return reply.result()
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = uvloop.new_event_loop()
+            try:
+                self._node = loop.run_until_complete(Node.start(self._config))
+            except BaseException:
+                loop.close()
+                raise
+            self._loop = loop
+        return self._loop
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._loop is None:
+                return
+            loop, self._loop = self._loop, None
+            try:
+                loop.run_until_complete(self._node.close())
+                loop.run_until_complete(asyncio.sleep(0))  # let the cancelled liveness tasks finish
+            finally:
+                loop.close()
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -1,0 +1,82 @@
+"""Messages between the worker's HTTP front and its engine process, over one socketpair.
+
+Each message is one msgpack array whose first item names it; a stream of them needs no framing
+beyond msgpack's own (`msgpack.Unpacker`). Plain Python, no torch: the front never imports it.
+
+front -> engine: ["config", {...}]  ["submit", GenerateCall fields]  ["abort", request_id]
+                 ["kv_summary", {...}]  ["stop"]
+engine -> front: ["ready", {...}]  ["step", [delta, ...], stats]  ["stats", stats]
+                 ["reject", request_id, code, message, param]  ["fatal", message]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+
+from services.worker.engine.api import (
+    ContextLengthExceeded, Delta, EngineError, EngineOverloaded, EngineStats, FinishReason, GenerateRequest,
+    InvalidRequest, SamplingParams, TokenLogprob,
+)
+
+_ERRORS = {cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, EngineOverloaded)}
+
+
+def pack(message: list) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpacker() -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=256 << 20)
+
+
+def request_to_obj(request: GenerateRequest) -> dict:
+    s = request.sampling
+    return {
+        "request_id": request.request_id, "prompt": request.prompt,
+        "prompt_token_ids": list(request.prompt_token_ids) if request.prompt_token_ids is not None else None,
+        "messages": [dict(m) for m in request.messages] if request.messages is not None else None,
+        "sampling": {f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
+    }
+
+
+def request_from_obj(obj: dict) -> GenerateRequest:
+    sampling = dict(obj["sampling"])
+    sampling["stop"], sampling["stop_token_ids"] = tuple(sampling["stop"]), tuple(sampling["stop_token_ids"])
+    ids, messages = obj["prompt_token_ids"], obj["messages"]
+    return GenerateRequest(
+        obj["request_id"], SamplingParams(**sampling), prompt=obj["prompt"],
+        prompt_token_ids=tuple(ids) if ids is not None else None,
+        messages=tuple(messages) if messages is not None else None,
+    )
+
+
+def delta_to_obj(d: Delta) -> list:
+    logprobs = None if d.logprobs is None else [[lp.token_id, lp.token, lp.logprob, lp.top] for lp in d.logprobs]
+    finish = d.finish_reason.value if d.finish_reason is not None else None
+    return [d.request_id, d.token_ids, d.text, d.num_prompt_tokens, d.num_generated_tokens, finish, logprobs, d.error]
+
+
+def delta_from_obj(obj: list) -> Delta:
+    request_id, token_ids, text, num_prompt, num_generated, finish, logprobs, error = obj
+    if logprobs is not None:
+        logprobs = tuple(TokenLogprob(i, t, lp, tuple(tuple(x) for x in top)) for i, t, lp, top in logprobs)
+    return Delta(request_id, tuple(token_ids), text, num_prompt, num_generated,
+                 FinishReason(finish) if finish is not None else None, logprobs, error)
+
+
+def stats_to_obj(s: EngineStats) -> list:
+    return [s.num_running, s.num_waiting, s.num_free_blocks, s.num_total_blocks, s.block_size]
+
+
+def stats_from_obj(obj: list) -> EngineStats:
+    return EngineStats(*obj)
+
+
+def reject_message(request_id: str, e: EngineError) -> list:
+    return ["reject", request_id, e.code, e.message, e.param]
+
+
+def error_from_reject(code: str | None, message: str, param: str | None) -> EngineError:
+    return _ERRORS.get(code, InvalidRequest)(message, param)

@@ -1,0 +1,103 @@
+"""RemoteKVClient.submit_attention through the event loop (the path of callers that are not the
+step thread, or with the lane off): the request is posted by a callback, and every outcome settles
+the step's future (no sockets: a fake connection). The lane: tests/worker/test_attention_lane.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from services.memserver.messages import Attend, attend_layout
+from services.worker.engine.remote import AttentionCall, MemserverLost
+from services.worker.remote_client import RemoteKVClient
+from transport.client import Reply
+from transport.errors import PeerUnreachable, RemoteError
+
+
+class FakeConnection:
+    def __init__(self, outcome):
+        self.outcome = outcome  # "ok", an exception to fail the reply with, or one to raise at once
+        self.sent: list[tuple[Attend, list]] = []
+
+    def start_request(self, message, frames, *, into, timeout):
+        if isinstance(self.outcome, BaseException) and not isinstance(self.outcome, (PeerUnreachable, RemoteError)):
+            raise self.outcome
+        self.sent.append((message, frames))
+        future = asyncio.get_running_loop().create_future()
+        if self.outcome == "ok":
+            into[0].copy_(frames[0] * 2)
+            into[1].fill_(0.5)
+            future.set_result(Reply(message, into))
+        else:
+            future.set_exception(self.outcome)
+        return future
+
+
+class FakePool:
+    def __init__(self, conn):
+        self.conn = conn
+
+    def peek(self, address):
+        return self.conn if address == "ms0:1" else None
+
+
+class FakeNode:
+    def __init__(self, conn):
+        self.pool = FakePool(conn)
+
+
+class FakeLedger:
+    owner = "w0"
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def _client(loop, conn) -> RemoteKVClient:
+    client = RemoteKVClient(loop, FakeNode(conn), FakeLedger(), attention_lane=False)
+    client.configure({"head_dim": 4, "block_size": 16})
+    client.update({"memservers": {"ms0": "ms0:1"}})
+    return client
+
+
+def _call(layer: int = 2) -> AttentionCall:
+    return AttentionCall(layer, torch.ones(1, 2, 4), *attend_layout([[5, 6]], [32], [1]))
+
+
+def test_reply_lands_in_fresh_buffers_and_the_header_describes_the_frames(loop):
+    conn = FakeConnection("ok")
+    out, lse = _client(loop, conn).submit_attention([("ms0", _call())])[0].result(timeout=5)
+    assert torch.equal(out, torch.full((1, 2, 4), 2.0)) and lse.dtype == torch.float32
+    message, frames = conn.sent[0]
+    assert message == Attend("w0", 2, 2, 0.5, "float32", 1, 1, 2)
+    message.check_frames(tuple(f.numel() * f.element_size() for f in frames), head_dim=4, q_itemsize=4)
+
+
+@pytest.mark.parametrize("error", [PeerUnreachable("gone"), RemoteError("nope", "not_owner")])
+def test_transport_failures_become_memserver_lost_and_are_reported_once(loop, error):
+    client = _client(loop, FakeConnection(error))
+    with pytest.raises(MemserverLost, match="ms0"):
+        client.submit_attention([("ms0", _call())])[0].result(timeout=5)
+    assert client.lost_memservers() == {"ms0"} and client.lost_memservers() == set()
+
+
+def test_a_bug_on_the_loop_fails_the_step_instead_of_hanging(loop):
+    client = _client(loop, FakeConnection(ValueError("non-contiguous tensor refused")))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        client.submit_attention([("ms0", _call())])[0].result(timeout=5)
+
+
+def test_unknown_memserver_is_lost(loop):
+    with pytest.raises(MemserverLost, match="address unknown"):
+        _client(loop, FakeConnection("ok")).submit_attention([("ms9", _call())])[0].result(timeout=5)
