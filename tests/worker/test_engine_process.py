@@ -99,3 +99,12 @@ async def test_engine_death_ends_open_streams_with_an_error(engine):
     assert deltas[-1].finish_reason is FinishReason.ERROR and "engine process died" in deltas[-1].error
     await asyncio.sleep(0.6)
     assert engine.deaths == [True]
+
+
+def test_engine_environment_asks_for_huge_pages_unless_the_operator_chose():
+    from services.worker.engine.client import _engine_env
+
+    assert _engine_env({"A": "1"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert _engine_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert _engine_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"

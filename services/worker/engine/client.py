@@ -55,6 +55,7 @@ class EngineProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "services.worker.engine.core", "--fd", str(child.fileno()),
                 "--log-level", self._log_level, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                env=_engine_env(os.environ),
             )
         finally:
             child.close()
@@ -179,3 +180,15 @@ class EngineProcess:
         for request_id, queue in self._queues.items():  # every open stream ends with an error event
             queue.put_nowait(Delta(request_id, (), "", 0, 0, FinishReason.ERROR, error=f"engine process died: {reason}"))
         asyncio.get_running_loop().call_later(0.5, self._on_death)  # after the error events went out
+
+
+def _engine_env(env) -> dict[str, str]:
+    """The engine's environment: glibc malloc asks for transparent huge pages (where the kernel
+    allows them on request, the default) so the weights streamed every step cost fewer TLB misses:
+    a bf16 batch-1 decode step of the tiny model took 3.5-3.8 ms instead of 4.2-4.4 (lm_head
+    1.3-1.45 -> 0.95-1.05 ms), in alternated runs. Read by glibc at process start, hence here."""
+    env = dict(env)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):  # an operator's choice wins
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])
+    return env
