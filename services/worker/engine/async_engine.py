@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from services.worker.engine.api import ContextLengthExceeded, Delta, EngineStats, GenerateRequest, InvalidRequest
+from services.worker.engine.api import Delta, EngineStats, GenerateRequest, InvalidRequest
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import LLMEngine
 
@@ -57,15 +57,7 @@ class AsyncEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         if request.request_id in self._queues:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")
-        try:
-            active = self.engine.prepare(request)
-        except ContextLengthExceeded:
-            # Memory servers may have joined since the last heartbeat: look again before refusing.
-            refresh = getattr(self.engine.remote, "refresh", None)
-            if refresh is None:
-                raise
-            await refresh()
-            active = self.engine.prepare(request)
+        active = self.engine.prepare(request)
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self._queues[request.request_id] = queue
         finished = False

@@ -115,7 +115,6 @@ class EngineProcess:
             raise EngineDied(f"the engine process died: {self._dead}")
         if request.request_id in self._queues:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")
-        request.sampling.validate()  # fail fast, before a round trip
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = queue
         finished = False

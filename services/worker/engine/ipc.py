@@ -15,10 +15,12 @@ import dataclasses
 
 import msgpack
 
+from services.runtime.wire import GenerateCall
 from services.worker.engine.api import (
     ContextLengthExceeded, Delta, EngineError, EngineOverloaded, EngineStats, FinishReason, GenerateRequest,
-    InvalidRequest, SamplingParams, TokenLogprob,
+    InvalidRequest, TokenLogprob,
 )
+from services.worker.wire_convert import to_generate_request
 
 _ERRORS = {cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, EngineOverloaded)}
 
@@ -32,6 +34,7 @@ def unpacker() -> msgpack.Unpacker:
 
 
 def request_to_obj(request: GenerateRequest) -> dict:
+    """GenerateCall's fields (the router's wire form), read back by wire_convert.to_generate_request."""
     s = request.sampling
     return {
         "request_id": request.request_id, "prompt": request.prompt,
@@ -42,14 +45,7 @@ def request_to_obj(request: GenerateRequest) -> dict:
 
 
 def request_from_obj(obj: dict) -> GenerateRequest:
-    sampling = dict(obj["sampling"])
-    sampling["stop"], sampling["stop_token_ids"] = tuple(sampling["stop"]), tuple(sampling["stop_token_ids"])
-    ids, messages = obj["prompt_token_ids"], obj["messages"]
-    return GenerateRequest(
-        obj["request_id"], SamplingParams(**sampling), prompt=obj["prompt"],
-        prompt_token_ids=tuple(ids) if ids is not None else None,
-        messages=tuple(messages) if messages is not None else None,
-    )
+    return to_generate_request(GenerateCall(**obj))
 
 
 def delta_to_obj(d: Delta) -> list:
