@@ -2,7 +2,8 @@
 
 Decode (one query per sequence): gather each sequence's blocks once, mask the padded tail, one
 fused call for the whole batch. Prefill chunks: one fused call per sequence, with the causal mask
-bottom-right aligned (the chunk's queries see every earlier cached token). What does not depend
+bottom-right aligned (the chunk's queries see every earlier cached token). A batch mixing both
+(continuous batching) runs its decode sequences through the batched decode path. What does not depend
 on the layer — host copies of the lengths, gather indices, masks — is computed once per forward
 pass in a `CpuAttentionPlan` and reused by every layer. The plain-torch reference
 (kernels.reference) stays the oracle; tests/kernels/test_cpu_attention.py compares them.
@@ -57,9 +58,11 @@ class CpuAttentionPlan:
 
     context_lens: list[int]
     query_starts: list[int]
-    decode: tuple[_DecodeGather, ...] | None  # set when every sequence has exactly one query
-    prefill: tuple[_PrefillSeq, ...] | None  # set otherwise
+    decode: tuple[_DecodeGather, ...] | None  # the sequences with exactly one query, if any
+    prefill: tuple[_PrefillSeq, ...] | None  # the others; None when every sequence decodes
     dtype: torch.dtype
+    # [num decode sequences] int64: their query rows, when the batch also has prefill chunks
+    decode_rows: torch.Tensor | None = None
 
 
 def plan_cpu_attention(
@@ -74,12 +77,23 @@ def plan_cpu_attention(
 ) -> CpuAttentionPlan:
     """block_bytes: one block of one K (or V) cache, sizing the decode gather pieces (0: one piece)."""
     num_seqs = len(context_lens)
-    decode = prefill = None
-    if dtype in _FLASH_DTYPES and num_seqs and is_decode(query_starts[-1], query_starts):
+    if dtype not in _FLASH_DTYPES or not num_seqs:
+        return CpuAttentionPlan(context_lens, query_starts, None, None, dtype)
+    if is_decode(query_starts[-1], query_starts):
         decode = _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype, block_bytes)
-    elif dtype in _FLASH_DTYPES and num_seqs:
-        prefill = tuple(_plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal))
-    return CpuAttentionPlan(context_lens, query_starts, decode, prefill, dtype)
+        return CpuAttentionPlan(context_lens, query_starts, decode, None, dtype)
+    # Sequences with a single query (it sees every cached token, causal or not) decode together;
+    # a lone one is as cheap through the prefill path.
+    singles = [i for i in range(num_seqs) if query_starts[i + 1] - query_starts[i] == 1]
+    singles = singles if len(singles) > 1 else []
+    prefill = tuple(_plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal,
+                                  skip=frozenset(singles)))
+    decode = rows = None
+    if singles:
+        decode = _plan_decode(block_tables.index_select(0, torch.tensor(singles)),
+                              [context_lens[i] for i in singles], pool_blocks, block_size, dtype, block_bytes)
+        rows = torch.tensor([query_starts[i] for i in singles])
+    return CpuAttentionPlan(context_lens, query_starts, decode, prefill, dtype, rows)
 
 
 def _plan_decode(block_tables, context_lens, pool_blocks, block_size, dtype, block_bytes):
@@ -113,11 +127,11 @@ def _decode_piece(tables, lens: list[int], block_size, dtype) -> _DecodeGather:
     return _DecodeGather(tables.reshape(-1), width, mask, empty)
 
 
-def _plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal):
+def _plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal, skip=frozenset()):
     for i, kv_len in enumerate(context_lens):
         start, end = query_starts[i], query_starts[i + 1]
         q_len = end - start
-        if q_len == 0 or kv_len == 0:
+        if q_len == 0 or kv_len == 0 or i in skip:
             continue  # its rows keep (0, -inf)
         ids = block_tables[i, : (kv_len + block_size - 1) // block_size].long()
         bias = None
@@ -137,11 +151,15 @@ def paged_attention_cpu(
     """(out, lse) through the fused kernel, or None when the plan has no fast path for q."""
     if q.dtype != plan.dtype:
         return None
-    if plan.decode is not None:
-        return _decode(q, k_cache, v_cache, plan.decode, scale)
-    if plan.prefill is not None:
-        return _prefill(q, k_cache, v_cache, plan.prefill, scale)
-    return None
+    if plan.prefill is None:
+        return None if plan.decode is None else _decode(q, k_cache, v_cache, plan.decode, scale)
+    out, lse = _prefill(q, k_cache, v_cache, plan.prefill, scale)
+    if plan.decode is not None:  # a mixed batch: its decode rows in one batched call
+        rows = plan.decode_rows
+        dec_out, dec_lse = _decode(q.index_select(0, rows), k_cache, v_cache, plan.decode, scale)
+        out.index_copy_(0, rows, dec_out)
+        lse.index_copy_(0, rows, dec_lse)
+    return out, lse
 
 
 def _decode(q, k_cache, v_cache, pieces: tuple[_DecodeGather, ...], scale):

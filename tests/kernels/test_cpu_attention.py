@@ -55,6 +55,40 @@ def test_fast_prefill_matches_reference(case, causal):
     assert_states_close(out, lse, *paged_attention_partial_ref(*x.args(), causal=causal), case.dtype)
 
 
+MIXED_CASES = [
+    Case((1, 5, 1, 1), (40, 5, 170, 3)),  # decode rows around a fresh prompt
+    Case((1, 3, 1, 0, 1), (0, 50, 1, 0, 33)),  # an empty decode row, a sequence with no query
+    Case((1, 1, 9), (0, 0, 9)),  # no decode row sees anything
+    Case((16, 1, 1), (48, 130, 17), head_dim=128, dtype=torch.bfloat16),
+    Case((1, 4, 1), (70, 20, 9), num_heads=8, num_kv_heads=1),  # MQA
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "older-partition"])
+@pytest.mark.parametrize("case", MIXED_CASES, ids=str)
+def test_mixed_batch_decodes_its_single_query_rows_together(case, causal):
+    """Continuous batching mixes decode rows with prefill chunks: the decode rows go through the
+    batched decode path (one gather, one fused call) and land in their own rows."""
+    x = make_inputs(case)
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype, causal)
+    singles = [i for i, n in enumerate(case.q_lens) if n == 1]
+    assert plan.decode_rows.tolist() == [sum(case.q_lens[:i]) for i in singles]
+    assert all(s.end - s.start > 1 for s in plan.prefill)
+    out, lse = paged_attention_partial(*x.args(), causal=causal, plan=plan)
+    assert_states_close(out, lse, *paged_attention_partial_ref(*x.args(), causal=causal), case.dtype)
+
+
+def test_mixed_batch_decode_rows_gathered_in_pieces(monkeypatch):
+    import kernels.cpu_attention as cpu
+
+    monkeypatch.setattr(cpu, "_GATHER_BYTES", 4096)
+    x = make_inputs(Case((1, 6, 1), (300, 6, 170)))
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    assert len(plan.decode) > 2
+    out, lse = paged_attention_partial(*x.args(), plan=plan)
+    assert_states_close(out, lse, *paged_attention_partial_ref(*x.args()), torch.float32)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], PREFILL_CASES[0], PREFILL_CASES[4]], ids=str)
 def test_plan_is_shared_by_layers(case):
     """One plan per forward pass serves every layer's pool (same tables and lengths)."""

@@ -80,6 +80,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         max_blocks = max(len(c.seq.block_ids) for c in chunks)
         tables = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
+        if slots and (min(slots) < 0 or max(slots) >= self.num_blocks * bs):
+            raise ValueError(f"slot_mapping out of range [0, {self.num_blocks * bs}): {min(slots)}..{max(slots)}")
         dev = self.device
         block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=dev)
@@ -91,6 +93,7 @@ class ModelRunner:
             query_start_loc=starts,
             remote=StepRemoteAttention.plan(remote, chunks, query_start, bs) if remote is not None else None,
             plan=plan_paged_attention(block_tables, lens, starts, self.kv_caches[0][0], self.dtype),
+            slots_checked=True,
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

@@ -30,6 +30,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int32
     remote: RemoteAttention | None = None
     plan: CpuAttentionPlan | None = None  # kernels.plan_paged_attention: shared by every layer
+    # True when the caller checked slot_mapping's range once for the pass: the layers' stores skip it
+    slots_checked: bool = False
 
 
 def paged_attention(
@@ -43,7 +45,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] -> attention output [T, H, D] over the whole sequence."""
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, check_values=False if meta.slots_checked else None)
     handle = meta.remote.submit(layer_idx, q) if meta.remote is not None else None
     out, lse = paged_attention_partial(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale, causal=True,

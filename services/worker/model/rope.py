@@ -34,20 +34,19 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        # sin with its first half negated: rotate_half(x) * sin == roll(x, D/2) * signed_sin bit
+        # for bit (negation is exact), one roll instead of slice, negate and concatenate.
+        sin = emb.sin().to(dtype)
+        sin[:, : head_dim // 2].neg_()
+        self.register_buffer("signed_sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin) [T, 1, head_dim], shared by every layer of a forward pass."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """positions: [T] -> (cos, signed_sin) [T, 1, head_dim], shared by every layer of a forward pass."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
-    # q: [T, H, D]; k: [T, Hkv, D]; rotary: (cos, sin) [T, 1, D]
-    cos, sin = rotary
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, heads, D] (q and k heads side by side) -> rotated copy, as Hugging Face's
+    `x * cos + rotate_half(x) * sin`, where rotate_half(x) = cat(-x[D/2:], x[:D/2])."""
+    cos, signed_sin = rotary  # [T, 1, D]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
