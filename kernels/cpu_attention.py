@@ -3,9 +3,9 @@
 Decode (one query per sequence): gather each sequence's blocks once, mask the padded tail, one
 fused call for the whole batch. Prefill chunks: one fused call per sequence, with the causal mask
 bottom-right aligned (the chunk's queries see every earlier cached token). A batch mixing both
-(continuous batching) runs its decode sequences through the batched decode path. What does not depend
-on the layer — host copies of the lengths, gather indices, masks — is computed once per forward
-pass in a `CpuAttentionPlan` and reused by every layer. The plain-torch reference
+(continuous batching) runs its decode sequences through the batched decode path. What does not
+depend on the layer — host copies of the lengths, gather indices, masks — is computed once per
+forward pass in a `CpuAttentionPlan` and reused by every layer. The plain-torch reference
 (kernels.reference) stays the oracle; tests/kernels/test_cpu_attention.py compares them.
 """
 
