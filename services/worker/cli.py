@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="tokens per engine step (chunked-prefill budget): larger prefills prompts "
+                        "faster, smaller keeps running streams' inter-token gaps short")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch intra-op threads (default: all usable cores but one)")
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
@@ -42,6 +45,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         cluster_token=resolve_cluster_token(args.cluster_token, args.host), advertise_url=args.advertise_url,
         worker_id=args.worker_id, served_model_name=args.served_model_name, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.num_threads, heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
     )

@@ -22,6 +22,7 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
     num_threads: int | None = None  # torch intra-op threads; None: default_num_threads()
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
@@ -50,6 +51,7 @@ class WorkerConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, block_size=self.block_size,
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
                             num_threads=self.num_threads or default_num_threads())
 
 

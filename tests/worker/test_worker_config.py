@@ -18,3 +18,17 @@ def test_default_threads_are_all_usable_cores_but_one_shared_by_the_workers():
 def test_bad_thread_count_is_refused():
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         WorkerConfig(cluster_token="t", num_threads=0)
+
+
+def test_step_token_budget_reaches_the_engine_and_a_bad_one_is_refused():
+    import argparse
+
+    from services.worker.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-num-batched-tokens", "2048", "--cluster-token", "t"])
+    assert config_from_args(args).engine_config().max_num_batched_tokens == 2048
+    bad = config_from_args(parser.parse_args(["--max-num-batched-tokens", "0", "--cluster-token", "t"]))
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
+        bad.engine_config()
