@@ -46,6 +46,15 @@ def distribution_ms(values_s: list[float]) -> dict[str, float] | None:
     return {"mean": statistics.fmean(ms), **{f"p{q}": percentile(ms, q) for q in PERCENTILES}}
 
 
+BURST_GAP_S = 1e-4  # tokens this close to the one before arrived in the same read
+
+
+def burst_share(itls_s: list[float]) -> float | None:
+    """Share of inter-token gaps under BURST_GAP_S: a server that flushes several SSE events at once
+    shows near-zero gaps, which pull its ITL p50 down without any token coming sooner."""
+    return sum(x < BURST_GAP_S for x in itls_s) / len(itls_s) if itls_s else None
+
+
 def summarize(results: list[RequestResult], duration_s: float, slo: Slo = Slo()) -> dict:
     done = [r for r in results if r.ok]
     input_tokens = sum(r.num_prompt_tokens for r in done)
@@ -65,6 +74,7 @@ def summarize(results: list[RequestResult], duration_s: float, slo: Slo = Slo())
         "ttft_ms": distribution_ms([r.ttft_s for r in done if r.ttft_s is not None]),
         "tpot_ms": distribution_ms([r.tpot_s for r in done if r.tpot_s is not None]),
         "itl_ms": distribution_ms([x for r in done for x in r.itls_s]),
+        "itl_burst_share": burst_share([x for r in done for x in r.itls_s]),
         "e2e_ms": distribution_ms([r.e2e_s for r in done if r.e2e_s is not None]),
         "num_long_completed": sum(r.is_long for r in done),
     }

@@ -136,9 +136,25 @@ def case_table(case: dict, peer: str = "vLLM") -> str:
         digits = 1 if m.higher_is_better else 2
         lines.append(f"{m.name:<14} {_fmt(med('kvmesh'), digits):>10} {_fmt(med('peer'), digits):>10}   "
                      f"{_triple(s['ratio'], 2):<22} {arrow}")
-    for note in case.get("notes", []):
+    for note in [*case.get("notes", []), *burst_notes(case, peer)]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+BURSTY = 0.2  # median share of near-zero gaps over rounds above which the ITL p50 is flagged
+
+
+def burst_notes(case: dict, peer: str = "vLLM") -> list[str]:
+    """A note per server whose tokens mostly arrived in bursts (loadtest.metrics.burst_share): its
+    ITL p50 then measures how it batches SSE events, and TPOT is the per-token comparison."""
+    notes = []
+    for side, name in (("kvmesh", "kvmesh"), ("peer", peer)):
+        shares = [r[side].get("itl_burst_share") for r in case["rounds"] if side in r]
+        s = spread(shares)
+        if s is not None and s["median"] > BURSTY:
+            notes.append(f"{name} delivered {s['median']:.0%} of its tokens in bursts (< 0.1 ms after the one "
+                         "before): its ITL p50 reflects that batching; compare TPOT p50")
+    return notes
 
 
 def targets_table(rows: list[dict], peer: str = "vLLM") -> str:

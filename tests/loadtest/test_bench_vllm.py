@@ -109,3 +109,22 @@ def test_restat_recomputes_stats_and_targets_and_drops_cases_without_rounds():
     out = compare.restat(rep)
     assert len(out["cases"]) == 1 and out["cases"][0]["stats"]["output tok/s"]["ratio"]["median"] == pytest.approx(1.0)
     assert {(r["metric"], r["passed"]) for r in out["targets"]} == {("output tok/s", True), ("TTFT p50 ms", False)}
+
+
+def test_a_server_delivering_in_bursts_is_flagged_under_its_case():
+    """vLLM's CPU build often flushes two SSE events in one read: half its gaps are ~0, so its ITL
+    p50 collapses. The table says so instead of leaving a 400x ratio unexplained."""
+    rounds = [{"kvmesh": _summary(250, 15, 4.0) | {"itl_burst_share": 0.01},
+               "peer": _summary(240, 18, 0.01) | {"itl_burst_share": share}} for share in (0.5, 0.6, 0.1)]
+    text = compare.case_table(_case(1, rounds))
+    notes = [line for line in text.splitlines() if "bursts" in line]
+    assert len(notes) == 1 and notes[0].startswith("  note: vLLM delivered 50% of its tokens in bursts")
+    calm = [{"kvmesh": r["kvmesh"], "peer": r["peer"] | {"itl_burst_share": 0.05}} for r in rounds]
+    assert "bursts" not in compare.case_table(_case(1, calm))
+
+
+def test_burst_share_counts_near_zero_gaps():
+    from loadtest.metrics import burst_share
+
+    assert burst_share([0.004, 0.00001, 0.0035, 0.00002]) == 0.5
+    assert burst_share([]) is None
