@@ -40,6 +40,9 @@ class _DecodeGather:
     width: int  # num_blocks * block_size: KV rows gathered per sequence
     mask: torch.Tensor | None  # [S, 1, 1, width] additive (0 / -inf), None when every row is full
     empty: torch.Tensor | None  # [S] bool: sequences with no visible token, None if there are none
+    # One sequence whose blocks are run_start, run_start + 1, ... (a FIFO allocator hands a lone
+    # stream consecutive ids): attention reads them in place, no gather
+    run_start: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,11 @@ def _decode_piece(tables, lens: list[int], block_size, dtype) -> _DecodeGather:
         mask = torch.zeros(num_seqs, 1, 1, width, dtype=dtype).masked_fill_(hidden.view(num_seqs, 1, 1, -1), NEG_INF)
     if min(visible) == 0:
         empty = torch.tensor([v == 0 for v in visible])
-    return _DecodeGather(tables.reshape(-1), width, mask, empty)
+    ids = tables.reshape(-1)
+    run_start = None
+    if num_seqs == 1 and (ids.shape[0] == 1 or bool((ids.diff() == 1).all())):
+        run_start = int(ids[0])
+    return _DecodeGather(ids, width, mask, empty, run_start)
 
 
 def _plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, causal, skip=frozenset()):
@@ -180,8 +187,14 @@ def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale, k_buf=None, v_buf=
     # k, v: [S, Hkv, width, D], strided views of the gathered [S * n, block_size, Hkv, D] blocks
     shape = (num_seqs, num_kv_heads, g.width, head_dim)
     strides = (g.width * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
-    k = _gather(k_cache, g.ids, k_buf).as_strided(shape, strides)
-    v = _gather(v_cache, g.ids, v_buf).as_strided(shape, strides)
+    # A run is read in place where a layer's pool is contiguous (the worker's); a memory server's
+    # block-major pool strides its layers apart, so it gathers.
+    if g.run_start is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
+        k_blocks = k_cache.narrow(0, g.run_start, g.ids.shape[0])
+        v_blocks = v_cache.narrow(0, g.run_start, g.ids.shape[0])
+    else:
+        k_blocks, v_blocks = _gather(k_cache, g.ids, k_buf), _gather(v_cache, g.ids, v_buf)
+    k, v = k_blocks.as_strided(shape, strides), v_blocks.as_strided(shape, strides)
     # The query heads sharing a KV head ride as that head's query rows: no K/V expansion for GQA.
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

@@ -151,3 +151,36 @@ def test_decode_pieces_share_one_buffer_and_the_last_piece_is_narrower(monkeypat
     assert [g.width for g in plan.decode] == [32, 32, 16]
     out, lse = paged_attention_partial(*x.args(), plan=plan)
     assert_states_close(out, lse, *paged_attention_partial_ref(*x.args()), case.dtype)
+
+
+@pytest.mark.parametrize("kv_len,gather_bytes", [(1, 0), (40, 0), (300, 0), (300, 4096)], ids=str)
+def test_a_lone_sequence_on_consecutive_blocks_is_read_in_place(kv_len, gather_bytes, monkeypatch):
+    """A single stream's blocks are usually consecutive ids: no gather, the same states as the
+    reference, over one piece or several; a pool strided by layer (a memory server's) still gathers."""
+    import kernels.cpu_attention as cpu
+
+    if gather_bytes:
+        monkeypatch.setattr(cpu, "_GATHER_BYTES", gather_bytes)
+    x = make_inputs(Case((1,), (kv_len,), shuffle=False))
+    num_blocks = -(-kv_len // 16)
+    tables = torch.arange(2, 2 + num_blocks, dtype=torch.int32).view(1, -1)  # a run not starting at 0
+    args = (x.q, x.k_cache, x.v_cache, tables, x.context_lens, x.query_start_loc, x.scale)
+    plan = plan_paged_attention(tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    assert all(g.run_start is not None for g in plan.decode)
+    ref = paged_attention_partial_ref(*args)
+    assert_states_close(*paged_attention_partial(*args, plan=plan), *ref, torch.float32)
+    # the same blocks in a pool that holds two layers per block: per-layer views are not contiguous
+    stacked = torch.stack([x.k_cache, torch.full_like(x.k_cache, 7.0)], dim=1)  # [N, 2, bs, Hkv, D]
+    k_layer = stacked[:, 0]
+    assert not k_layer.is_contiguous()
+    strided = (x.q, k_layer, x.v_cache, tables, x.context_lens, x.query_start_loc, x.scale)
+    assert_states_close(*paged_attention_partial(*strided, plan=plan), *ref, torch.float32)
+
+
+def test_shuffled_or_batched_blocks_are_gathered():
+    x = make_inputs(Case((1,), (300,)))  # shuffled ids
+    plan = plan_paged_attention(x.block_tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
+    assert plan.decode[0].run_start is None
+    y = make_inputs(Case((1, 1), (40, 40), shuffle=False))
+    plan = plan_paged_attention(y.block_tables, y.context_lens, y.query_start_loc, y.k_cache, y.q.dtype)
+    assert plan.decode[0].run_start is None  # two sequences: one batched gather
