@@ -14,7 +14,7 @@ from services.launch import probe
 from services.launch.config import LaunchConfig
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
 from services.launch.progress import Progress
-from services.worker.config import default_num_threads
+from services.runtime.host import default_num_threads
 from services.launch.view import ClusterView
 
 

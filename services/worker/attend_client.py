@@ -100,7 +100,7 @@ class AttendClient:
         conn = self._node.pool.peek(address) if address is not None else None
         if conn is None:
             task = self._loop.create_task(self._dial_and_attend(memserver_id, call))
-            task.add_done_callback(lambda t: _settle_from_task(result, t, memserver_id))
+            task.add_done_callback(lambda t: self._settle(memserver_id, t, t.result, result))
             return
         try:
             message, frames, out, lse = self._request(call)
@@ -111,15 +111,16 @@ class AttendClient:
         except Exception as e:  # a bug (e.g. unsendable frames): that step fails, never waits forever
             result.set_exception(e)
             return
-        reply.add_done_callback(lambda r: self._replied(memserver_id, r, out, lse, result))
+        reply.add_done_callback(lambda r: self._settle(memserver_id, r, lambda: (out, lse), result))
 
-    def _replied(self, memserver_id: str, reply: asyncio.Future, out: torch.Tensor, lse: torch.Tensor,
-                 result: Future) -> None:
+    def _settle(self, memserver_id: str, done: asyncio.Future, value: Callable[[], object], result: Future) -> None:
+        """Settle ``result`` from a finished reply or dial task: ``value()``, or its failure (a
+        transport error becomes MemserverLost and reports the memory server lost)."""
         try:
-            if reply.cancelled():
+            if done.cancelled():
                 result.set_exception(MemserverLost(memserver_id, "request cancelled"))
-            elif (error := reply.exception()) is None:
-                result.set_result((out, lse))
+            elif (error := done.exception()) is None:
+                result.set_result(value())
             elif isinstance(error, TRANSPORT_ERRORS):
                 result.set_exception(self.lost(memserver_id, error))
             else:
@@ -130,15 +131,13 @@ class AttendClient:
             raise
 
     async def _dial_and_attend(self, memserver_id: str, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dial, then attend; transport errors are left to ``_settle``."""
         address = self._addresses.get(memserver_id)
         if address is None:
             raise MemserverLost(memserver_id, "address unknown")
         message, frames, out, lse = self._request(call)
-        try:
-            conn = await self._node.pool.get(address)
-            await conn.request(message, frames, into=[out, lse], timeout=self._timeout)
-        except TRANSPORT_ERRORS as e:
-            raise self.lost(memserver_id, e) from e
+        conn = await self._node.pool.get(address)
+        await conn.request(message, frames, into=[out, lse], timeout=self._timeout)
         return out, lse
 
 
@@ -166,12 +165,3 @@ def _failed(error: BaseException) -> Future:
     future: Future = Future()
     future.set_exception(error)
     return future
-
-
-def _settle_from_task(result: Future, task: asyncio.Task, memserver_id: str) -> None:
-    if task.cancelled():
-        result.set_exception(MemserverLost(memserver_id, "request cancelled"))
-    elif (error := task.exception()) is not None:
-        result.set_exception(error)
-    else:
-        result.set_result(task.result())

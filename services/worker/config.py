@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
+from services.runtime.host import default_num_threads
 from services.worker.engine.config import EngineConfig
 
 
@@ -53,11 +53,3 @@ class WorkerConfig:
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             num_threads=self.num_threads or default_num_threads())
-
-
-def default_num_threads(num_workers: int = 1) -> int:
-    """All usable cores but one, shared by the workers of this host: the spare core runs the event
-    loops that stream tokens (and, on a laptop-sized host, the router). On 2 cores, 1 torch thread
-    instead of 2 served 1.3x the tokens/s at 16 concurrent streams and cut the inter-token latency
-    of a single stream by 20% (OpenMP threads otherwise fight the HTTP path for the cores)."""
-    return max(1, (len(os.sched_getaffinity(0)) - 1) // num_workers)

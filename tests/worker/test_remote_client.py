@@ -22,6 +22,9 @@ class FakeConnection:
         self.outcome = outcome  # "ok", an exception to fail the reply with, or one to raise at once
         self.sent: list[tuple[Attend, list]] = []
 
+    async def request(self, message, frames, *, into, timeout):  # the dialing path awaits it
+        return await self.start_request(message, frames, into=into, timeout=timeout)
+
     def start_request(self, message, frames, *, into, timeout):
         if isinstance(self.outcome, BaseException) and not isinstance(self.outcome, (PeerUnreachable, RemoteError)):
             raise self.outcome
@@ -37,16 +40,22 @@ class FakeConnection:
 
 
 class FakePool:
-    def __init__(self, conn):
+    def __init__(self, conn, dial=None):
         self.conn = conn
+        self.dial = dial  # None: ms0 is connected; else what dialing it gives (a connection or an error)
 
     def peek(self, address):
-        return self.conn if address == "ms0:1" else None
+        return self.conn if address == "ms0:1" and self.dial is None else None
+
+    async def get(self, address):
+        if isinstance(self.dial, BaseException):
+            raise self.dial
+        return self.dial
 
 
 class FakeNode:
-    def __init__(self, conn):
-        self.pool = FakePool(conn)
+    def __init__(self, conn, dial=None):
+        self.pool = FakePool(conn, dial)
 
 
 class FakeLedger:
@@ -64,8 +73,8 @@ def loop():
     loop.close()
 
 
-def _client(loop, conn) -> RemoteKVClient:
-    client = RemoteKVClient(loop, FakeNode(conn), FakeLedger(), attention_lane=False)
+def _client(loop, conn, dial=None) -> RemoteKVClient:
+    client = RemoteKVClient(loop, FakeNode(conn, dial), FakeLedger(), attention_lane=False)
     client.configure({"head_dim": 4, "block_size": 16})
     client.update({"memservers": {"ms0": "ms0:1"}})
     return client
@@ -101,3 +110,18 @@ def test_a_bug_on_the_loop_fails_the_step_instead_of_hanging(loop):
 def test_unknown_memserver_is_lost(loop):
     with pytest.raises(MemserverLost, match="address unknown"):
         _client(loop, FakeConnection("ok")).submit_attention([("ms9", _call())])[0].result(timeout=5)
+
+
+def test_with_no_connection_yet_it_dials_then_attends(loop):
+    conn = FakeConnection("ok")
+    out, _ = _client(loop, None, dial=conn).submit_attention([("ms0", _call())])[0].result(timeout=5)
+    assert torch.equal(out, torch.full((1, 2, 4), 2.0)) and len(conn.sent) == 1
+
+
+@pytest.mark.parametrize("dial,reply", [(PeerUnreachable("refused"), "ok"), (None, PeerUnreachable("gone"))],
+                         ids=["dial-fails", "reply-fails"])
+def test_a_failed_dial_or_reply_on_the_dialing_path_is_memserver_lost_once(loop, dial, reply):
+    client = _client(loop, None, dial=dial if dial is not None else FakeConnection(reply))
+    with pytest.raises(MemserverLost, match="ms0"):
+        client.submit_attention([("ms0", _call())])[0].result(timeout=5)
+    assert client.lost_memservers() == {"ms0"} and client.lost_memservers() == set()

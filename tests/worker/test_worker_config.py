@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from services.worker.config import WorkerConfig, default_num_threads
+from services.runtime.host import default_num_threads
+from services.worker.config import WorkerConfig
 
 
 def test_default_threads_are_all_usable_cores_but_one_shared_by_the_workers():
@@ -32,3 +33,15 @@ def test_step_token_budget_reaches_the_engine_and_a_bad_one_is_refused():
     bad = config_from_args(parser.parse_args(["--max-num-batched-tokens", "0", "--cluster-token", "t"]))
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
         bad.engine_config()
+
+
+def test_worker_cli_refuses_a_zero_step_budget_before_loading_anything(capfd):
+    import argparse
+
+    from services.worker.cli import add_arguments, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert main(parser.parse_args(["--max-num-batched-tokens", "0", "--cluster-token", "t"])) == 2
+    captured = capfd.readouterr()
+    assert "max_num_batched_tokens must be >= 1" in captured.out + captured.err

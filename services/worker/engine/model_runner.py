@@ -80,6 +80,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         max_blocks = max(len(c.seq.block_ids) for c in chunks)
         tables = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
+        # Checked on the host list once (no device read), so the layers' stores need not.
         if slots and (min(slots) < 0 or max(slots) >= self.num_blocks * bs):
             raise ValueError(f"slot_mapping out of range [0, {self.num_blocks * bs}): {min(slots)}..{max(slots)}")
         dev = self.device
