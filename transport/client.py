@@ -220,6 +220,9 @@ class Connection:
             if not self._pending:
                 live.wake.clear()
                 await live.wake.wait()
+                # Woken by a request: if the loop did not run between that request and now (its
+                # owner posts, computes, and runs the loop only to wait), that time is no silence.
+                self._silence_since = max(self._silence_since, time.monotonic() - live.interval_s)
                 continue
             slept_at = time.monotonic()
             await asyncio.sleep(live.interval_s)
