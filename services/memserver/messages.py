@@ -13,11 +13,13 @@ from transport.wire import message
 @message
 @dataclass(frozen=True, slots=True)
 class StoreBlocks:
-    """Allocate `num_blocks` for `owner` and store the request's frames in them, one frame per
-    block ([num_layers, 2, block_size, num_kv_heads, head_dim], the worker's dtype), in order."""
+    """Allocate `num_blocks` for `owner` and store the request's frames in them: 2 x num_layers
+    frames, frame 2 * layer + (0 for K, 1 for V) holding that layer's K (or V) of the blocks in
+    order, [num_blocks, block_size, num_kv_heads, head_dim] in the worker's dtype. The pool is
+    laid out the same way, so frames for consecutive block ids land in it directly."""
 
     TYPE: ClassVar[str] = "store_blocks"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     owner: str
     num_blocks: int
 

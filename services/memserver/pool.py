@@ -3,7 +3,6 @@ attention over an owner's blocks. No I/O here (services/memserver/server.py does
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,11 @@ class Geometry:
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """One block of one layer's K (or V): a StoreBlocks frame holds num_blocks of these."""
+        return (self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
     def block_bytes(self) -> int:
         n = 1
         for d in self.block_shape:
@@ -62,9 +66,13 @@ class BlockPool:
         self.geometry = geometry
         self.num_blocks = num_blocks
         self.per_owner_cap = per_owner_cap
-        # Block-major, so one block (all layers) is one contiguous slot a transfer lands in.
-        self.kv = torch.zeros(num_blocks, *geometry.block_shape, dtype=DTYPES[geometry.dtype], device=device)
-        self._free = list(range(num_blocks))  # a heap: lowest ids first keeps allocations compact
+        # Layer-major, as the worker's cache: [L, 2, N, block_size, Hkv, D]. Each layer's K (and V)
+        # is contiguous, so attention reads a sequence's consecutive blocks in place (no gather),
+        # and a StoreBlocks frame (one layer's K or V of consecutive blocks) lands in it directly.
+        g = geometry
+        self.kv = torch.zeros(g.num_layers, 2, num_blocks, *g.frame_shape, dtype=DTYPES[g.dtype], device=device)
+        self._free_map = bytearray(b"\x01") * num_blocks  # 1: free
+        self._num_free = num_blocks
         self._owner: list[str | None] = [None] * num_blocks
         self._held: dict[str, set[int]] = {}
         # Every layer of a worker's step sends the same tables: what was checked and prepared for
@@ -74,24 +82,42 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def holdings(self) -> dict[str, int]:
         return {owner: len(ids) for owner, ids in self._held.items() if ids}
 
     def allocate(self, owner: str, num_blocks: int) -> list[int]:
+        """The lowest run of ``num_blocks`` consecutive free ids (a transfer lands in place and
+        attention reads it without a gather); the lowest free ids when the pool has no such run."""
         if num_blocks < 1:
             raise PoolError(f"num_blocks must be >= 1, got {num_blocks}")
-        if num_blocks > len(self._free):
-            raise PoolFull(f"{num_blocks} blocks asked, {len(self._free)} free")
+        if num_blocks > self._num_free:
+            raise PoolFull(f"{num_blocks} blocks asked, {self._num_free} free")
         held = self._held.setdefault(owner, set())
         if self.per_owner_cap is not None and len(held) + num_blocks > self.per_owner_cap:
             raise OwnerCapExceeded(f"owner {owner} would hold {len(held) + num_blocks} blocks; the cap is {self.per_owner_cap}")
         self._generation += 1
-        ids = [heapq.heappop(self._free) for _ in range(num_blocks)]
+        ids = self._take(num_blocks)
         for block_id in ids:
             self._owner[block_id] = owner
         held.update(ids)
+        return ids
+
+    def _take(self, num_blocks: int) -> list[int]:
+        free_map = self._free_map
+        start = free_map.find(b"\x01" * num_blocks)
+        if start >= 0:
+            ids = list(range(start, start + num_blocks))
+        else:
+            ids, pos = [], 0
+            while len(ids) < num_blocks:
+                pos = free_map.find(1, pos)
+                ids.append(pos)
+                pos += 1
+        for block_id in ids:
+            free_map[block_id] = 0
+        self._num_free -= num_blocks
         return ids
 
     def check_owned(self, owner: str, block_ids) -> None:
@@ -102,11 +128,12 @@ class BlockPool:
     def free(self, owner: str, block_ids) -> int:
         self.check_owned(owner, block_ids)
         self._generation += 1
-        for block_id in set(block_ids):
+        unique = set(block_ids)
+        for block_id in unique:
             self._owner[block_id] = None
             self._held[owner].discard(block_id)
-            heapq.heappush(self._free, block_id)
-        return len(set(block_ids))
+        self._release(unique)
+        return len(unique)
 
     def free_owner(self, owner: str) -> int:
         ids = self._held.pop(owner, set())
@@ -114,11 +141,30 @@ class BlockPool:
         self._prepared.pop(owner, None)
         for block_id in ids:
             self._owner[block_id] = None
-            heapq.heappush(self._free, block_id)
+        self._release(ids)
         return len(ids)
 
-    def slot(self, block_id: int) -> torch.Tensor:
-        return self.kv[block_id]  # [L, 2, bs, Hkv, D], contiguous
+    def _release(self, block_ids) -> None:
+        for block_id in block_ids:
+            self._free_map[block_id] = 1
+        self._num_free += len(block_ids)
+
+    def receive_buffers(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Where a StoreBlocks' frames land, frame 2 * layer + (0 for K, 1 for V), each
+        [n, block_size, Hkv, D]: views of the pool when the ids are consecutive (zero-copy), else
+        staging buffers that ``place`` copies in."""
+        n, g = len(block_ids), self.geometry
+        if _consecutive(block_ids):
+            return [self.kv[layer, kv].narrow(0, block_ids[0], n) for layer in range(g.num_layers) for kv in (0, 1)]
+        return [self.kv.new_empty((n, *g.frame_shape)) for _ in range(2 * g.num_layers)]
+
+    def place(self, block_ids: list[int], buffers: list[torch.Tensor]) -> None:
+        """Finish a store into ``receive_buffers(block_ids)``: copy staged frames into their blocks."""
+        if _consecutive(block_ids):
+            return
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.kv.device)
+        for i, buffer in enumerate(buffers):
+            self.kv[i // 2, i % 2].index_copy_(0, ids, buffer)
 
     def attention(self, owner: str, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +177,7 @@ class BlockPool:
         p = self._prepare(owner, block_tables, seq_lens)
         if p.num_tokens != q.shape[0]:
             raise PoolError(f"query_lens sum to {p.num_tokens}, q has {q.shape[0]} rows")
-        k_cache, v_cache = self.kv[:, layer, 0], self.kv[:, layer, 1]
+        k_cache, v_cache = self.kv[layer, 0], self.kv[layer, 1]  # [N, bs, Hkv, D] each, contiguous
         return paged_attention_partial(q, k_cache, v_cache, p.tables, p.context_lens, p.query_starts, scale,
                                        causal=False, plan=p.plan)
 
@@ -164,10 +210,15 @@ class BlockPool:
         tables = tables.to(device)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
         query_starts = torch.tensor(starts, dtype=torch.int32, device=device)
-        plan = plan_paged_attention(tables, lens, query_starts, self.kv[:, 0, 0], self.kv.dtype, causal=False)
+        plan = plan_paged_attention(tables, lens, query_starts, self.kv[0, 0], self.kv.dtype, causal=False)
         prepared = _Prepared(tables, lens, query_starts, starts[-1], plan)
         self._prepared[owner] = (self._generation, key, prepared)
         return prepared
+
+
+def _consecutive(block_ids: list[int]) -> bool:
+    return block_ids[-1] - block_ids[0] == len(block_ids) - 1 and all(
+        b == block_ids[0] + i for i, b in enumerate(block_ids))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""A memory server's request handlers: store blocks (received straight into pool slots), partial
+"""A memory server's request handlers: store blocks (received straight into the pool), partial
 attention, free. Each transport session is bound to one owner (the worker that opened it); when
 the session ends, the owner's blocks are freed."""
 
@@ -69,11 +69,14 @@ class MemoryService:
         if self.leaving:
             raise Leaving("this memory server is leaving; borrow elsewhere")
         self._bind(request, msg.owner)
-        if len(request.frame_sizes) != msg.num_blocks:
-            raise PoolError(f"{msg.num_blocks} blocks announced, {len(request.frame_sizes)} frames sent")
+        num_frames = 2 * self.pool.geometry.num_layers
+        if len(request.frame_sizes) != num_frames:
+            raise PoolError(f"a store carries {num_frames} frames (K and V of each layer), got {len(request.frame_sizes)}")
         block_ids = self.pool.allocate(msg.owner, msg.num_blocks)
         try:
-            await request.recv_frames([self.pool.slot(i) for i in block_ids])
+            buffers = self.pool.receive_buffers(block_ids)
+            await request.recv_frames(buffers)
+            self.pool.place(block_ids, buffers)
         except BaseException:
             self.pool.free(msg.owner, block_ids)
             raise

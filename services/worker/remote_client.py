@@ -113,7 +113,7 @@ class RemoteKVClient:
             return future.result(timeout=self._timeout * 3)
         except TimeoutError as e:
             future.cancel()
-            raise SpillFailed(f"spill of {kv.shape[0]} blocks timed out") from e
+            raise SpillFailed(f"spill of {kv.shape[2]} blocks timed out") from e
 
     def release(self, spans: list[RemoteSpan]) -> None:
         asyncio.run_coroutine_threadsafe(self._release(list(spans)), self._loop)
@@ -123,16 +123,18 @@ class RemoteKVClient:
 
     # --- on the event loop ---
     async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+        # kv: [num_layers, 2, n, block_size, Hkv, D]; a store sends K and V of each layer as frames
         spans: list[RemoteSpan] = []
+        num_blocks, layer_kv = kv.shape[2], kv.flatten(0, 1)  # [2 * num_layers, n, ...]
         done, attempts = 0, 0
-        while done < kv.shape[0]:
+        while done < num_blocks:
             attempts += 1
             if attempts > 3:
                 await self._release(spans)
                 await self.refresh()
-                raise SpillFailed(f"memory servers refused {kv.shape[0] - done} of {kv.shape[0]} blocks")
+                raise SpillFailed(f"memory servers refused {num_blocks - done} of {num_blocks} blocks")
             try:
-                grants = await self._ledger.borrow(kv.shape[0] - done)
+                grants = await self._ledger.borrow(num_blocks - done)
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise SpillFailed(f"router unreachable: {e!r}") from e
             except SpillFailed:
@@ -144,7 +146,7 @@ class RemoteKVClient:
                 self._addresses[grant["memserver_id"]] = grant["address"]
                 try:
                     conn = await self._node.pool.get(grant["address"])
-                    reply = await conn.request(StoreBlocks(self.owner, n), [kv[i] for i in range(done, done + n)],
+                    reply = await conn.request(StoreBlocks(self.owner, n), [f[done:done + n] for f in layer_kv],
                                                timeout=self._timeout)
                 except _TRANSPORT_ERRORS as e:
                     log.warning("store_refused", request_id=request_id, memserver=grant["memserver_id"], error=str(e))

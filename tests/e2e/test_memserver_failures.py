@@ -103,12 +103,14 @@ async def test_memserver_refuses_another_owners_blocks(tmp_path):
     with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1,
                          memserver_capacity=MEMSERVER_CAPACITY) as cluster:
         address = cluster_view(cluster.router)["memservers"][0]["address"]
-        geometry = (4, 2, 16, 2, 32)  # the tiny model's block: layers, k/v, block size, kv heads, head dim
+        frame = (2, 16, 2, 32)  # one layer's K (or V) of 2 blocks of the tiny model: blocks, block size, kv heads, head dim
         node = await Node.start(TransportConfig.from_env(token=TOKEN.encode()))
         try:
             alice = await node.connect(address)
             bob = await node.connect(address)
-            reply = await alice.request(StoreBlocks("alice", 2), [torch.ones(geometry), torch.ones(geometry)])
+            with pytest.raises(RemoteError, match="8 frames"):  # 4 layers x (K, V)
+                await alice.request(StoreBlocks("alice", 2), [torch.ones(frame)] * 7)
+            reply = await alice.request(StoreBlocks("alice", 2), [torch.ones(frame)] * 8)
             alice_blocks = reply.message.block_ids
             with pytest.raises(RemoteError, match="not_owner"):
                 await bob.request(FreeBlocks("bob", alice_blocks))

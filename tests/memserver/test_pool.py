@@ -10,6 +10,14 @@ from services.memserver.pool import BlockPool, Geometry, NotOwner, OwnerCapExcee
 GEO = Geometry(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
 
 
+def fill(pool, block_ids, data):
+    """Store data [n, L, 2, bs, Hkv, D] (block by block) into block_ids as a StoreBlocks does."""
+    buffers = pool.receive_buffers(block_ids)
+    for i, buffer in enumerate(buffers):  # frame 2 * layer + kv
+        buffer.copy_(data[:, i // 2, i % 2])
+    pool.place(block_ids, buffers)
+
+
 def attend(pool, owner, layer, q, tables, context_lens, query_lens, scale):
     """pool.attention with the layout built from lists, as a worker sends it."""
     layout = attend_layout([list(t) for t in tables], list(context_lens), list(query_lens))
@@ -34,20 +42,43 @@ def test_allocate_free_and_owner_isolation():
     assert pool.num_free == 6 and pool.holdings() == {}
 
 
-def test_attention_over_owned_blocks_matches_reference():
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_attention_over_owned_blocks_matches_reference(fragmented):
+    """Stored blocks read back right whether they landed in place (consecutive ids) or through
+    staging (a fragmented pool): the oracle indexes the data as sent, not the pool."""
     torch.manual_seed(0)
-    pool = BlockPool(GEO, num_blocks=8)
+    pool = BlockPool(GEO, num_blocks=12)
+    if fragmented:  # free blocks 1, 3, 5, 7, 9: no two consecutive
+        others = pool.allocate("other", 12)
+        pool.free("other", others[1:10:2])
     ids = pool.allocate("w", 5)
-    pool.kv[ids] = torch.randn(5, *GEO.block_shape)
+    assert (ids == [1, 3, 5, 7, 9]) if fragmented else (ids == [0, 1, 2, 3, 4])
+    data = torch.randn(5, *GEO.block_shape)
+    fill(pool, ids, data)
     q = torch.randn(3, 4, 8)
-    tables = [[ids[3], ids[0]], [ids[1], ids[4], ids[2]]]
+    picks = [[3, 0], [1, 4, 2]]  # positions in data
+    tables = [[ids[i] for i in p] for p in picks]
     out, lse = attend(pool, "w", 1, q, tables, [8, 12], [1, 2], 0.3)
     ref_out, ref_lse = paged_attention_partial_ref(
-        q, pool.kv[:, 1, 0], pool.kv[:, 1, 1], torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32),
+        q, data[:, 1, 0], data[:, 1, 1], torch.tensor([p + [0] * (3 - len(p)) for p in picks], dtype=torch.int32),
         torch.tensor([8, 12], dtype=torch.int32), torch.tensor([0, 1, 3], dtype=torch.int32), 0.3, causal=False)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
 
+
+def test_allocation_prefers_the_lowest_consecutive_run_and_receives_in_place():
+    pool = BlockPool(GEO, num_blocks=8)
+    first = pool.allocate("w", 3)
+    pool.allocate("w", 2)
+    pool.free("w", [first[1]])  # free: 1, 5, 6, 7
+    run = pool.allocate("w", 3)
+    assert run == [5, 6, 7]
+    buffers = pool.receive_buffers(run)
+    assert len(buffers) == 2 * GEO.num_layers
+    assert all(b.data_ptr() == pool.kv[i // 2, i % 2, 5].data_ptr() for i, b in enumerate(buffers))  # zero-copy
+    pool.free("w", [3])  # free: 1, 3
+    assert pool.allocate("w", 2) == [1, 3] and pool.num_free == 0
+    assert pool.receive_buffers([1, 3])[0].data_ptr() != pool.kv[0, 0, 1].data_ptr()  # staged
 
 
 def test_tables_checked_once_per_step_yet_ownership_changes_are_seen():
@@ -56,7 +87,7 @@ def test_tables_checked_once_per_step_yet_ownership_changes_are_seen():
     torch.manual_seed(0)
     pool = BlockPool(GEO, num_blocks=6)
     ids = pool.allocate("w", 3)
-    pool.kv[ids] = torch.randn(3, *GEO.block_shape)
+    fill(pool, ids, torch.randn(3, *GEO.block_shape))
     q = torch.randn(1, 4, 8)
     tables = ((ids[2], ids[0]),)
     first = [attend(pool, "w", layer, q, tables, (8,), (1,), 0.3) for layer in (0, 1)]
@@ -92,7 +123,7 @@ def test_table_padding_is_ignored_even_if_it_names_foreign_blocks():
     torch.manual_seed(0)
     pool = BlockPool(GEO, num_blocks=6)
     mine, theirs = pool.allocate("w", 3), pool.allocate("other", 1)
-    pool.kv[:] = torch.randn(6, *GEO.block_shape)
+    pool.kv.normal_()
     q = torch.randn(2, 4, 8)
     clean = attend(pool, "w", 0, q, [[mine[0], mine[1]], [mine[2]]], [8, 4], [1, 1], 0.5)
     # row 1 is padded with another owner's block id
@@ -105,21 +136,21 @@ def test_table_padding_is_ignored_even_if_it_names_foreign_blocks():
                     reason="no CUDA device (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_cuda_pool_attention_matches_cpu_reference(dtype):
-    # A GPU memserver's pool is block-major: each layer's K/V is a strided view the Triton kernel
-    # must read correctly.
+    # A GPU memserver's pool, filled through the StoreBlocks path (views and staged copies).
     geo = Geometry(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
     pool = BlockPool(geo, num_blocks=40, device="cuda")
+    pool.allocate("other", 3)
     ids = pool.allocate("w", 12)
     gen = torch.Generator().manual_seed(1)
     data = torch.randn(12, *geo.block_shape, generator=gen).to(getattr(torch, dtype))
-    pool.kv[ids] = data.cuda()
+    fill(pool, ids, data.cuda())
     q = torch.randn(5, 8, 64, generator=gen).to(getattr(torch, dtype))
     tables = [ids[:5], ids[5:12]]
     out, lse = attend(pool, "w", 2, q.cuda(), tables, [80, 112], [1, 4], 0.125)
     cpu_kv = pool.kv.cpu().float()
     width = 7
     ref_out, ref_lse = paged_attention_partial_ref(
-        q.float(), cpu_kv[:, 2, 0], cpu_kv[:, 2, 1],
+        q.float(), cpu_kv[2, 0], cpu_kv[2, 1],
         torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         torch.tensor([80, 112], dtype=torch.int32), torch.tensor([0, 1, 5], dtype=torch.int32), 0.125, causal=False)
     torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-2, rtol=1e-2)

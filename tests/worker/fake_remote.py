@@ -12,7 +12,8 @@ from services.worker.engine.remote import AttentionCall, MemserverLost, RemoteSp
 
 class FakeMemserver:
     def __init__(self, num_blocks: int, block_shape: tuple[int, ...], dtype):
-        self.pool = torch.zeros(num_blocks, *block_shape, dtype=dtype)  # [N, L, 2, bs, Hkv, D]
+        num_layers, _, *frame = block_shape  # block_shape: (L, 2, bs, Hkv, D)
+        self.pool = torch.zeros(num_layers, 2, num_blocks, *frame, dtype=dtype)  # [L, 2, N, bs, Hkv, D]
         self.free_ids = list(range(num_blocks))
         self.alive = True
         self.peak_used = 0
@@ -30,20 +31,21 @@ class FakeRemoteKV:
         return sum(len(s.free_ids) for s in self.servers.values() if s.alive)
 
     def used_blocks(self) -> int:
-        return sum(s.pool.shape[0] - len(s.free_ids) for s in self.servers.values() if s.alive)
+        return sum(s.pool.shape[2] - len(s.free_ids) for s in self.servers.values() if s.alive)
 
     def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
-        if kv.shape[0] > self.free_blocks():
+        num_blocks = kv.shape[2]  # kv: [L, 2, n, bs, Hkv, D]
+        if num_blocks > self.free_blocks():
             raise SpillFailed("cluster full")
         spans, done = [], 0
         # Most free first, so a sequence spreads over few servers.
         for name, server in sorted(self.servers.items(), key=lambda kv_: -len(kv_[1].free_ids)):
-            if done == kv.shape[0] or not server.alive:
+            if done == num_blocks or not server.alive:
                 continue
-            n = min(len(server.free_ids), kv.shape[0] - done)
+            n = min(len(server.free_ids), num_blocks - done)
             ids, server.free_ids = server.free_ids[:n], server.free_ids[n:]
-            server.peak_used = max(server.peak_used, server.pool.shape[0] - len(server.free_ids))
-            server.pool[ids] = kv[done : done + n]
+            server.peak_used = max(server.peak_used, server.pool.shape[2] - len(server.free_ids))
+            server.pool[:, :, ids] = kv[:, :, done : done + n]
             spans.append(RemoteSpan(name, tuple(ids), start_token + done * kv.shape[3]))
             done += n
         self.num_spills += 1
@@ -67,8 +69,8 @@ class FakeRemoteKV:
             return future
         _, context_lens, query_lens = call.seq_lens.tolist()
         qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-        k = server.pool[:, call.layer, 0]
-        v = server.pool[:, call.layer, 1]
+        k = server.pool[call.layer, 0]
+        v = server.pool[call.layer, 1]
         out, lse = paged_attention_partial(call.q, k, v, call.block_tables, torch.tensor(context_lens, dtype=torch.int32),
                                            qsl, self.scale, causal=False)
         future.set_result((out, lse))

@@ -65,7 +65,7 @@ def test_memserver_loss_recomputes_with_identical_tokens(model):
         for delta in engine.step():
             outs[delta.request_id].extend(delta.token_ids)
         if not killed and sum(map(len, outs.values())) >= 10 and remote.used_blocks() > 0:
-            victim = max(remote.servers, key=lambda m: remote.servers[m].pool.shape[0] - len(remote.servers[m].free_ids))
+            victim = max(remote.servers, key=lambda m: remote.servers[m].pool.shape[2] - len(remote.servers[m].free_ids))
             remote.kill(victim)
             killed = True
     assert killed

@@ -54,9 +54,9 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of local blocks for spilling: [n, num_layers, 2, block_size, num_kv_heads, head_dim]."""
+        """A copy of local blocks for spilling: [num_layers, 2, n, block_size, num_kv_heads, head_dim]."""
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        return self.kv_cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+        return self.kv_cache.index_select(2, ids)
 
     def execute(self, chunks: list[ScheduledChunk], remote: RemoteKV | None = None) -> torch.Tensor:
         """Run one forward pass; returns fp32 logits [num sampling chunks, vocab] in chunk order."""

@@ -50,7 +50,7 @@ class RemoteKV(Protocol):
         """Blocks the cluster could lend now (a hint: a spill may still be refused)."""
 
     def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
-        """Move blocks off the worker. kv: [n, num_layers, 2, block_size, num_kv_heads, head_dim]
+        """Move blocks off the worker. kv: [num_layers, 2, n, block_size, num_kv_heads, head_dim]
         (a copy the call may keep). Blocking. Raises SpillFailed (nothing kept) on failure."""
 
     def release(self, spans: list[RemoteSpan]) -> None:
