@@ -187,8 +187,8 @@ def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale, k_buf=None, v_buf=
     # k, v: [S, Hkv, width, D], strided views of the gathered [S * n, block_size, Hkv, D] blocks
     shape = (num_seqs, num_kv_heads, g.width, head_dim)
     strides = (g.width * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
-    # A run is read in place where a layer's pool is contiguous (the worker's); a memory server's
-    # block-major pool strides its layers apart, so it gathers.
+    # A run is read in place where a layer's pool is contiguous (the worker's and a memory
+    # server's both are); a strided pool gathers.
     if g.run_start is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
         k_blocks = k_cache.narrow(0, g.run_start, g.ids.shape[0])
         v_blocks = v_cache.narrow(0, g.run_start, g.ids.shape[0])
