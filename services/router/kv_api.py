@@ -80,8 +80,10 @@ async def deregister(request: web.Request) -> web.Response:
 @routes.post("/internal/kv/borrow")
 async def borrow(request: web.Request) -> web.Response:
     req: BorrowRequest = await read_message(request, BorrowRequest)
+    if not isinstance(req.near, (list, tuple)) or not all(isinstance(m, str) for m in req.near):
+        raise ApiError(f"near must be a list of memserver ids, got {req.near!r}", param="near")
     try:
-        grants = request.app[LEDGER].borrow(req.worker_id, req.num_blocks)
+        grants = request.app[LEDGER].borrow(req.worker_id, req.num_blocks, tuple(req.near))
     except InsufficientCapacity as e:
         raise ApiError(str(e), status=409, code="insufficient_capacity") from e
     except ValueError as e:

@@ -109,14 +109,20 @@ class Ledger:
     def free_blocks(self) -> int:
         return sum(self.available(m) for m in self._servers)
 
-    def borrow(self, worker_id: str, num_blocks: int) -> list[Grant]:
+    def borrow(self, worker_id: str, num_blocks: int, near: tuple[str, ...] = ()) -> list[Grant]:
+        """Reserve num_blocks, spreading a sequence over few servers: first the ones in ``near``
+        (those already holding it, in that order), then the most free. Every layer of every step
+        sends one request to each server that holds part of a sequence."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         total = self.free_blocks()
         if total < num_blocks:
             raise InsufficientCapacity(num_blocks, total)
         grants, left = [], num_blocks
-        for state in sorted(self._servers.values(), key=lambda s: (-self.available(s.memserver_id), s.memserver_id)):
+        rank = {memserver_id: i for i, memserver_id in enumerate(near)}
+        order = sorted(self._servers.values(), key=lambda s: (
+            rank.get(s.memserver_id, len(rank)), -self.available(s.memserver_id), s.memserver_id))
+        for state in order:
             n = min(left, self.available(state.memserver_id))
             if n <= 0:
                 continue

@@ -99,6 +99,7 @@ class MemserverLoad:
 class BorrowRequest:
     worker_id: str
     num_blocks: int
+    near: tuple[str, ...] = ()  # memservers that already hold the sequence's blocks: lend from them first
     v: int = WIRE_VERSION
 
 

@@ -35,8 +35,8 @@ class LedgerClient:
         async with self._session.post(self._base + path, data=data, headers=self._headers) as resp:
             return resp.status, await resp.json()
 
-    async def borrow(self, num_blocks: int) -> list[dict]:
-        status, body = await self._post("/borrow", encode(BorrowRequest(self.owner, num_blocks)))
+    async def borrow(self, num_blocks: int, near: tuple[str, ...] = ()) -> list[dict]:
+        status, body = await self._post("/borrow", encode(BorrowRequest(self.owner, num_blocks, near)))
         if status != 200:
             raise SpillFailed(body.get("error", {}).get("message", f"borrow refused: HTTP {status}"))
         return body["grants"]
@@ -107,8 +107,8 @@ class RemoteKVClient:
             lost, self._lost = self._lost, set()
         return lost
 
-    def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
-        future = asyncio.run_coroutine_threadsafe(self._spill(request_id, kv, start_token), self._loop)
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
+        future = asyncio.run_coroutine_threadsafe(self._spill(request_id, kv, start_token, near), self._loop)
         try:
             return future.result(timeout=self._timeout * 3)
         except TimeoutError as e:
@@ -122,7 +122,7 @@ class RemoteKVClient:
         return self._attention.submit(calls)
 
     # --- on the event loop ---
-    async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+    async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...]) -> list[RemoteSpan]:
         # kv: [num_layers, 2, n, block_size, Hkv, D]; a store sends K and V of each layer as frames
         spans: list[RemoteSpan] = []
         num_blocks, layer_kv = kv.shape[2], kv.flatten(0, 1)  # [2 * num_layers, n, ...]
@@ -134,7 +134,7 @@ class RemoteKVClient:
                 await self.refresh()
                 raise SpillFailed(f"memory servers refused {num_blocks - done} of {num_blocks} blocks")
             try:
-                grants = await self._ledger.borrow(num_blocks - done)
+                grants = await self._ledger.borrow(num_blocks - done, (*near, *(s.memserver_id for s in spans)))
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise SpillFailed(f"router unreachable: {e!r}") from e
             except SpillFailed:

@@ -27,6 +27,16 @@ def test_borrow_prefers_most_free_and_spreads_over_few_servers():
     assert ledger.free_blocks() == 30
 
 
+def test_borrow_fills_the_servers_already_holding_the_sequence_first():
+    ledger = _ledger()
+    grants = ledger.borrow("w1", 20, near=("ms-b",))  # b has less free, but holds the sequence
+    assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-b", 20)]
+    grants = ledger.borrow("w1", 50, near=("ms-b",))  # b has 40 unreserved: the rest from the most free
+    assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-b", 40), ("ms-a", 10)]
+    (grant,) = ledger.borrow("w1", 5, near=("ms-gone",))  # an unknown id is no preference
+    assert grant.memserver_id == "ms-a"
+
+
 def test_reservation_holds_capacity_until_settled():
     ledger = _ledger()
     (grant,) = ledger.borrow("w1", 50)

@@ -134,3 +134,14 @@ async def test_worker_ready_turns_503_while_draining():
         async with s.client.get(str(worker.make_url("/ready"))) as resp:
             assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
         worker.app[INFLIGHT].draining = False
+
+
+async def test_borrow_with_a_malformed_near_is_refused_clearly():
+    from services.runtime.wire import CONTENT_TYPE, BorrowRequest, encode
+
+    async with running_stack() as s:
+        headers = {**internal_headers(), "Content-Type": CONTENT_TYPE}
+        body = encode(BorrowRequest("w", 4, near=(1, 2)))
+        async with s.client.post(s.url("/internal/kv/borrow"), data=body, headers=headers) as resp:
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and error["param"] == "near" and "memserver ids" in error["message"]

@@ -33,13 +33,13 @@ class FakeRemoteKV:
     def used_blocks(self) -> int:
         return sum(s.pool.shape[2] - len(s.free_ids) for s in self.servers.values() if s.alive)
 
-    def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
         num_blocks = kv.shape[2]  # kv: [L, 2, n, bs, Hkv, D]
         if num_blocks > self.free_blocks():
             raise SpillFailed("cluster full")
         spans, done = [], 0
-        # Most free first, so a sequence spreads over few servers.
-        for name, server in sorted(self.servers.items(), key=lambda kv_: -len(kv_[1].free_ids)):
+        # The sequence's servers first, then the most free: a sequence spreads over few servers.
+        for name, server in sorted(self.servers.items(), key=lambda kv_: (kv_[0] not in near, -len(kv_[1].free_ids))):
             if done == num_blocks or not server.alive:
                 continue
             n = min(len(server.free_ids), num_blocks - done)

@@ -180,8 +180,10 @@ class LLMEngine:
             if not plan.valid:
                 continue
             seq = plan.seq
+            near = tuple(dict.fromkeys(span.memserver_id for span in seq.remote_spans))
             try:
-                spans = self.remote.spill(seq.request_id, self.runner.gather_blocks(plan.block_ids), plan.start_token)
+                spans = self.remote.spill(seq.request_id, self.runner.gather_blocks(plan.block_ids), plan.start_token,
+                                          near)
             except SpillFailed as e:
                 log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
                 self._recompute(seq, deltas)  # its spilled blocks are gone

@@ -49,9 +49,10 @@ class RemoteKV(Protocol):
     def free_blocks(self) -> int:
         """Blocks the cluster could lend now (a hint: a spill may still be refused)."""
 
-    def spill(self, request_id: str, kv: torch.Tensor, start_token: int) -> list[RemoteSpan]:
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
         """Move blocks off the worker. kv: [num_layers, 2, n, block_size, num_kv_heads, head_dim]
-        (a copy the call may keep). Blocking. Raises SpillFailed (nothing kept) on failure."""
+        (a copy the call may keep). near: memservers already holding the sequence, preferred (one
+        request per server per layer). Blocking. Raises SpillFailed (nothing kept) on failure."""
 
     def release(self, spans: list[RemoteSpan]) -> None:
         """Free blocks on their memory servers (best effort, never raises)."""
