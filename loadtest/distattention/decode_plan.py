@@ -46,8 +46,9 @@ def local_blocks(context: int, fraction: float, decode_tokens: int, block_size: 
 
 def memserver_capacity(context: int, max_fraction: float, decode_tokens: int, block_size: int,
                        block_bytes: int = TINY_BLOCK_BYTES) -> str:
-    """Each memserver holds the whole remote part on its own (spills alternate between them, but
-    the ledger may put a whole batch on one): the largest fraction, plus a spill batch of slack."""
+    """Each memserver holds the whole remote part on its own (the ledger keeps a sequence on the
+    servers already holding it, so one request's blocks land on one server; the per-server split
+    is printed with each request): the largest fraction, plus a spill batch of slack."""
     remote = math.ceil(max_fraction * (context + decode_tokens) / block_size)
     slack = max(64, remote // 8)
     return f"{math.ceil((remote + slack) * block_bytes / 1024)}KiB"

@@ -1,8 +1,9 @@
 """The global KV manager's borrow ledger: which memory servers exist, how much they have free, and
 which worker holds how many blocks where. Plain Python; time is injected.
 
-A worker borrows N blocks: the ledger picks creditors (most free first, so a spill lands on as few
-servers as possible) and reserves them before the worker transfers anything. The worker then
+A worker borrows N blocks: the ledger picks creditors (the servers already holding the sequence,
+then the most free, so a sequence lands on as few servers as possible) and reserves them before
+the worker transfers anything. The worker then
 stores the blocks on each creditor, which may still refuse (the ledger's view can be stale), and
 settles each reservation with the number actually stored; a refused worker asks again. Repaid
 blocks return to the creditor's free count. A memserver's heartbeat (its own count of free blocks
