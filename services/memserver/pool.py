@@ -1,5 +1,5 @@
 """A memory server's block pool: preallocated KV blocks, each owned by one worker, and partial
-attention over an owner's blocks. No I/O here (services/memserver/server.py does that)."""
+attention over an owner's blocks. No I/O here (services/memserver/service.py does that)."""
 
 from __future__ import annotations
 
