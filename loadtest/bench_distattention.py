@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=2, help="interleaved rounds; one request per case per round")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-local", action="store_true", help="skip the --no-remote-kv worker (f=0 is the baseline)")
+    g.add_argument("--spread", action="store_true",
+                   help="size each of M memservers for 1/M of the remote part, so one sequence spreads over all "
+                        "M (by default any one server holds it, and the ledger keeps a sequence on one)")
     g = p.add_argument_group("longctx (also uses --decode-tokens, --rounds, --seed)")
     g.add_argument("--local-blocks", type=int, default=32, help="the spilling worker's local KV pool (blocks)")
     g.add_argument("--multiples", type=_ints, default=[4, 8, 16], help="prompt sizes in local capacities")
@@ -86,7 +89,8 @@ def run_decode(args: argparse.Namespace, token: str) -> bool:
     for ctx in args.contexts:
         plan = decode_plan(ctx, args.fractions, args.memservers, args.decode_tokens,
                            worker_threads=args.worker_threads, with_local=not args.no_local,
-                           env=tuple(args.child_env), memserver_threads=args.memserver_threads)
+                           env=tuple(args.child_env), memserver_threads=args.memserver_threads,
+                           spread=args.spread)
         print(f"== decode, context {ctx:,} tokens, {args.decode_tokens} decode tokens, {args.rounds} round(s), "
               f"{len(plan.cases)} cases", flush=True)
         t0 = time.perf_counter()

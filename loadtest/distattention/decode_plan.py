@@ -45,20 +45,24 @@ def local_blocks(context: int, fraction: float, decode_tokens: int, block_size: 
 
 
 def memserver_capacity(context: int, max_fraction: float, decode_tokens: int, block_size: int,
-                       block_bytes: int = TINY_BLOCK_BYTES) -> str:
-    """Each memserver holds the whole remote part on its own (the ledger keeps a sequence on the
-    servers already holding it, so one request's blocks land on one server; the per-server split
-    is printed with each request): the largest fraction, plus a spill batch of slack."""
+                       block_bytes: int = TINY_BLOCK_BYTES, num_shares: int = 1) -> str:
+    """Each memserver holds 1/num_shares of the remote part at the largest fraction, plus a spill
+    batch of slack. num_shares=1: any one server holds a whole sequence (the ledger keeps a sequence
+    on the servers already holding it, so one request's blocks land on one server; the per-server
+    split is printed with each request). num_shares=M > 1: a sequence spreads over the M servers."""
     remote = math.ceil(max_fraction * (context + decode_tokens) / block_size)
     slack = max(64, remote // 8)
-    return f"{math.ceil((remote + slack) * block_bytes / 1024)}KiB"
+    return f"{math.ceil((math.ceil(remote / num_shares) + slack) * block_bytes / 1024)}KiB"
 
 
 def decode_plan(context: int, fractions: list[float], memservers: list[int], decode_tokens: int,
                 block_size: int = 16, worker_threads: int | None = None, with_local: bool = True,
-                env: tuple[tuple[str, str], ...] = (), memserver_threads: int | None = None) -> DecodePlan:
+                env: tuple[tuple[str, str], ...] = (), memserver_threads: int | None = None,
+                spread: bool = False) -> DecodePlan:
     """One cluster per memserver count. The all-local baseline (--no-remote-kv) and f=0 (remote on,
-    pool big enough: nothing spills, so the memserver count is moot) live in the first cluster."""
+    pool big enough: nothing spills, so the memserver count is moot) live in the first cluster.
+    spread: size each of a cluster's M memservers for 1/M of the remote part, so one sequence
+    spreads over all of them (the fan-out cost) instead of fitting on one."""
     if not memservers or min(memservers) < 1:
         raise ValueError(f"memserver counts must be >= 1, got {memservers}")
     if any(not 0 <= f < 1 for f in fractions):
@@ -79,6 +83,8 @@ def decode_plan(context: int, fractions: list[float], memservers: list[int], dec
             n = local_blocks(context, f, decode_tokens, block_size)
             workers.append(WorkerSpec(worker, n))
             cases.append(DecodeCase(f"{name}/{worker}", name, worker, m, f, n))
-        clusters.append(ClusterSpec(name, tuple(workers), m, capacity, block_size, worker_threads,
+        cluster_capacity = (memserver_capacity(context, max(fractions, default=0), decode_tokens, block_size,
+                                               num_shares=m) if spread else capacity)
+        clusters.append(ClusterSpec(name, tuple(workers), m, cluster_capacity, block_size, worker_threads,
                                     memserver_threads=memserver_threads, env=env))
     return DecodePlan(context, decode_tokens, tuple(clusters), tuple(cases), capacity)

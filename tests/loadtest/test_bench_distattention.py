@@ -3,6 +3,7 @@ remote fraction becomes a local pool size) and its report tables."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -42,6 +43,17 @@ def test_plan_puts_baselines_in_the_first_cluster_and_memservers_hold_the_remote
     assert parse_size(memserver_capacity(8000, 0.9, 48, 16)) >= remote_blocks * 32 * 1024
     with pytest.raises(ValueError):
         decode_plan(8000, [1.0], [1], 48)
+
+
+def test_spread_plan_needs_every_memserver_for_one_sequence():
+    """--spread: one sequence's remote part fits on no single memserver of a 2-server cluster, but
+    on both together; without it, on either one."""
+    remote_bytes = math.ceil(0.75 * total_blocks(8000, 48, 16)) * 32 * 1024
+    spread = decode_plan(8000, [0.75], [1, 2], 48, spread=True)
+    one, two = (parse_size(c.memserver_capacity) for c in spread.clusters)
+    assert one >= remote_bytes > two and 2 * two >= remote_bytes
+    default = decode_plan(8000, [0.75], [1, 2], 48)
+    assert all(parse_size(c.memserver_capacity) >= remote_bytes for c in default.clusters)
 
 
 def test_tables_show_ratios_and_verdicts():
