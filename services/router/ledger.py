@@ -120,7 +120,9 @@ class Ledger:
         if total < num_blocks:
             raise InsufficientCapacity(num_blocks, total)
         grants, left = [], num_blocks
-        rank = {memserver_id: i for i, memserver_id in enumerate(near)}
+        rank: dict[str, int] = {}
+        for i, memserver_id in enumerate(near):
+            rank.setdefault(memserver_id, i)  # a repeated id keeps its first place
         order = sorted(self._servers.values(), key=lambda s: (
             rank.get(s.memserver_id, len(rank)), -self.available(s.memserver_id), s.memserver_id))
         for state in order:

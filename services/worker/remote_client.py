@@ -134,7 +134,8 @@ class RemoteKVClient:
                 await self.refresh()
                 raise SpillFailed(f"memory servers refused {num_blocks - done} of {num_blocks} blocks")
             try:
-                grants = await self._ledger.borrow(num_blocks - done, (*near, *(s.memserver_id for s in spans)))
+                holding = tuple(dict.fromkeys((*near, *(s.memserver_id for s in spans))))
+                grants = await self._ledger.borrow(num_blocks - done, holding)
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise SpillFailed(f"router unreachable: {e!r}") from e
             except SpillFailed:

@@ -35,6 +35,8 @@ def test_borrow_fills_the_servers_already_holding_the_sequence_first():
     assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-b", 40), ("ms-a", 10)]
     (grant,) = ledger.borrow("w1", 5, near=("ms-gone",))  # an unknown id is no preference
     assert grant.memserver_id == "ms-a"
+    (grant,) = _ledger().borrow("w1", 5, near=("ms-b", "ms-a", "ms-b"))  # a repeat keeps its first place
+    assert grant.memserver_id == "ms-b"
 
 
 def test_reservation_holds_capacity_until_settled():
