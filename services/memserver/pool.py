@@ -217,8 +217,7 @@ class BlockPool:
 
 
 def _consecutive(block_ids: list[int]) -> bool:
-    return block_ids[-1] - block_ids[0] == len(block_ids) - 1 and all(
-        b == block_ids[0] + i for i, b in enumerate(block_ids))
+    return block_ids == list(range(block_ids[0], block_ids[0] + len(block_ids)))
 
 
 @dataclass(frozen=True, slots=True)

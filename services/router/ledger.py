@@ -3,11 +3,11 @@ which worker holds how many blocks where. Plain Python; time is injected.
 
 A worker borrows N blocks: the ledger picks creditors (the servers already holding the sequence,
 then the most free, so a sequence lands on as few servers as possible) and reserves them before
-the worker transfers anything. The worker then
-stores the blocks on each creditor, which may still refuse (the ledger's view can be stale), and
-settles each reservation with the number actually stored; a refused worker asks again. Repaid
-blocks return to the creditor's free count. A memserver's heartbeat (its own count of free blocks
-and of blocks per owner) is the truth the ledger re-bases on.
+the worker transfers anything. The worker then stores the blocks on each creditor, which may still
+refuse (the ledger's view can be stale), and settles each reservation with the number actually
+stored; a refused worker asks again. Repaid blocks return to the creditor's free count. A
+memserver's heartbeat (its own count of free blocks and of blocks per owner) is the truth the
+ledger re-bases on.
 """
 
 from __future__ import annotations
