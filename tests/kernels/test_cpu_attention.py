@@ -155,8 +155,8 @@ def test_decode_pieces_share_one_buffer_and_the_last_piece_is_narrower(monkeypat
 
 @pytest.mark.parametrize("kv_len,gather_bytes", [(1, 0), (40, 0), (300, 0), (300, 4096)], ids=str)
 def test_a_lone_sequence_on_consecutive_blocks_is_read_in_place(kv_len, gather_bytes, monkeypatch):
-    """A single stream's blocks are usually consecutive ids: no gather, the same states as the
-    reference, over one piece or several; a pool strided by layer (a memory server's) still gathers."""
+    """A single stream's blocks are usually consecutive ids: no gather, one fused call however long
+    the run, the same states as the reference; a pool strided by layer still gathers."""
     import kernels.cpu_attention as cpu
 
     if gather_bytes:
@@ -166,7 +166,7 @@ def test_a_lone_sequence_on_consecutive_blocks_is_read_in_place(kv_len, gather_b
     tables = torch.arange(2, 2 + num_blocks, dtype=torch.int32).view(1, -1)  # a run not starting at 0
     args = (x.q, x.k_cache, x.v_cache, tables, x.context_lens, x.query_start_loc, x.scale)
     plan = plan_paged_attention(tables, x.context_lens, x.query_start_loc, x.k_cache, x.q.dtype)
-    assert all(g.run_start is not None for g in plan.decode)
+    assert len(plan.decode) == 1 and plan.decode[0].run_start == 2  # in place: no pieces to keep in cache
     ref = paged_attention_partial_ref(*args)
     assert_states_close(*paged_attention_partial(*args, plan=plan), *ref, torch.float32)
     # the same blocks in a pool that holds two layers per block: per-layer views are not contiguous
