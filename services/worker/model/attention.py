@@ -45,8 +45,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] -> attention output [T, H, D] over the whole sequence."""
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, check_values=False if meta.slots_checked else None)
+    # Memory servers hold only older tokens: their queries leave before the local store.
     handle = meta.remote.submit(layer_idx, q) if meta.remote is not None else None
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, check_values=False if meta.slots_checked else None)
     out, lse = paged_attention_partial(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale, causal=True,
         plan=meta.plan,
