@@ -14,7 +14,7 @@ from services.launch import probe
 from services.launch.config import LaunchConfig
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
 from services.launch.progress import Progress
-from services.runtime.host import default_num_threads
+from services.runtime.host import default_logits_threads, default_num_threads
 from services.launch.view import ClusterView
 
 
@@ -105,7 +105,8 @@ class LocalCluster:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
         # Workers of one host share its cores (default_num_threads leaves one spare).
         threads = c.worker_threads if c.worker_threads is not None else default_num_threads(c.num_workers)
-        args += ["--num-threads", str(threads)]
+        args += ["--num-threads", str(threads),
+                 "--logits-threads", str(max(threads, default_logits_threads(c.num_workers)))]
         return self._spawn(f"worker{index}", "worker", args, port)
 
     def add_memserver(self) -> Child:

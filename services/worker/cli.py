@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "faster, smaller keeps running streams' inter-token gaps short")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch intra-op threads (default: all usable cores but one)")
+    parser.add_argument("--logits-threads", type=int, default=None,
+                        help="torch threads for the lm_head, which ends each step while the spare core "
+                        "is idle (default: all usable cores, and at least --num-threads)")
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
     parser.add_argument("--worker-id", default=None)
@@ -46,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         worker_id=args.worker_id, served_model_name=args.served_model_name, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.num_threads, heartbeat_interval_s=args.heartbeat_interval,
+        num_threads=args.num_threads, logits_threads=args.logits_threads, heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
     )
 

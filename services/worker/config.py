@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.runtime.host import default_num_threads
+from services.runtime.host import default_logits_threads, default_num_threads
 from services.worker.engine.config import EngineConfig
 
 
@@ -24,6 +24,7 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     num_threads: int | None = None  # torch intra-op threads; None: default_num_threads()
+    logits_threads: int | None = None  # for the lm_head; None: default_logits_threads(), at least num_threads
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
     remote_kv: bool = False  # spill to memory servers (the CLI turns it on)
@@ -35,8 +36,10 @@ class WorkerConfig:
             raise ValueError(f"router_url must be an http(s) URL, got {self.router_url!r}")
         if self.heartbeat_interval_s <= 0 or self.drain_timeout_s <= 0:
             raise ValueError("heartbeat_interval_s and drain_timeout_s must be > 0")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("num_threads", "logits_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
 
@@ -49,7 +52,8 @@ class WorkerConfig:
         return self.worker_id or f"{self.host}:{self.port}"
 
     def engine_config(self) -> EngineConfig:
+        threads = self.num_threads or default_num_threads()
         return EngineConfig(model=self.model, dtype=self.dtype, block_size=self.block_size,
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens,
-                            num_threads=self.num_threads or default_num_threads())
+                            max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
+                            logits_threads=self.logits_threads or max(threads, default_logits_threads()))

@@ -93,3 +93,27 @@ def test_variants_match_transformers(checkpoints, variant):
     assert got == expected
     assert num_preempted > 0
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_lm_head_on_more_threads_matches_transformers_and_the_rest_keeps_its_own(checkpoints):
+    """The lm_head may take the host's spare core (logits_threads): same greedy tokens, and every
+    other op of the step still runs on num_threads."""
+    made, prompts = checkpoints
+    path, expected = made["tied"]
+    before = torch.get_num_threads()
+    try:
+        engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=4096, num_threads=1, logits_threads=2))
+        model, seen = engine.runner.model, []
+        compute_logits = model.compute_logits
+
+        def recording(hidden):
+            seen.append(torch.get_num_threads())
+            return compute_logits(hidden)
+
+        model.compute_logits = recording
+        got, _ = run_engine(engine, prompts)
+        assert got == expected
+        assert seen and set(seen) == {2}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

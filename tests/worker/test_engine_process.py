@@ -108,3 +108,10 @@ def test_engine_environment_asks_for_huge_pages_unless_the_operator_chose():
     assert _engine_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert _engine_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+def test_engine_openmp_threads_sleep_after_their_region_unless_the_operator_chose():
+    from services.worker.engine.client import _engine_env
+
+    assert _engine_env({})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert _engine_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from services.runtime.host import default_num_threads
+from services.runtime.host import default_logits_threads, default_num_threads
 from services.worker.config import WorkerConfig
 
 
@@ -16,9 +16,20 @@ def test_default_threads_are_all_usable_cores_but_one_shared_by_the_workers():
     assert WorkerConfig(cluster_token="t", num_threads=3).engine_config().num_threads == 3
 
 
-def test_bad_thread_count_is_refused():
-    with pytest.raises(ValueError, match="num_threads must be >= 1"):
-        WorkerConfig(cluster_token="t", num_threads=0)
+def test_the_lm_head_may_use_every_core_but_never_fewer_threads_than_the_rest():
+    cores = len(os.sched_getaffinity(0))
+    assert default_logits_threads() == cores
+    assert default_logits_threads(num_workers=cores + 1) == 1  # never zero
+    config = WorkerConfig(cluster_token="t").engine_config()
+    assert config.logits_threads == max(config.num_threads, cores)
+    assert WorkerConfig(cluster_token="t", num_threads=cores + 2).engine_config().logits_threads == cores + 2
+    assert WorkerConfig(cluster_token="t", logits_threads=1).engine_config().logits_threads == 1
+
+
+@pytest.mark.parametrize("field", ["num_threads", "logits_threads"])
+def test_bad_thread_count_is_refused(field):
+    with pytest.raises(ValueError, match=f"{field} must be >= 1"):
+        WorkerConfig(cluster_token="t", **{field: 0})
 
 
 def test_step_token_budget_reaches_the_engine_and_a_bad_one_is_refused():
@@ -40,8 +51,13 @@ def test_worker_cli_refuses_a_zero_step_budget_before_loading_anything(capfd):
 
     from services.worker.cli import add_arguments, main
 
+    import structlog
+
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert main(parser.parse_args(["--max-num-batched-tokens", "0", "--cluster-token", "t"])) == 2
+    try:
+        assert main(parser.parse_args(["--max-num-batched-tokens", "0", "--cluster-token", "t"])) == 2
+    finally:
+        structlog.reset_defaults()  # main() bound the logger to this test's captured stderr
     captured = capfd.readouterr()
     assert "max_num_batched_tokens must be >= 1" in captured.out + captured.err

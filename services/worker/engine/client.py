@@ -185,8 +185,12 @@ def _engine_env(env) -> dict[str, str]:
     """The engine's environment: glibc malloc asks for transparent huge pages (where the kernel
     allows them on request, the default) so the weights streamed every step cost fewer TLB misses:
     a bf16 batch-1 decode step of the tiny model took 3.5-3.8 ms instead of 4.2-4.4 (lm_head
-    1.3-1.45 -> 0.95-1.05 ms), in alternated runs. Read by glibc at process start, hence here."""
+    1.3-1.45 -> 0.95-1.05 ms), in alternated runs. Read by glibc at process start, hence here.
+    OpenMP likewise reads OMP_WAIT_POLICY at start: unless the operator set it, the threads that
+    join only for the lm_head sleep when it ends instead of spinning on the core the event loops
+    and memory servers need."""
     env = dict(env)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):  # an operator's choice wins
         env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])

@@ -17,6 +17,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    logits_threads: int | None = None  # torch threads for the lm_head (CPU); None: as the rest
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -25,5 +26,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("num_threads", "logits_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

@@ -39,6 +39,8 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
+        self.num_threads = torch.get_num_threads()
+        self.logits_threads = config.logits_threads if self.device.type == "cpu" else None
         self.model_config = load_model_config(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.model = load_model(model_dir, self.dtype, self.device)
@@ -104,5 +106,15 @@ class ModelRunner:
         )
         if not sample_rows:
             return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
-        return self.model.compute_logits(hidden[sample_rows])
+        return self._compute_logits(hidden[sample_rows])
+
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The lm_head, the step's largest read (memory-bound), may take the host's spare core.
+        if not self.logits_threads or self.logits_threads == self.num_threads:
+            return self.model.compute_logits(hidden)
+        torch.set_num_threads(self.logits_threads)
+        try:
+            return self.model.compute_logits(hidden)
+        finally:
+            torch.set_num_threads(self.num_threads)
 
