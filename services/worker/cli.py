@@ -10,6 +10,7 @@ from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
 from services.worker.config import WorkerConfig
+from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+    parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                         help="tokens per engine step (chunked-prefill budget): larger prefills prompts "
                         "faster, smaller keeps running streams' inter-token gaps short")
     parser.add_argument("--num-threads", type=int, default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.runtime.host import default_logits_threads, default_num_threads
-from services.worker.engine.config import EngineConfig
+from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,7 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     num_threads: int | None = None  # torch intra-op threads; None: default_num_threads()
     logits_threads: int | None = None  # for the lm_head; None: default_logits_threads(), at least num_threads
     heartbeat_interval_s: float = 1.0
