@@ -106,7 +106,7 @@ class LocalCluster:
         # Workers of one host share its cores (default_num_threads leaves one spare).
         threads = c.worker_threads if c.worker_threads is not None else default_num_threads(c.num_workers)
         args += ["--num-threads", str(threads),
-                 "--logits-threads", str(max(threads, default_logits_threads(c.num_workers)))]
+                 "--logits-threads", str(default_logits_threads(threads, c.num_workers))]
         return self._spawn(f"worker{index}", "worker", args, port)
 
     def add_memserver(self) -> Child:

@@ -24,7 +24,7 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     num_threads: int | None = None  # torch intra-op threads; None: default_num_threads()
-    logits_threads: int | None = None  # for the lm_head; None: default_logits_threads(), at least num_threads
+    logits_threads: int | None = None  # for the lm_head; None: default_logits_threads(num_threads)
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
     remote_kv: bool = False  # spill to memory servers (the CLI turns it on)
@@ -56,4 +56,4 @@ class WorkerConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, block_size=self.block_size,
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
-                            logits_threads=self.logits_threads or max(threads, default_logits_threads()))
+                            logits_threads=self.logits_threads or default_logits_threads(threads))

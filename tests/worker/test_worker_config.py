@@ -18,8 +18,9 @@ def test_default_threads_are_all_usable_cores_but_one_shared_by_the_workers():
 
 def test_the_lm_head_may_use_every_core_but_never_fewer_threads_than_the_rest():
     cores = len(os.sched_getaffinity(0))
-    assert default_logits_threads() == cores
-    assert default_logits_threads(num_workers=cores + 1) == 1  # never zero
+    assert default_logits_threads(1) == cores
+    assert default_logits_threads(1, num_workers=cores + 1) == 1  # never zero
+    assert default_logits_threads(cores + 2) == cores + 2  # never fewer than the step's own threads
     config = WorkerConfig(cluster_token="t").engine_config()
     assert config.logits_threads == max(config.num_threads, cores)
     assert WorkerConfig(cluster_token="t", num_threads=cores + 2).engine_config().logits_threads == cores + 2
