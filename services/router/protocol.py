@@ -7,6 +7,7 @@ context) are checked by the engine; everything else is checked here, before rout
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from services.runtime.errors import ApiError
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_LOGPROBS = 20
 SEED_MODULUS = 2**63
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+MAX_STOP_TOKEN_IDS = 64
 
 
 class Endpoint(enum.Enum):
@@ -52,8 +55,8 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         raise ApiError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     include_usage = get_bool(stream_options or {}, "include_usage")
     temperature = get_float(body, "temperature", 1.0)
-    if temperature < 0:
-        raise value_error("temperature", f"'temperature' must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:  # 1e999 reads as inf
+        raise value_error("temperature", f"'temperature' must be a finite number >= 0, got {temperature}")
     top_p = get_float(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise value_error("top_p", f"'top_p' must be in (0, 1], got {top_p}")
@@ -69,6 +72,7 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         "ignore_eos": get_bool(body, "ignore_eos"),
         "min_tokens": min_tokens,
         "logprobs": logprobs,
+        **_penalties(body),
     }
     if max_tokens is not None:
         sampling["max_tokens"] = max_tokens
@@ -83,6 +87,66 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         stream=stream,
         include_usage=include_usage,
     )
+
+
+def _penalties(body: dict) -> dict[str, Any]:
+    """OpenAI's frequency/presence penalties and logit_bias; vLLM's repetition_penalty, min_p and
+    stop_token_ids. Only the fields a request sets (the engine's defaults are no-ops)."""
+    out: dict[str, Any] = {}
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = get_float(body, name)
+        if value is not None:
+            if not -2 <= value <= 2:
+                raise value_error(name, f"'{name}' must be in [-2, 2], got {value}")
+            out[name] = value
+    value = get_float(body, "repetition_penalty")
+    if value is not None:
+        if not value > 0:
+            raise value_error("repetition_penalty", f"'repetition_penalty' must be > 0, got {value}")
+        out["repetition_penalty"] = value
+    value = get_float(body, "min_p")
+    if value is not None:
+        if not 0 <= value <= 1:
+            raise value_error("min_p", f"'min_p' must be in [0, 1], got {value}")
+        out["min_p"] = value
+    bias = _logit_bias(body)
+    if bias:
+        out["logit_bias"] = bias
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                     for t in stop_ids):
+            raise ApiError("'stop_token_ids' must be a list of non-negative integers", code="invalid_type",
+                           param="stop_token_ids")
+        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+            raise value_error("stop_token_ids", f"'stop_token_ids' allows at most {MAX_STOP_TOKEN_IDS} ids, "
+                                                f"got {len(stop_ids)}")
+        out["stop_token_ids"] = tuple(stop_ids)
+    return out
+
+
+def _logit_bias(body: dict) -> list[list] | None:
+    """{"token id": bias in [-100, 100]} -> [[id, bias], ...] by id (the wire carries no int keys)."""
+    bias = get_dict(body, "logit_bias")
+    if not bias:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise value_error("logit_bias", f"'logit_bias' allows at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+    pairs = []
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise value_error("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}") from None
+        if token_id < 0:
+            raise value_error("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(f"'logit_bias' values must be numbers, got {type(value).__name__} for {key!r}",
+                           code="invalid_type", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise value_error("logit_bias", f"'logit_bias' values must be in [-100, 100], got {value} for {key!r}")
+        pairs.append([token_id, float(value)])
+    return sorted(pairs)
 
 
 def _message_content(i: int, message: dict) -> str:
@@ -127,8 +191,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
 
 def parse_chat_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
     messages = _messages(body)
-    reject_unsupported(body, {"tools": [], "tool_choice": "none", "logit_bias": {}, "audio": None,
-                              "frequency_penalty": 0, "presence_penalty": 0})
+    reject_unsupported(body, {"tools": [], "tool_choice": "none", "audio": None})
     max_tokens = get_int(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", minimum=1)
@@ -162,8 +225,7 @@ def _completion_prompts(body: dict) -> tuple[dict, ...]:
 
 def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
     prompts = _completion_prompts(body)
-    reject_unsupported(body, {"echo": False, "suffix": "", "best_of": 1, "logit_bias": {},
-                              "frequency_penalty": 0, "presence_penalty": 0})
+    reject_unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
     max_tokens = get_int(body, "max_tokens", 16, minimum=1)  # OpenAI's default for /v1/completions
     logprobs = get_int(body, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
     parsed = _common(body, Endpoint.COMPLETION, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,

@@ -17,12 +17,18 @@ async def read_json_object(request: web.Request) -> dict:
     except UnicodeDecodeError as e:
         raise ApiError(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from e
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         raise ApiError(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(obj, dict):
         raise ApiError("request body must be a JSON object", code="invalid_json")
     return obj
+
+
+def _not_json(name: str):
+    # Python's json reads NaN and Infinity; JSON has neither, and a NaN temperature would pass
+    # every range check (all comparisons are false) and poison the sampler.
+    raise ApiError(f"request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
 
 
 async def read_message(request: web.Request, expected: type):

@@ -14,6 +14,11 @@ def to_generate_request(call: GenerateCall) -> GenerateRequest:
     for name in _TUPLE_FIELDS:
         if name in sampling:
             sampling[name] = tuple(sampling[name])
+    if "logit_bias" in sampling:  # msgpack: [[token id, bias], ...]
+        try:
+            sampling["logit_bias"] = tuple((int(t), float(b)) for t, b in sampling["logit_bias"])
+        except (TypeError, ValueError) as e:
+            raise ApiError(f"bad logit_bias: {e}", code="invalid_value", param="logit_bias") from e
     try:
         params = SamplingParams(**sampling)
     except TypeError as e:

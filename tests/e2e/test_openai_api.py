@@ -12,6 +12,7 @@ import pytest
 from tests.e2e.cluster import (
     get, router_workers, running_cluster, wait_zero_used_blocks, wait_zero_used_blocks_async, worker_stats,
 )
+from services.worker.engine.api import GenerateRequest, SamplingParams
 from tests.e2e.offline import greedy, offline_generate
 
 MAX_INFLIGHT = 4
@@ -19,6 +20,8 @@ ROUTER_ARGS = ("--max-inflight-requests", str(MAX_INFLIGHT), "--max-body-bytes",
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the memory cluster"}]
 PROMPT = "The attention layer reads the key value cache"
 MAX_TOKENS = 24
+FORCED = 345  # a token id of the tiny vocabulary, forced by logit_bias
+PENALTIES = {"frequency_penalty": 1.5, "presence_penalty": 1.0, "repetition_penalty": 1.3}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,15 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    chat, completion = offline_generate([
+    chat, completion, forced, penalized = offline_generate([
         greedy("chat", MAX_TOKENS, messages=tuple(MESSAGES)),
         greedy("completion", MAX_TOKENS, prompt=PROMPT),
+        GenerateRequest("forced", SamplingParams(max_tokens=6, temperature=0, logit_bias=((FORCED, 100.0),)),
+                        prompt=PROMPT),
+        GenerateRequest("penalized", SamplingParams(max_tokens=MAX_TOKENS, temperature=0, **PENALTIES),
+                        messages=tuple(MESSAGES)),
     ])
-    return {"chat": chat, "completion": completion}
+    return {"chat": chat, "completion": completion, "forced": forced, "penalized": penalized}
 
 
 @pytest.fixture(autouse=True)
@@ -132,6 +139,25 @@ def test_n_seed_stop_and_logprobs(client, reference):
     assert len(resp.choices[0].logprobs.tokens) == 4 and len(resp.choices[0].logprobs.top_logprobs[0]) == 3
 
 
+def test_penalties_logit_bias_and_stop_token_ids(client, reference):
+    """OpenAI's logit_bias and penalties, and vLLM's repetition_penalty and stop_token_ids (extra
+    body fields), as the engine computes them offline."""
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                     logit_bias={str(FORCED): 100})
+    text = resp.choices[0].text
+    assert text == reference["forced"].text and text == text[:len(text) // 6] * 6 and text
+
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                                          frequency_penalty=PENALTIES["frequency_penalty"],
+                                          presence_penalty=PENALTIES["presence_penalty"],
+                                          extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]})
+    assert resp.choices[0].message.content == reference["penalized"].text != reference["chat"].text
+
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                     logit_bias={str(FORCED): 100}, extra_body={"stop_token_ids": [FORCED]})
+    assert (resp.choices[0].text, resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("", "stop", 1)
+
+
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 BAD_INPUTS = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),
@@ -147,8 +173,13 @@ BAD_INPUTS = [
     ("max_tokens > context", "/v1/chat/completions", {**CHAT, "max_tokens": 10**6}, 400),
     ("prompt + max_tokens > context", "/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 32760}, 400),
     ("negative temperature", "/v1/chat/completions", {**CHAT, "temperature": -1}, 400),
+    ("NaN temperature", "/v1/chat/completions", json.dumps(CHAT)[:-1].encode() + b', "temperature": NaN}', 400),
     ("top_p out of range", "/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400),
     ("n over cap", "/v1/chat/completions", {**CHAT, "n": 5}, 400),
+    ("presence_penalty out of range", "/v1/chat/completions", {**CHAT, "presence_penalty": 3}, 400),
+    ("logit_bias key not a token id", "/v1/chat/completions", {**CHAT, "logit_bias": {"hello": 1}}, 400),
+    ("logit_bias token past the vocabulary", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}}, 400),
+    ("stop_token_ids not ids", "/v1/completions", {"model": "tiny", "prompt": "x", "stop_token_ids": ["a"]}, 400),
     ("body too large", "/v1/completions", {"model": "tiny", "prompt": "x" * (2 << 20)}, 413),
 ]
 

@@ -21,6 +21,19 @@ def test_chat_defaults_and_extras():
     assert p.prompts == ({"messages": MSG},)
 
 
+def test_penalties_bias_and_vllm_extras_pass_through():
+    p = chat(frequency_penalty=0.5, presence_penalty=-1, repetition_penalty=1.1, min_p=0.05,
+             logit_bias={"5": 10, "2": -1.5}, stop_token_ids=[3])
+    s = p.sampling
+    assert (s["frequency_penalty"], s["presence_penalty"], s["repetition_penalty"], s["min_p"]) == (0.5, -1.0, 1.1, 0.05)
+    assert s["logit_bias"] == [[2, -1.5], [5, 10.0]] and s["stop_token_ids"] == (3,)
+    unset = chat().sampling
+    assert not {"frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "logit_bias",
+                "stop_token_ids"} & set(unset)
+    c = parse_completion_request({"prompt": "a", "presence_penalty": 2, "logit_bias": {}}, **LIMITS)
+    assert c.sampling["presence_penalty"] == 2.0 and "logit_bias" not in c.sampling
+
+
 def test_chat_content_parts_are_joined():
     p = parse_chat_request({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                      {"type": "text", "text": "b"}]}]}, **LIMITS)
@@ -37,6 +50,7 @@ def test_chat_content_parts_are_joined():
     ({"max_tokens": "5"}, "max_tokens"),
     ({"max_tokens": True}, "max_tokens"),
     ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"n": 5}, "n"),
@@ -47,6 +61,18 @@ def test_chat_content_parts_are_joined():
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"tools": [{"type": "function"}]}, "tools"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": "a"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"logit_bias": [1]}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": "a"}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": "3"}, "stop_token_ids"),
 ])
 def test_chat_bad_input_names_the_field(body, param):
     with pytest.raises(ApiError) as e:

@@ -120,7 +120,7 @@ async def test_consumer_going_away_aborts(engine, llm):
     ({}, SamplingParams(), InvalidRequest, "one of prompt"),
     ({"messages": ()}, SamplingParams(), InvalidRequest, "messages must not be empty"),
     ({"prompt": "hi"}, SamplingParams(max_tokens=0), InvalidRequest, "max_tokens must be at least 1, got 0"),
-    ({"prompt": "hi"}, SamplingParams(temperature=-0.5), InvalidRequest, "temperature must be >= 0, got -0.5"),
+    ({"prompt": "hi"}, SamplingParams(temperature=-0.5), InvalidRequest, "temperature must be a finite number >= 0, got -0.5"),
     ({"prompt": "hi"}, SamplingParams(top_p=1.5), InvalidRequest, r"top_p must be in \(0, 1\], got 1.5"),
     ({"prompt": "hi"}, SamplingParams(top_p=0), InvalidRequest, "top_p"),
     ({"prompt_token_ids": (1, 99999)}, SamplingParams(), InvalidRequest, r"\[0, 32000\)"),

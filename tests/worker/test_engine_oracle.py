@@ -117,3 +117,60 @@ def test_lm_head_on_more_threads_matches_transformers_and_the_rest_keeps_its_own
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class _OpenAIPenalties:
+    """OpenAI's logit_bias, frequency and presence penalties as a transformers logits processor,
+    written independently of the engine's: plain loops over the generated ids."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float, bias: dict[int, float]):
+        self.prompt_len, self.frequency, self.presence, self.bias = prompt_len, frequency, presence, bias
+
+    def __call__(self, input_ids, scores):
+        for token, bias in self.bias.items():
+            scores[0, token] += bias
+        generated = input_ids[0, self.prompt_len:].tolist()
+        for token in set(generated):
+            scores[0, token] -= self.frequency * generated.count(token) + self.presence
+        return scores
+
+
+def test_penalties_and_logit_bias_match_transformers_under_continuous_batching(checkpoints):
+    """Greedy with repetition_penalty (transformers' own processor) and with OpenAI's frequency and
+    presence penalties plus a logit bias, mixed with plain greedy requests in one batch."""
+    import transformers
+
+    made, prompts = checkpoints
+    path, plain_expected = made["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    cases = [
+        ({}, {}),
+        ({"repetition_penalty": 1.5}, {"repetition_penalty": 1.5}),
+        ({"frequency_penalty": 0.5, "presence_penalty": 0.25, "logit_bias": ((7, 1.5), (11, -2.0))},
+         {"openai": (0.5, 0.25, {7: 1.5, 11: -2.0})}),
+        ({"frequency_penalty": -0.5, "presence_penalty": 1.0}, {"openai": (-0.5, 1.0, {})}),
+    ]
+    expected, params = [], []
+    for i, ids in enumerate(prompts):
+        ours, theirs = cases[i % len(cases)]
+        params.append(SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, **ours))
+        kwargs = dict(max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+        if "repetition_penalty" in theirs:
+            kwargs["repetition_penalty"] = theirs["repetition_penalty"]
+        if "openai" in theirs:
+            kwargs["logits_processor"] = transformers.LogitsProcessorList([_OpenAIPenalties(len(ids), *theirs["openai"])])
+        out = model.generate(torch.tensor([ids]), **kwargs)
+        expected.append(out[0, len(ids):].tolist())
+    # The penalties change what greedy picks, so this test cannot pass with them ignored.
+    assert all(expected[i] != plain_expected[i] for i in range(len(prompts)) if i % len(cases))
+
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=14, max_num_batched_tokens=48))
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        engine.submit(engine.prepare(GenerateRequest(f"r{i}", p, prompt_token_ids=tuple(ids))))
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        for delta in engine.step():
+            got[delta.request_id].extend(delta.token_ids)
+    assert [got[f"r{i}"] for i in range(len(prompts))] == expected
+    assert engine.blocks.num_used_blocks == 0

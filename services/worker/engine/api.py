@@ -6,6 +6,7 @@ Plain Python (no torch) so services and tests can build requests without a model
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -53,13 +54,26 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS / stop ids are suppressed until this many tokens exist
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus top-k alternatives
+    # OpenAI's penalties on the tokens generated so far: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' / vLLM's, on every token of the prompt and the output: logit / p if > 0, else * p
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+
+    @property
+    def uses_history(self) -> bool:
+        """Its logits depend on the tokens so far (penalties) or carry a bias."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def validate(self) -> None:
         """Raise InvalidRequest naming the field and its limit."""
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if self.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k is not None and self.top_k < 1:
@@ -72,6 +86,24 @@ class SamplingParams:
             raise InvalidRequest(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        if not self.repetition_penalty > 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        for token_id, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}",
+                                     "logit_bias")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids named by the request exist in the model's vocabulary."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequest(f"{name} token ids must be in [0, {vocab_size}), got {bad[:5]}", name)
 
 
 @dataclass(frozen=True, slots=True)

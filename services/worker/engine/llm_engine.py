@@ -79,6 +79,7 @@ class LLMEngine:
         """Tokenize and validate; raises EngineError subclasses naming the value and the limit."""
         params = request.sampling
         params.validate()
+        params.check_token_ids(self.model_config.vocab_size)
         if request.messages is not None:
             if not request.messages:
                 raise InvalidRequest("messages must not be empty", "messages")
@@ -169,6 +170,7 @@ class LLMEngine:
             [s.sampling for s in sampled],
             [a.generator for a in actives],
             [self._banned(s) for s in sampled],
+            [(s.prompt_token_ids, s.output_token_ids) if s.sampling.uses_history else None for s in sampled],
         )
         for active, result in zip(actives, results):
             deltas.append(self._advance(active, result))

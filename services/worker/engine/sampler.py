@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs."""
+"""Token sampling: greedy, temperature, min-p, top-k, top-p, per-request seeded generators, logprobs;
+penalties and logit bias first (services.worker.engine.logits_processors)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.engine.api import SamplingParams
+from services.worker.engine.logits_processors import apply_processors
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,9 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     # logits: [V] fp32, already divided by the temperature
+    if params.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,12 +56,20 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     banned: list[tuple[int, ...]],  # per row: ids masked out (EOS/stop ids before min_tokens)
+    histories: list[tuple[list[int], list[int]] | None] | None = None,  # per row: (prompt, output) ids
 ) -> list[SampleResult]:
+    """Logprobs are the model's (after the min_tokens mask, before penalties and bias), as vLLM's
+    default; the choice is made on the edited logits. A row with penalties or a bias needs its
+    history (``params.uses_history``)."""
     for row, ids in enumerate(banned):
         if ids:
             logits[row, list(ids)] = float("-inf")
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    for row, p in enumerate(params):
+        if p.uses_history:
+            prompt_ids, output_ids = histories[row]
+            apply_processors(logits[row], p, prompt_ids, output_ids)
     greedy = greedy_argmax(logits).tolist()
     results = []
     for row, (p, gen) in enumerate(zip(params, generators)):

@@ -1,0 +1,89 @@
+"""Penalties and logit bias on a row of logits, against the formulas written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.worker.engine.api import InvalidRequest, SamplingParams
+from services.worker.engine.logits_processors import apply_processors
+from services.worker.engine.sampler import sample
+
+
+def _row(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_untouched_without_penalties():
+    logits = _row(1.0, -2.0, 3.0)
+    apply_processors(logits, SamplingParams(), [0, 1], [2, 2])
+    assert logits.tolist() == [1.0, -2.0, 3.0]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = _row(2.0, -2.0, 3.0, 4.0)
+    apply_processors(logits, SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1], output_ids=[1])
+    assert logits.tolist() == [1.0, -4.0, 3.0, 4.0]  # token 1 seen twice: penalized once
+
+
+def test_frequency_and_presence_penalties_count_output_tokens_only():
+    logits = _row(1.0, 1.0, 1.0, 1.0)
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    apply_processors(logits, params, prompt_ids=[0, 0, 0], output_ids=[1, 2, 2, 2])
+    # token 0: prompt only; token 1: once (1 - 0.5 - 0.25); token 2: three times (1 - 1.5 - 0.25)
+    assert logits.tolist() == pytest.approx([1.0, 0.25, -0.75, 1.0])
+
+
+def test_negative_penalties_encourage_repeats():
+    logits = _row(0.0, 0.0)
+    apply_processors(logits, SamplingParams(frequency_penalty=-1.0, presence_penalty=-0.5), [], [1, 1])
+    assert logits.tolist() == [0.0, 2.5]
+
+
+def test_logit_bias_adds_then_penalties_apply():
+    logits = _row(1.0, 2.0, 3.0)
+    params = SamplingParams(logit_bias=((0, 5.0), (2, -100.0)), repetition_penalty=2.0)
+    apply_processors(logits, params, prompt_ids=[0], output_ids=[])
+    assert logits.tolist() == [3.0, 2.0, -97.0]  # (1 + 5) / 2 for token 0
+
+
+def test_sample_picks_on_edited_logits_but_reports_the_models_logprobs():
+    logits = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
+    raw = torch.log_softmax(logits, dim=-1)
+    biased = SamplingParams(temperature=0, logprobs=0, logit_bias=((2, 1.0),))
+    plain = SamplingParams(temperature=0, logprobs=0)
+    results = sample(logits.clone(), [biased, plain], [None, None], [(), ()], [([0], []), None])
+    assert [r.token_id for r in results] == [2, 1]
+    assert results[0].logprob == pytest.approx(raw[0, 2].item())
+
+
+def test_min_p_keeps_only_tokens_near_the_top():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = SamplingParams(temperature=1.0, min_p=0.5)  # keeps p >= 0.25: tokens 0 and 1
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample(logits.clone(), [params], [gen], [()])[0].token_id for _ in range(200)}
+    assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("params, field", [
+    (SamplingParams(temperature=float("nan")), "temperature"),
+    (SamplingParams(temperature=float("inf")), "temperature"),
+    (SamplingParams(presence_penalty=2.5), "presence_penalty"),
+    (SamplingParams(presence_penalty=float("nan")), "presence_penalty"),
+    (SamplingParams(frequency_penalty=-3), "frequency_penalty"),
+    (SamplingParams(repetition_penalty=0), "repetition_penalty"),
+    (SamplingParams(min_p=1.5), "min_p"),
+    (SamplingParams(logit_bias=((3, 101.0),)), "logit_bias"),
+])
+def test_out_of_range_values_name_the_field(params, field):
+    with pytest.raises(InvalidRequest) as e:
+        params.validate()
+    assert e.value.param == field
+
+
+def test_token_ids_must_exist_in_the_vocabulary():
+    with pytest.raises(InvalidRequest, match=r"logit_bias token ids must be in \[0, 10\)"):
+        SamplingParams(logit_bias=((10, 1.0),)).check_token_ids(10)
+    with pytest.raises(InvalidRequest, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=(3, 12)).check_token_ids(10)
+    SamplingParams(logit_bias=((9, 1.0),), stop_token_ids=(0,)).check_token_ids(10)
