@@ -65,6 +65,20 @@ def test_min_p_keeps_only_tokens_near_the_top():
     assert seen == {0, 1}
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-300),  # logits / t overflow: greedy below 1e-5, as vLLM
+    SamplingParams(temperature=1e-6, top_p=0.5),
+    SamplingParams(temperature=1.0, repetition_penalty=1e-300),  # a seen positive logit becomes +inf
+    SamplingParams(temperature=1.0, repetition_penalty=1e-300, top_p=0.9, min_p=0.5, top_k=3),
+])
+def test_extreme_values_sample_a_token_instead_of_failing_the_step(params):
+    logits = torch.tensor([[0.5, 3.0, 1.0, -1.0]])
+    results = sample(logits.clone(), [params], [torch.Generator().manual_seed(0)], [()], [([0, 2], [])])
+    expected = 1 if params.repetition_penalty == 1.0 else {0, 2}  # the +inf ones win
+    token = results[0].token_id
+    assert token == expected if isinstance(expected, int) else token in expected
+
+
 @pytest.mark.parametrize("params, field", [
     (SamplingParams(temperature=float("nan")), "temperature"),
     (SamplingParams(temperature=float("inf")), "temperature"),

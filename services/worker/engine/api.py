@@ -42,10 +42,15 @@ class FinishReason(enum.Enum):
     ERROR = "error"  # the engine failed this request; see Delta.error
 
 
+# Temperatures below this sample greedily (as vLLM): logits / 1e-300 overflow to inf, whose
+# softmax is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or under GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k cut
     seed: int | None = None  # per-request generator: same seed, same tokens
@@ -61,6 +66,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def uses_history(self) -> bool:

@@ -111,7 +111,7 @@ class LLMEngine:
                 "max_tokens",
             )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        generator = None if params.temperature == 0 else torch.Generator().manual_seed(seed)
+        generator = None if params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(request.request_id, ids, params, arrival=0)
         return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator)
 

@@ -19,6 +19,7 @@ class SampleResult:
 
 
 _ARGMAX_CHUNK = 128
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -73,10 +74,13 @@ def sample(
     greedy = greedy_argmax(logits).tolist()
     results = []
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
+        if p.greedy:
             token = greedy[row]
         else:
-            probs = torch.softmax(_filter(logits[row] / p.temperature, p), dim=-1)
+            # A logit pushed to +inf (e.g. by a tiny repetition_penalty) would make softmax NaN
+            # and multinomial raise mid-step: it becomes the largest float, a NaN excluded.
+            scaled = torch.nan_to_num(logits[row] / p.temperature, nan=float("-inf"), posinf=_FLOAT_MAX)
+            probs = torch.softmax(_filter(scaled, p), dim=-1)
             token = int(torch.multinomial(probs, 1, generator=gen).item())
         if p.logprobs is None:
             results.append(SampleResult(token, None, ()))
