@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memserver-threads", type=int, default=None,
                    help="torch threads per memserver (default: the memserver's, usable cores but one)")
     p.add_argument("--child-env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",
-                   help="environment of every cluster process, repeatable (e.g. OMP_WAIT_POLICY=PASSIVE: "
-                        "OpenMP threads of worker and memserver then sleep instead of spinning on shared cores)")
+                   help="environment of every cluster process, repeatable (OMP_WAIT_POLICY is PASSIVE unless set, "
+                        "as under `kvmesh up`)")
     g = p.add_argument_group("decode")
     g.add_argument("--contexts", type=_ints, default=[8000], help="prompt lengths, comma list (32K: 32000)")
     g.add_argument("--fractions", type=_floats, default=[0.0, 0.5, 0.75, 0.9], help="planned remote shares")

@@ -4,6 +4,7 @@ like `kvmesh up`'s (own process group, killed if we die) and always stopped: SIG
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,9 @@ class BenchCluster:
         return [c for c in (self.router, *self.memservers, *self.workers.values()) if c is not None]
 
     def _spawn(self, name: str, kind: str, args: list[str], port: int) -> Child:
-        env = {**dict(self.spec.env), "KVMESH_CLUSTER_TOKEN": self.token}
+        # As `kvmesh up`: OpenMP threads of co-located processes sleep after a parallel region.
+        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **dict(self.spec.env),
+               "KVMESH_CLUSTER_TOKEN": self.token}
         return spawn(name, kind, kvmesh_argv(*args), self.log_dir, port, HOST, env)
 
     def start(self, timeout_s: float = 300.0) -> None:
