@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from aiohttp import web
 
@@ -22,7 +23,22 @@ async def read_json_object(request: web.Request) -> dict:
         raise ApiError(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(obj, dict):
         raise ApiError("request body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(text):
+        _check_no_lone_surrogates(obj)
     return obj
+
+
+# JSON's \uD800-\uDFFF escapes: a pair is one character, a lone one no character at all (it
+# cannot be encoded as UTF-8 further on, e.g. into the message a worker gets).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_no_lone_surrogates(obj: dict) -> None:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError("request body is not valid JSON text: it escapes an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)",
+                       code="invalid_json") from None
 
 
 def _not_json(name: str):

@@ -174,6 +174,8 @@ BAD_INPUTS = [
     ("prompt + max_tokens > context", "/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 32760}, 400),
     ("negative temperature", "/v1/chat/completions", {**CHAT, "temperature": -1}, 400),
     ("NaN temperature", "/v1/chat/completions", json.dumps(CHAT)[:-1].encode() + b', "temperature": NaN}', 400),
+    ("unpaired surrogate escape", "/v1/chat/completions",
+     b'{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400),
     ("top_p out of range", "/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400),
     ("n over cap", "/v1/chat/completions", {**CHAT, "n": 5}, 400),
     ("presence_penalty out of range", "/v1/chat/completions", {**CHAT, "presence_penalty": 3}, 400),
@@ -196,6 +198,13 @@ async def test_bad_input_gets_openai_error_and_service_survives(cluster, name, p
                 assert "32768" in err["message"]
         async with session.post(cluster.router.url + "/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
+
+
+async def test_escaped_surrogate_pairs_are_one_character(cluster):
+    body = b'{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cluster.router.url + "/v1/chat/completions", data=body) as resp:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_queue_cap_gives_429_with_retry_after(cluster):

@@ -86,6 +86,26 @@ async def test_logprobs(engine):
         assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
 
 
+async def test_a_request_whose_sampling_fails_ends_alone(engine, monkeypatch):
+    """A sampler error on one row (e.g. multinomial on NaN) ends that request with an error event;
+    the others in the batch go on, and its blocks are freed (checked by the fixture)."""
+    from services.worker.engine import sampler
+
+    real_filter = sampler._filter
+
+    def failing(logits, params):
+        if params.top_k == 7:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_filter(logits, params)
+
+    monkeypatch.setattr(sampler, "_filter", failing)
+    bad = GenerateRequest("bad", SamplingParams(max_tokens=8, temperature=1.0, top_k=7), prompt="both start")
+    good = GenerateRequest("good", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), prompt="both start")
+    (bad_deltas, _, _), (good_deltas, _, good_ids) = await asyncio.gather(collect(engine, bad), collect(engine, good))
+    assert bad_deltas[-1].finish_reason is FinishReason.ERROR and "sampling failed" in bad_deltas[-1].error
+    assert good_deltas[-1].finish_reason is FinishReason.LENGTH and len(good_ids) == 24
+
+
 async def test_abort_frees_blocks_and_ends_stream(engine, llm):
     params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
     seen = []

@@ -7,7 +7,7 @@ import torch
 
 from services.worker.engine.api import InvalidRequest, SamplingParams
 from services.worker.engine.logits_processors import apply_processors
-from services.worker.engine.sampler import sample
+from services.worker.engine.sampler import SampleFailed, sample
 
 
 def _row(*values: float) -> torch.Tensor:
@@ -68,6 +68,7 @@ def test_min_p_keeps_only_tokens_near_the_top():
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1e-300),  # logits / t overflow: greedy below 1e-5, as vLLM
     SamplingParams(temperature=1e-6, top_p=0.5),
+    SamplingParams(temperature=1.0, top_p=1e-300),  # reads as 0.0 in float32: the top token stays
     SamplingParams(temperature=1.0, repetition_penalty=1e-300),  # a seen positive logit becomes +inf
     SamplingParams(temperature=1.0, repetition_penalty=1e-300, top_p=0.9, min_p=0.5, top_k=3),
 ])
@@ -101,3 +102,11 @@ def test_token_ids_must_exist_in_the_vocabulary():
     with pytest.raises(InvalidRequest, match="stop_token_ids"):
         SamplingParams(stop_token_ids=(3, 12)).check_token_ids(10)
     SamplingParams(logit_bias=((9, 1.0),), stop_token_ids=(0,)).check_token_ids(10)
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.tensor([[float("nan")] * 4, [0.0, 2.0, 1.0, 0.0]])
+    p = SamplingParams(temperature=1.0)
+    results = sample(logits, [p, SamplingParams(temperature=0)], [torch.Generator(), None], [(), ()])
+    assert isinstance(results[0], SampleFailed) and "sampling failed" in results[0].error
+    assert results[1].token_id == 1

@@ -28,7 +28,7 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
-from services.worker.engine.sampler import SampleResult, sample
+from services.worker.engine.sampler import SampleFailed, SampleResult, sample
 from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
 from services.worker.model.tiny import resolve_model_dir
@@ -249,8 +249,14 @@ class LLMEngine:
             return ()
         return tuple(seq.sampling.stop_token_ids) + self.tokenizer.eos_token_ids
 
-    def _advance(self, active: _Active, result: SampleResult) -> Delta:
+    def _advance(self, active: _Active, result: SampleResult | SampleFailed) -> Delta:
         seq, params = active.seq, active.seq.sampling
+        if isinstance(result, SampleFailed):
+            log.warning("sampling_failed", request_id=seq.request_id, error=result.error)
+            self.scheduler.finish(seq)
+            del self._active[seq.request_id]
+            return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ERROR,
+                         error=result.error)
         token = result.token_id
         seq.output_token_ids.append(token)
         finish = None

@@ -18,6 +18,13 @@ class SampleResult:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
 
 
+@dataclass(frozen=True, slots=True)
+class SampleFailed:
+    """A row whose sampling raised: its request ends with this error, the batch goes on."""
+
+    error: str
+
+
 _ARGMAX_CHUNK = 128
 _FLOAT_MAX = torch.finfo(torch.float32).max
 
@@ -48,6 +55,7 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p  # keeps the crossing token
+        drop_sorted[0] = False  # a top_p under float32's smallest (1e-300 reads as 0) would drop every token
         logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
     return logits
 
@@ -58,7 +66,7 @@ def sample(
     generators: list[torch.Generator | None],
     banned: list[tuple[int, ...]],  # per row: ids masked out (EOS/stop ids before min_tokens)
     histories: list[tuple[list[int], list[int]] | None] | None = None,  # per row: (prompt, output) ids
-) -> list[SampleResult]:
+) -> list[SampleResult | SampleFailed]:
     """Logprobs are the model's (after the min_tokens mask, before penalties and bias), as vLLM's
     default; the choice is made on the edited logits. A row with penalties or a bias needs its
     history (``params.uses_history``)."""
@@ -72,23 +80,30 @@ def sample(
             prompt_ids, output_ids = histories[row]
             apply_processors(logits[row], p, prompt_ids, output_ids)
     greedy = greedy_argmax(logits).tolist()
-    results = []
+    results: list[SampleResult | SampleFailed] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            token = greedy[row]
-        else:
-            # A logit pushed to +inf (e.g. by a tiny repetition_penalty) would make softmax NaN
-            # and multinomial raise mid-step: it becomes the largest float, a NaN excluded.
-            scaled = torch.nan_to_num(logits[row] / p.temperature, nan=float("-inf"), posinf=_FLOAT_MAX)
-            probs = torch.softmax(_filter(scaled, p), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=gen).item())
-        if p.logprobs is None:
-            results.append(SampleResult(token, None, ()))
-            continue
-        row_lp = logprobs[row]
-        top = ()
-        if p.logprobs > 0:
-            values, ids = torch.topk(row_lp, p.logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        results.append(SampleResult(token, float(row_lp[token]), top))
+        try:
+            results.append(_sample_row(row, p, gen, logits, greedy, logprobs))
+        except RuntimeError as e:  # e.g. multinomial on a NaN row: that request fails, not the step
+            results.append(SampleFailed(f"sampling failed: {e}"))
     return results
+
+
+def _sample_row(row: int, p: SamplingParams, gen: torch.Generator | None, logits: torch.Tensor, greedy: list[int],
+                logprobs: torch.Tensor | None) -> SampleResult:
+    if p.greedy:
+        token = greedy[row]
+    else:
+        # A logit pushed to +inf (e.g. by a tiny repetition_penalty) would make softmax NaN
+        # and multinomial raise: it becomes the largest float, a NaN excluded.
+        scaled = torch.nan_to_num(logits[row] / p.temperature, nan=float("-inf"), posinf=_FLOAT_MAX)
+        probs = torch.softmax(_filter(scaled, p), dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=gen).item())
+    if p.logprobs is None:
+        return SampleResult(token, None, ())
+    row_lp = logprobs[row]
+    top = ()
+    if p.logprobs > 0:
+        values, ids = torch.topk(row_lp, p.logprobs)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return SampleResult(token, float(row_lp[token]), top)
