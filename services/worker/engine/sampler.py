@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.engine.api import SamplingParams
+from services.worker.engine.api import GREEDY_BELOW_TEMPERATURE, SamplingParams
 from services.worker.engine.logits_processors import apply_processors
 
 
@@ -82,6 +82,9 @@ def sample(
     greedy = greedy_argmax(logits).tolist()
     results: list[SampleResult | SampleFailed] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.logprobs is None and p.temperature < GREEDY_BELOW_TEMPERATURE:  # most rows: nothing can fail
+            results.append(SampleResult(greedy[row], None, ()))
+            continue
         try:
             results.append(_sample_row(row, p, gen, logits, greedy, logprobs))
         except RuntimeError as e:  # e.g. multinomial on a NaN row: that request fails, not the step
