@@ -52,7 +52,7 @@ def completion_logprobs(entries: list, start_offset: int) -> dict:
     return {
         "tokens": [tok for _, tok, _, _ in entries],
         "token_logprobs": [lp for _, _, lp, _ in entries],
-        "top_logprobs": [{t: l for _, t, l in top} for _, _, _, top in entries],
+        "top_logprobs": [None if lp is None else {t: l for _, t, l in top} for _, _, lp, top in entries],
         "text_offset": offsets,
     }
 

@@ -225,11 +225,13 @@ def _completion_prompts(body: dict) -> tuple[dict, ...]:
 
 def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
     prompts = _completion_prompts(body)
-    reject_unsupported(body, {"echo": False, "suffix": "", "best_of": 1})
+    reject_unsupported(body, {"suffix": "", "best_of": 1})
     max_tokens = get_int(body, "max_tokens", 16, minimum=1)  # OpenAI's default for /v1/completions
     logprobs = get_int(body, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
     parsed = _common(body, Endpoint.COMPLETION, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
                      logprobs=logprobs, prompts=prompts)
+    if get_bool(body, "echo"):  # the prompt first, and with logprobs its tokens' logprobs
+        parsed.sampling["echo"] = True
     if len(prompts) * parsed.n > max_n:
         raise value_error("n", f"len(prompt) * n = {len(prompts) * parsed.n} exceeds the cap of {max_n} sequences")
     return parsed

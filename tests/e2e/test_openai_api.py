@@ -158,6 +158,23 @@ def test_penalties_logit_bias_and_stop_token_ids(client, reference):
     assert (resp.choices[0].text, resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("", "stop", 1)
 
 
+def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
+    """As lm-eval-harness scores a text: echo with logprobs gives every prompt token's logprob."""
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
+    plain = client.completions.create(**kwargs)
+    echoed = client.completions.create(**kwargs, echo=True)
+    c, lp = echoed.choices[0], echoed.choices[0].logprobs
+    assert c.text == PROMPT + plain.choices[0].text
+    assert echoed.usage.prompt_tokens == plain.usage.prompt_tokens and echoed.usage.completion_tokens == 3
+    assert len(lp.tokens) == echoed.usage.prompt_tokens + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert lp.token_logprobs[-3:] == plain.choices[0].logprobs.token_logprobs
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    chunks = list(client.completions.create(**kwargs, echo=True, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+
+
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 BAD_INPUTS = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),

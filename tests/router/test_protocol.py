@@ -87,9 +87,11 @@ def test_completion_prompt_forms():
     assert len(parse_completion_request({"prompt": ["a", "b"]}, **LIMITS).prompts) == 2
     p = parse_completion_request({"prompt": "a", "logprobs": 3}, **LIMITS)
     assert p.max_tokens == 16 and p.sampling["logprobs"] == 3
+    assert parse_completion_request({"prompt": "a", "echo": True}, **LIMITS).sampling["echo"] is True
+    assert "echo" not in parse_completion_request({"prompt": "a", "echo": False}, **LIMITS).sampling
 
 
-@pytest.mark.parametrize("body", [{}, {"prompt": 3}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "a", "echo": True},
+@pytest.mark.parametrize("body", [{}, {"prompt": 3}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "a", "echo": "yes"},
                                   {"prompt": ["a", "b", "c"], "n": 2}, {"prompt": "a", "logprobs": 30}])
 def test_completion_bad_input(body):
     with pytest.raises(ApiError) as e:

@@ -174,3 +174,36 @@ def test_penalties_and_logit_bias_match_transformers_under_continuous_batching(c
             got[delta.request_id].extend(delta.token_ids)
     assert [got[f"r{i}"] for i in range(len(prompts))] == expected
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_echo_scores_the_prompt_as_transformers_does(checkpoints):
+    """echo with logprobs: the first delta starts with every prompt token (the first with no
+    logprob) and the logprob transformers gives it after the tokens before it, under chunked
+    prefill and preemption (a recomputed prompt is not scored twice)."""
+    import transformers
+
+    made, prompts = checkpoints
+    path, _ = made["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=14, max_num_batched_tokens=48))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=2, echo=True)
+    for i, ids in enumerate(prompts):
+        engine.submit(engine.prepare(GenerateRequest(f"r{i}", params, prompt_token_ids=tuple(ids))))
+    first: dict[str, object] = {}
+    preempted = set()
+    while engine.has_work():
+        preempted |= {s.request_id for s in engine.scheduler.waiting if s.num_preemptions}
+        for delta in engine.step():
+            first.setdefault(delta.request_id, delta)
+    assert preempted and engine.blocks.num_used_blocks == 0
+    for i, ids in enumerate(prompts):
+        delta = first[f"r{i}"]
+        assert delta.text.startswith(engine.tokenizer.decode(ids))
+        entries = delta.logprobs
+        assert len(entries) == len(ids) + 1  # the prompt, then the first generated token
+        assert [e.token_id for e in entries[:len(ids)]] == ids and entries[0].logprob is None
+        with torch.inference_mode():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        for pos, entry in enumerate(entries[1:len(ids)]):  # position pos predicts token pos + 1
+            assert entry.logprob == pytest.approx(expected[pos, ids[pos + 1]].item(), abs=1e-4)
+            assert [t for t, _, _ in entry.top] == torch.topk(expected[pos], 2).indices.tolist()

@@ -66,6 +66,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+    # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
+    # the first token's None), as OpenAI's completions `echo`.
+    echo: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -131,7 +134,7 @@ class GenerateRequest:
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing before it to predict it)
     top: tuple[tuple[int, str, float], ...] = ()  # (token_id, token text, logprob), best first
 
 

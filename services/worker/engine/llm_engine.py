@@ -42,6 +42,18 @@ class _Active:
     seq: Sequence
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
+    echo_text: str | None = None  # the prompt as the first delta echoes it
+
+
+def _prompt_positions_to_score(chunk) -> tuple[int, int] | None:
+    """[lo, hi): the chunk's positions whose logits score a prompt token not scored yet (position
+    i predicts token i + 1; the last prompt position predicts the first output token instead)."""
+    seq = chunk.seq
+    if not seq.sampling.echo or seq.sampling.logprobs is None:
+        return None
+    lo = max(chunk.start, len(seq.prompt_logprobs))
+    hi = min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1)
+    return (lo, hi) if lo < hi else None
 
 
 class LLMEngine:
@@ -113,7 +125,10 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(request.request_id, ids, params, arrival=0)
-        return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator)
+        echo_text = None
+        if params.echo:
+            echo_text = request.prompt if request.prompt is not None else self.tokenizer.decode(ids)
+        return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, echo_text)
 
     def submit(self, active: _Active) -> None:
         self._inbox.append(active)
@@ -150,8 +165,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         self._spill(out.spills, deltas)
         chunks = [c for c in out.chunks if c.seq.status is SeqStatus.RUNNING]
+        scored = [_prompt_positions_to_score(c) for c in chunks]
         try:
-            logits = self.runner.execute(chunks, self.remote) if chunks else None
+            logits = self.runner.execute(chunks, self.remote, scored) if chunks else None
         except MemserverLost as e:
             # KV written by this partial pass is rewritten when the chunks run again.
             log.warning("memserver_lost", memserver=e.memserver_id, error=str(e))
@@ -162,11 +178,12 @@ class LLMEngine:
         sampled = [c.seq for c in chunks if c.samples]
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        self._score_prompts(chunks, scored, logits[len(sampled):])
         if not sampled:
             return deltas
         actives = [self._active[s.request_id] for s in sampled]
         results = sample(
-            logits,
+            logits[:len(sampled)],
             [s.sampling for s in sampled],
             [a.generator for a in actives],
             [self._banned(s) for s in sampled],
@@ -175,6 +192,35 @@ class LLMEngine:
         for active, result in zip(actives, results):
             deltas.append(self._advance(active, result))
         return deltas
+
+    def _score_prompts(self, chunks, scored: list[tuple[int, int] | None], logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens the scored positions predict (echo with logprobs)."""
+        row = 0
+        for chunk, span in zip(chunks, scored):
+            if span is None:
+                continue
+            lo, hi = span
+            seq, k = chunk.seq, chunk.seq.sampling.logprobs
+            logprobs = torch.log_softmax(logits[row:row + hi - lo], dim=-1)  # position i predicts token i + 1
+            row += hi - lo
+            targets = torch.tensor(seq.prompt_token_ids[lo + 1:hi + 1])
+            chosen = logprobs.gather(1, targets.view(-1, 1)).view(-1).tolist()
+            tops = [()] * len(chosen)
+            if k:
+                values, ids = torch.topk(logprobs, k, dim=-1)
+                tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            seq.prompt_logprobs.extend(zip(chosen, tops))
+
+    def _echo(self, active: _Active, text: str, logprobs):
+        """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
+        seq = active.seq
+        if seq.sampling.logprobs is not None:
+            tok, ids = self.tokenizer.token_text, seq.prompt_token_ids
+            prompt = [TokenLogprob(ids[0], tok(ids[0]), None)]
+            for token_id, (lp, top) in zip(ids[1:], seq.prompt_logprobs):
+                prompt.append(TokenLogprob(token_id, tok(token_id), lp, tuple((i, tok(i), v) for i, v in top)))
+            logprobs = (*prompt, *(logprobs or ()))
+        return active.echo_text + text, logprobs
 
     def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
         # Runs before the forward pass reuses the freed blocks: the gather copies them first.
@@ -273,6 +319,8 @@ class LLMEngine:
             tok = self.tokenizer.token_text
             top = tuple((i, tok(i), lp) for i, lp in result.top)
             logprobs = (TokenLogprob(token, tok(token), result.logprob, top),)
+        if params.echo and len(seq.output_token_ids) == 1:
+            text, logprobs = self._echo(active, text, logprobs)
         if finish is not None:
             self.scheduler.finish(seq)
             del self._active[seq.request_id]

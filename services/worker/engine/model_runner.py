@@ -60,8 +60,10 @@ class ModelRunner:
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         return self.kv_cache.index_select(2, ids)
 
-    def execute(self, chunks: list[ScheduledChunk], remote: RemoteKV | None = None) -> torch.Tensor:
-        """Run one forward pass; returns fp32 logits [num sampling chunks, vocab] in chunk order."""
+    def execute(self, chunks: list[ScheduledChunk], remote: RemoteKV | None = None,
+                scored: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+        """Run one forward pass; returns fp32 logits [num sampling chunks + scored positions, vocab]:
+        the sampling chunks' in chunk order, then per chunk the positions [lo, hi) of ``scored``."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -80,6 +82,8 @@ class ModelRunner:
             context_lens.append(end - offset)
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
+        score_rows = [query_start[i] + p - c.start for i, (c, span) in enumerate(zip(chunks, scored or ()))
+                      if span is not None for p in range(*span)]
         max_blocks = max(len(c.seq.block_ids) for c in chunks)
         tables = [c.seq.block_ids + [0] * (max_blocks - len(c.seq.block_ids)) for c in chunks]
         # Checked on the host list once (no device read), so the layers' stores need not.
@@ -104,9 +108,10 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
-        if not sample_rows:
+        rows = sample_rows + score_rows
+        if not rows:
             return hidden.new_empty(0, self.model_config.vocab_size, dtype=torch.float32)
-        return self._compute_logits(hidden[sample_rows])
+        return self._compute_logits(hidden[rows])
 
     def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # The lm_head, the step's largest read (memory-bound), may take the host's spare core.

@@ -30,6 +30,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # echo with logprobs: per prompt token from the second on, (logprob, top) as scored so far;
+    # kept across preemption, so a recomputed prompt is not scored twice
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
