@@ -140,7 +140,8 @@ async def serve(request: web.Request, parsed: ParsedRequest) -> web.StreamRespon
             raise ApiError(
                 f"max_tokens={parsed.max_tokens} exceeds the model's context length of {max_model_len} tokens",
                 code="context_length_exceeded", param="max_tokens")
-        max_tokens = parsed.max_tokens or min(app[CONFIG].default_max_tokens, max_model_len)
+        max_tokens = (parsed.max_tokens if parsed.max_tokens is not None
+                      else min(app[CONFIG].default_max_tokens, max_model_len))
         with app[ADMISSION].admit():
             metrics.inflight.inc()
             opened: list[RoutedSequence] = []

@@ -226,11 +226,13 @@ def _completion_prompts(body: dict) -> tuple[dict, ...]:
 def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
     prompts = _completion_prompts(body)
     reject_unsupported(body, {"suffix": "", "best_of": 1})
-    max_tokens = get_int(body, "max_tokens", 16, minimum=1)  # OpenAI's default for /v1/completions
+    echo = get_bool(body, "echo")
+    # OpenAI's default for /v1/completions; 0 with echo only scores the prompt
+    max_tokens = get_int(body, "max_tokens", 16, minimum=0 if echo else 1)
     logprobs = get_int(body, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
     parsed = _common(body, Endpoint.COMPLETION, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
                      logprobs=logprobs, prompts=prompts)
-    if get_bool(body, "echo"):  # the prompt first, and with logprobs its tokens' logprobs
+    if echo:  # the prompt first, and with logprobs its tokens' logprobs
         parsed.sampling["echo"] = True
     if len(prompts) * parsed.n > max_n:
         raise value_error("n", f"len(prompt) * n = {len(prompts) * parsed.n} exceeds the cap of {max_n} sequences")

@@ -173,6 +173,9 @@ def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     chunks = list(client.completions.create(**kwargs, echo=True, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    scored = client.completions.create(**{**kwargs, "max_tokens": 0}, echo=True)  # score the prompt only
+    assert (scored.choices[0].text, scored.choices[0].finish_reason, scored.usage.completion_tokens) == (PROMPT, "length", 0)
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-3]
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -89,9 +89,10 @@ def test_completion_prompt_forms():
     assert p.max_tokens == 16 and p.sampling["logprobs"] == 3
     assert parse_completion_request({"prompt": "a", "echo": True}, **LIMITS).sampling["echo"] is True
     assert "echo" not in parse_completion_request({"prompt": "a", "echo": False}, **LIMITS).sampling
+    assert parse_completion_request({"prompt": "a", "echo": True, "max_tokens": 0}, **LIMITS).max_tokens == 0
 
 
-@pytest.mark.parametrize("body", [{}, {"prompt": 3}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "a", "echo": "yes"},
+@pytest.mark.parametrize("body", [{}, {"prompt": 3}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "a", "echo": "yes"}, {"prompt": "a", "max_tokens": 0},
                                   {"prompt": ["a", "b", "c"], "n": 2}, {"prompt": "a", "logprobs": 30}])
 def test_completion_bad_input(body):
     with pytest.raises(ApiError) as e:

@@ -139,7 +139,7 @@ async def test_consumer_going_away_aborts(engine, llm):
     ({"prompt": ""}, SamplingParams(), InvalidRequest, "prompt is empty"),
     ({}, SamplingParams(), InvalidRequest, "one of prompt"),
     ({"messages": ()}, SamplingParams(), InvalidRequest, "messages must not be empty"),
-    ({"prompt": "hi"}, SamplingParams(max_tokens=0), InvalidRequest, "max_tokens must be at least 1, got 0"),
+    ({"prompt": "hi"}, SamplingParams(max_tokens=0), InvalidRequest, r"max_tokens must be at least 1 \(0 only with echo\), got 0"),
     ({"prompt": "hi"}, SamplingParams(temperature=-0.5), InvalidRequest, "temperature must be a finite number >= 0, got -0.5"),
     ({"prompt": "hi"}, SamplingParams(top_p=1.5), InvalidRequest, r"top_p must be in \(0, 1\], got 1.5"),
     ({"prompt": "hi"}, SamplingParams(top_p=0), InvalidRequest, "top_p"),

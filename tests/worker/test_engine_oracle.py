@@ -187,8 +187,10 @@ def test_echo_scores_the_prompt_as_transformers_does(checkpoints):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     engine = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=14, max_num_batched_tokens=48))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=2, echo=True)
+    score_only = SamplingParams(max_tokens=0, temperature=0, logprobs=2, echo=True)  # max_tokens 0: no generation
     for i, ids in enumerate(prompts):
-        engine.submit(engine.prepare(GenerateRequest(f"r{i}", params, prompt_token_ids=tuple(ids))))
+        engine.submit(engine.prepare(GenerateRequest(f"r{i}", score_only if i % 3 == 2 else params,
+                                                     prompt_token_ids=tuple(ids))))
     first: dict[str, object] = {}
     preempted = set()
     while engine.has_work():
@@ -200,7 +202,9 @@ def test_echo_scores_the_prompt_as_transformers_does(checkpoints):
         delta = first[f"r{i}"]
         assert delta.text.startswith(engine.tokenizer.decode(ids))
         entries = delta.logprobs
-        assert len(entries) == len(ids) + 1  # the prompt, then the first generated token
+        if i % 3 == 2:
+            assert (delta.token_ids, delta.num_generated_tokens, delta.finish_reason) == ((), 0, FinishReason.LENGTH)
+        assert len(entries) == len(ids) + (i % 3 != 2)  # the prompt, then the first generated token
         assert [e.token_id for e in entries[:len(ids)]] == ids and entries[0].logprob is None
         with torch.inference_mode():
             expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)

@@ -82,8 +82,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequest naming the field and its limit."""
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.max_tokens < (0 if self.echo else 1):
+            raise InvalidRequest(f"max_tokens must be at least 1 (0 only with echo), got {self.max_tokens}",
+                                 "max_tokens")
         if not 0 <= self.temperature < math.inf:  # NaN fails too
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:

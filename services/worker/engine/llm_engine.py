@@ -179,11 +179,16 @@ class LLMEngine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         self._score_prompts(chunks, scored, logits[len(sampled):])
+        logits = logits[:len(sampled)]
+        if any(s.sampling.max_tokens == 0 for s in sampled):  # echo, max_tokens 0: scored, nothing to generate
+            deltas += [self._end_echo_only(self._active[s.request_id]) for s in sampled if s.sampling.max_tokens == 0]
+            rows = [i for i, s in enumerate(sampled) if s.sampling.max_tokens]
+            logits, sampled = logits[rows], [sampled[i] for i in rows]
         if not sampled:
             return deltas
         actives = [self._active[s.request_id] for s in sampled]
         results = sample(
-            logits[:len(sampled)],
+            logits,
             [s.sampling for s in sampled],
             [a.generator for a in actives],
             [self._banned(s) for s in sampled],
@@ -210,6 +215,13 @@ class LLMEngine:
                 values, ids = torch.topk(logprobs, k, dim=-1)
                 tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
             seq.prompt_logprobs.extend(zip(chosen, tops))
+
+    def _end_echo_only(self, active: _Active) -> Delta:
+        seq = active.seq
+        text, logprobs = self._echo(active, "", None)
+        self.scheduler.finish(seq)
+        del self._active[seq.request_id]
+        return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs)
 
     def _echo(self, active: _Active, text: str, logprobs):
         """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
