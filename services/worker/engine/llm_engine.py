@@ -27,6 +27,7 @@ from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer
 from services.worker.engine.model_runner import ModelRunner
+from services.worker.engine.prompt_scoring import positions_to_score, prompt_entries, score_prompts
 from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
 from services.worker.engine.sampler import SampleFailed, SampleResult, sample
 from services.worker.engine.scheduler import Scheduler, SpillPlan
@@ -43,17 +44,6 @@ class _Active:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     echo_text: str | None = None  # the prompt as the first delta echoes it
-
-
-def _prompt_positions_to_score(chunk) -> tuple[int, int] | None:
-    """[lo, hi): the chunk's positions whose logits score a prompt token not scored yet (position
-    i predicts token i + 1; the last prompt position predicts the first output token instead)."""
-    seq = chunk.seq
-    if not seq.sampling.echo or seq.sampling.logprobs is None:
-        return None
-    lo = max(chunk.start, len(seq.prompt_logprobs))
-    hi = min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1)
-    return (lo, hi) if lo < hi else None
 
 
 class LLMEngine:
@@ -165,7 +155,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         self._spill(out.spills, deltas)
         chunks = [c for c in out.chunks if c.seq.status is SeqStatus.RUNNING]
-        scored = [_prompt_positions_to_score(c) for c in chunks]
+        scored = [positions_to_score(c) for c in chunks]
         try:
             logits = self.runner.execute(chunks, self.remote, scored) if chunks else None
         except MemserverLost as e:
@@ -178,7 +168,7 @@ class LLMEngine:
         sampled = [c.seq for c in chunks if c.samples]
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
-        self._score_prompts(chunks, scored, logits[len(sampled):])
+        score_prompts(chunks, scored, logits[len(sampled):])
         logits = logits[:len(sampled)]
         if any(s.sampling.max_tokens == 0 for s in sampled):  # echo, max_tokens 0: scored, nothing to generate
             deltas += [self._end_echo_only(self._active[s.request_id]) for s in sampled if s.sampling.max_tokens == 0]
@@ -198,24 +188,6 @@ class LLMEngine:
             deltas.append(self._advance(active, result))
         return deltas
 
-    def _score_prompts(self, chunks, scored: list[tuple[int, int] | None], logits: torch.Tensor) -> None:
-        """Logprobs of the prompt tokens the scored positions predict (echo with logprobs)."""
-        row = 0
-        for chunk, span in zip(chunks, scored):
-            if span is None:
-                continue
-            lo, hi = span
-            seq, k = chunk.seq, chunk.seq.sampling.logprobs
-            logprobs = torch.log_softmax(logits[row:row + hi - lo], dim=-1)  # position i predicts token i + 1
-            row += hi - lo
-            targets = torch.tensor(seq.prompt_token_ids[lo + 1:hi + 1])
-            chosen = logprobs.gather(1, targets.view(-1, 1)).view(-1).tolist()
-            tops = [()] * len(chosen)
-            if k:
-                values, ids = torch.topk(logprobs, k, dim=-1)
-                tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-            seq.prompt_logprobs.extend(zip(chosen, tops))
-
     def _end_echo_only(self, active: _Active) -> Delta:
         seq = active.seq
         text, logprobs = self._echo(active, "", None)
@@ -225,13 +197,8 @@ class LLMEngine:
 
     def _echo(self, active: _Active, text: str, logprobs):
         """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
-        seq = active.seq
-        if seq.sampling.logprobs is not None:
-            tok, ids = self.tokenizer.token_text, seq.prompt_token_ids
-            prompt = [TokenLogprob(ids[0], tok(ids[0]), None)]
-            for token_id, (lp, top) in zip(ids[1:], seq.prompt_logprobs):
-                prompt.append(TokenLogprob(token_id, tok(token_id), lp, tuple((i, tok(i), v) for i, v in top)))
-            logprobs = (*prompt, *(logprobs or ()))
+        if active.seq.sampling.logprobs is not None:
+            logprobs = (*prompt_entries(active.seq, self.tokenizer.token_text), *(logprobs or ()))
         return active.echo_text + text, logprobs
 
     def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
