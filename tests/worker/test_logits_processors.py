@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from services.worker.engine.api import InvalidRequest, SamplingParams
-from services.worker.engine.logits_processors import apply_processors
+from services.worker.engine.logits_processors import TokenHistory, apply_processors as _apply_processors
 from services.worker.engine.sampler import SampleFailed, sample
+
+
+def apply_processors(logits, params, prompt_ids, output_ids):
+    _apply_processors(logits, params, TokenHistory(logits.shape[0], prompt_ids).update(output_ids))
+
+
+def _history(prompt_ids, output_ids=(), vocab=4):
+    return TokenHistory(vocab, prompt_ids).update(list(output_ids))
 
 
 def _row(*values: float) -> torch.Tensor:
@@ -52,7 +60,7 @@ def test_sample_picks_on_edited_logits_but_reports_the_models_logprobs():
     raw = torch.log_softmax(logits, dim=-1)
     biased = SamplingParams(temperature=0, logprobs=0, logit_bias=((2, 1.0),))
     plain = SamplingParams(temperature=0, logprobs=0)
-    results = sample(logits.clone(), [biased, plain], [None, None], [(), ()], [([0], []), None])
+    results = sample(logits.clone(), [biased, plain], [None, None], [(), ()], [_history([0], vocab=3), None])
     assert [r.token_id for r in results] == [2, 1]
     assert results[0].logprob == pytest.approx(raw[0, 2].item())
 
@@ -74,7 +82,7 @@ def test_min_p_keeps_only_tokens_near_the_top():
 ])
 def test_extreme_values_sample_a_token_instead_of_failing_the_step(params):
     logits = torch.tensor([[0.5, 3.0, 1.0, -1.0]])
-    results = sample(logits.clone(), [params], [torch.Generator().manual_seed(0)], [()], [([0, 2], [])])
+    results = sample(logits.clone(), [params], [torch.Generator().manual_seed(0)], [()], [_history([0, 2])])
     expected = 1 if params.repetition_penalty == 1.0 else {0, 2}  # the +inf ones win
     token = results[0].token_id
     assert token == expected if isinstance(expected, int) else token in expected
@@ -110,3 +118,13 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     results = sample(logits, [p, SamplingParams(temperature=0)], [torch.Generator(), None], [(), ()])
     assert isinstance(results[0], SampleFailed) and "sampling failed" in results[0].error
     assert results[1].token_id == 1
+
+
+def test_history_taken_in_a_step_at_a_time_equals_one_built_at_once():
+    grown = TokenHistory(8, [1, 1, 5])
+    for n in range(1, 5):
+        grown.update([2, 3, 2, 7][:n])
+    whole = TokenHistory(8, [1, 1, 5]).update([2, 3, 2, 7])
+    assert torch.equal(grown.seen, whole.seen) and torch.equal(grown.counts, whole.counts)
+    assert grown.seen.nonzero().view(-1).tolist() == [1, 2, 3, 5, 7]
+    assert grown.counts.tolist() == [0, 0, 2, 1, 0, 0, 0, 1]

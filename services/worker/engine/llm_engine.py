@@ -26,6 +26,7 @@ from services.worker.engine.api import (
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer
+from services.worker.engine.logits_processors import TokenHistory
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.prompt_scoring import positions_to_score, prompt_entries, score_prompts
 from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
@@ -44,6 +45,7 @@ class _Active:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     echo_text: str | None = None  # the prompt as the first delta echoes it
+    history: TokenHistory | None = None  # penalties' view of its tokens, made at its first sampling
 
 
 class LLMEngine:
@@ -182,11 +184,16 @@ class LLMEngine:
             [s.sampling for s in sampled],
             [a.generator for a in actives],
             [self._banned(s) for s in sampled],
-            [(s.prompt_token_ids, s.output_token_ids) if s.sampling.uses_history else None for s in sampled],
+            [self._history(a) if a.seq.sampling.uses_history else None for a in actives],
         )
         for active, result in zip(actives, results):
             deltas.append(self._advance(active, result))
         return deltas
+
+    def _history(self, active: _Active) -> TokenHistory:
+        if active.history is None:
+            active.history = TokenHistory(self.model_config.vocab_size, active.seq.prompt_token_ids)
+        return active.history.update(active.seq.output_token_ids)
 
     def _end_echo_only(self, active: _Active) -> Delta:
         seq = active.seq

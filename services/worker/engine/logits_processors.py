@@ -18,18 +18,35 @@ import torch
 from services.worker.engine.api import SamplingParams
 
 
-def apply_processors(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-                     output_ids: Sequence[int]) -> None:
+class TokenHistory:
+    """One sequence's tokens as the penalties read them, kept up to date a step at a time: the
+    prompt is read once (a 32K-token prompt took 3 ms a step when rebuilt every step)."""
+
+    def __init__(self, vocab_size: int, prompt_ids: Sequence[int]):
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # in the prompt or the output
+        self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32)  # in the output
+        self.num_outputs = 0
+
+    def update(self, output_ids: Sequence[int]) -> TokenHistory:
+        """Take in the output tokens not seen yet (outputs only grow, preemption keeps them)."""
+        if len(output_ids) > self.num_outputs:
+            new = torch.tensor(output_ids[self.num_outputs:], dtype=torch.long)
+            self.seen[new] = True
+            self.counts.index_add_(0, new, torch.ones(len(new)))
+            self.num_outputs = len(output_ids)
+        return self
+
+
+def apply_processors(logits: torch.Tensor, params: SamplingParams, history: TokenHistory) -> None:
     """Edit ``logits`` ([V] fp32, one row) in place."""
-    vocab = logits.shape[0]
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
         logits.index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor([*prompt_ids, *output_ids], dtype=torch.long)
-        scores = logits.index_select(0, seen)
         p = params.repetition_penalty
-        logits.index_copy_(0, seen, torch.where(scores < 0, scores * p, scores / p))
-    if (params.frequency_penalty or params.presence_penalty) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab).to(logits.dtype)
+        penalized = torch.where(logits < 0, logits * p, logits / p)
+        logits.copy_(torch.where(history.seen, penalized, logits))
+    if (params.frequency_penalty or params.presence_penalty) and history.num_outputs:
+        counts = history.counts
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.engine.api import GREEDY_BELOW_TEMPERATURE, SamplingParams
-from services.worker.engine.logits_processors import apply_processors
+from services.worker.engine.logits_processors import TokenHistory, apply_processors
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,7 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     banned: list[tuple[int, ...]],  # per row: ids masked out (EOS/stop ids before min_tokens)
-    histories: list[tuple[list[int], list[int]] | None] | None = None,  # per row: (prompt, output) ids
+    histories: list[TokenHistory | None] | None = None,  # per row: its tokens, for penalties
 ) -> list[SampleResult | SampleFailed]:
     """Logprobs are the model's (after the min_tokens mask, before penalties and bias), as vLLM's
     default; the choice is made on the edited logits. A row with penalties or a bias needs its
@@ -77,8 +77,7 @@ def sample(
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     for row, p in enumerate(params):
         if p.uses_history:
-            prompt_ids, output_ids = histories[row]
-            apply_processors(logits[row], p, prompt_ids, output_ids)
+            apply_processors(logits[row], p, histories[row])
     greedy = greedy_argmax(logits).tolist()
     results: list[SampleResult | SampleFailed] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
