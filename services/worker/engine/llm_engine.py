@@ -198,8 +198,7 @@ class LLMEngine:
     def _end_echo_only(self, active: _Active) -> Delta:
         seq = active.seq
         text, logprobs = self._echo(active, "", None)
-        self.scheduler.finish(seq)
-        del self._active[seq.request_id]
+        self._retire(seq)
         return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs)
 
     def _echo(self, active: _Active, text: str, logprobs):
@@ -250,10 +249,7 @@ class LLMEngine:
             reason = (f"the cluster lost KV capacity: this sequence needs {total} tokens, "
                       f"{capacity * self.blocks.block_size} remain")
             log.warning("sequence_failed", request_id=seq.request_id, reason=reason)
-            self.scheduler.finish(seq)
-            del self._active[seq.request_id]
-            deltas.append(Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids),
-                                FinishReason.ERROR, error=reason))
+            deltas.append(self._end(seq, FinishReason.ERROR, reason))
 
     def _free_released(self) -> None:
         released, self.scheduler.released = self.scheduler.released, []
@@ -268,13 +264,20 @@ class LLMEngine:
             self.scheduler.add(active.seq)
         deltas = []
         while self._aborts:
-            active = self._active.pop(self._aborts.popleft(), None)
-            if active is None:
-                continue
-            self.scheduler.finish(active.seq)
-            seq = active.seq
-            deltas.append(Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ABORT))
+            active = self._active.get(self._aborts.popleft())
+            if active is not None:
+                deltas.append(self._end(active.seq, FinishReason.ABORT))
         return deltas
+
+    def _retire(self, seq: Sequence) -> None:
+        """It ends: its blocks go back, the engine forgets it."""
+        self.scheduler.finish(seq)
+        del self._active[seq.request_id]
+
+    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> Delta:
+        """Retire it with a last delta that carries no token."""
+        self._retire(seq)
+        return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), reason, error=error)
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         if len(seq.output_token_ids) >= seq.sampling.min_tokens:
@@ -285,10 +288,7 @@ class LLMEngine:
         seq, params = active.seq, active.seq.sampling
         if isinstance(result, SampleFailed):
             log.warning("sampling_failed", request_id=seq.request_id, error=result.error)
-            self.scheduler.finish(seq)
-            del self._active[seq.request_id]
-            return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ERROR,
-                         error=result.error)
+            return self._end(seq, FinishReason.ERROR, result.error)
         token = result.token_id
         seq.output_token_ids.append(token)
         finish = None
@@ -308,19 +308,13 @@ class LLMEngine:
         if params.echo and len(seq.output_token_ids) == 1:
             text, logprobs = self._echo(active, text, logprobs)
         if finish is not None:
-            self.scheduler.finish(seq)
-            del self._active[seq.request_id]
+            self._retire(seq)
         return Delta(
             seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs
         )
 
     def fail_all(self, reason: str) -> list[Delta]:
         """After an unexpected step failure: end every request with an error, free every block."""
-        deltas = []
-        for request_id, active in list(self._active.items()):
-            self.scheduler.finish(active.seq)
-            seq = active.seq
-            deltas.append(Delta(request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), FinishReason.ERROR, error=reason))
-        self._active.clear()
+        deltas = [self._end(active.seq, FinishReason.ERROR, reason) for active in list(self._active.values())]
         self._free_released()
         return deltas
