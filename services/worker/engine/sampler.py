@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.engine.api import GREEDY_BELOW_TEMPERATURE, SamplingParams
+from services.worker.engine.api import SamplingParams
 from services.worker.engine.logits_processors import TokenHistory, apply_processors
 
 
@@ -68,20 +68,20 @@ def sample(
     histories: list[TokenHistory | None] | None = None,  # per row: its tokens, for penalties
 ) -> list[SampleResult | SampleFailed]:
     """Logprobs are the model's (after the min_tokens mask, before penalties and bias), as vLLM's
-    default; the choice is made on the edited logits. A row with penalties or a bias needs its
-    history (``params.uses_history``)."""
+    default; the choice is made on the edited logits. A row gets its penalties and bias when it
+    has a history (the caller gives one where ``params.uses_history``)."""
     for row, ids in enumerate(banned):
         if ids:
             logits[row, list(ids)] = float("-inf")
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    for row, p in enumerate(params):
-        if p.uses_history:
-            apply_processors(logits[row], p, histories[row])
+    for row, history in enumerate(histories or ()):
+        if history is not None:
+            apply_processors(logits[row], params[row], history)
     greedy = greedy_argmax(logits).tolist()
     results: list[SampleResult | SampleFailed] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.logprobs is None and p.temperature < GREEDY_BELOW_TEMPERATURE:  # most rows: nothing can fail
+        if p.logprobs is None and p.greedy:  # most rows: nothing can fail
             results.append(SampleResult(greedy[row], None, ()))
             continue
         try:
