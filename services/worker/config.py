@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.runtime.host import default_logits_threads, default_num_threads
-from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig, check_thread_counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +36,7 @@ class WorkerConfig:
             raise ValueError(f"router_url must be an http(s) URL, got {self.router_url!r}")
         if self.heartbeat_interval_s <= 0 or self.drain_timeout_s <= 0:
             raise ValueError("heartbeat_interval_s and drain_timeout_s must be > 0")
-        for name in ("num_threads", "logits_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_thread_counts(self.num_threads, self.logits_threads)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
 

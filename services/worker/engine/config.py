@@ -11,6 +11,13 @@ from dataclasses import dataclass
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 
+def check_thread_counts(num_threads: int | None, logits_threads: int | None) -> None:
+    """Each set count is at least 1 (None: the default)."""
+    for name, value in (("num_threads", num_threads), ("logits_threads", logits_threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str = "tiny"  # "tiny" (embedded) or a local Hugging Face directory
@@ -32,9 +39,6 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        for name in ("num_threads", "logits_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_thread_counts(self.num_threads, self.logits_threads)
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
