@@ -97,7 +97,9 @@ async def borrow(request: web.Request) -> web.Response:
 @routes.post("/internal/kv/settle")
 async def settle(request: web.Request) -> web.Response:
     req: Settle = await read_message(request, Settle)
-    request.app[LEDGER].settle(req.reservation_id, req.num_stored)
+    cut_off = request.app[LEDGER].settle(req.reservation_id, req.num_stored, req.unreachable)
+    if cut_off is not None:
+        log.warning("memserver_unreachable", memserver=cut_off, reported_by=req.worker_id)
     return json_response({"ok": True})
 
 
@@ -126,7 +128,8 @@ def cluster_view(app: web.Application) -> dict:
                         "num_used_blocks": total - free})
     memservers = [{"memserver_id": s.memserver_id, "address": s.address, "device": s.device,
                    "num_blocks": s.num_blocks, "num_free_blocks": s.num_free,
-                   "num_used_blocks": s.num_blocks - s.num_free, "leaving": s.leaving} for s in ledger.servers()]
+                   "num_used_blocks": s.num_blocks - s.num_free, "leaving": s.leaving,
+                   "unreachable": s.unreachable} for s in ledger.servers()]
     lent = [{"worker_id": w, "memserver_id": m, "num_blocks": n} for (w, m), n in sorted(ledger.lent().items())]
     remote_total = sum(m["num_blocks"] for m in memservers)
     remote_free = ledger.free_blocks()

@@ -8,6 +8,11 @@ refuse (the ledger's view can be stale), and settles each reservation with the n
 stored; a refused worker asks again. Repaid blocks return to the creditor's free count. A
 memserver's heartbeat (its own count of free blocks and of blocks per owner) is the truth the
 ledger re-bases on.
+
+A creditor a worker could not reach at all (dead, or cut off) lends nothing until its next
+heartbeat shows it alive: without that, for the seconds until its heartbeats are missed, every
+worker that spilled was sent to it again (its free blocks made it the first choice), failed, and
+asked again, some fifty times a second each.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class MemserverState:
     last_seen: float
     holdings: dict[str, int] = field(default_factory=dict)  # owner (worker id) -> blocks held
     leaving: bool = False
+    unreachable: bool = False  # a worker could not reach it since its last heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,7 @@ class Ledger:
         state.num_free = num_free
         state.holdings = {k: v for k, v in holdings.items() if v > 0}
         state.last_seen = self._clock()
+        state.unreachable = False
         return True
 
     def leave(self, memserver_id: str) -> None:
@@ -105,7 +112,9 @@ class Ledger:
 
     def available(self, memserver_id: str) -> int:
         state = self._servers[memserver_id]
-        return 0 if state.leaving else max(0, state.num_free - self._reserved(memserver_id))
+        if state.leaving or state.unreachable:
+            return 0
+        return max(0, state.num_free - self._reserved(memserver_id))
 
     def free_blocks(self) -> int:
         return sum(self.available(m) for m in self._servers)
@@ -137,17 +146,25 @@ class Ledger:
                 break
         return grants
 
-    def settle(self, reservation_id: str, num_stored: int) -> None:
-        """The worker stored num_stored of the reserved blocks (0: the creditor refused)."""
+    def settle(self, reservation_id: str, num_stored: int, unreachable: bool = False) -> str | None:
+        """The worker stored num_stored of the reserved blocks (0: the creditor refused, or with
+        ``unreachable`` could not be reached). Returns the id of a creditor newly found unreachable."""
         res = self._reservations.pop(reservation_id, None)
         if res is None:
-            return
+            return None
         state = self._servers.get(res.memserver_id)
-        if state is None or num_stored <= 0:
-            return
+        if state is None:
+            return None
+        if unreachable:
+            newly = not state.unreachable
+            state.unreachable = True
+            return state.memserver_id if newly else None
+        if num_stored <= 0:
+            return None
         stored = min(num_stored, res.num_blocks)
         state.num_free = max(0, state.num_free - stored)
         state.holdings[res.worker_id] = state.holdings.get(res.worker_id, 0) + stored
+        return None
 
     def repay(self, worker_id: str, memserver_id: str, num_blocks: int) -> None:
         state = self._servers.get(memserver_id)

@@ -108,6 +108,8 @@ class Settle:
     worker_id: str
     reservation_id: str
     num_stored: int
+    # The creditor could not be reached (not a refusal): lend nothing more from it until it heartbeats
+    unreachable: bool = False
     v: int = WIRE_VERSION
 
 

@@ -17,6 +17,7 @@ from services.runtime.wire import CONTENT_TYPE, BorrowRequest, Repay, Settle, en
 from services.worker.attend_client import TRANSPORT_ERRORS as _TRANSPORT_ERRORS
 from services.worker.attend_client import AttendClient
 from services.worker.engine.remote import AttentionCall, RemoteSpan, SpillFailed
+from transport.errors import PeerUnreachable
 from transport.node import Node
 
 log = structlog.get_logger()
@@ -41,8 +42,8 @@ class LedgerClient:
             raise SpillFailed(body.get("error", {}).get("message", f"borrow refused: HTTP {status}"))
         return body["grants"]
 
-    async def settle(self, reservation_id: str, num_stored: int) -> None:
-        await self._post("/settle", encode(Settle(self.owner, reservation_id, num_stored)))
+    async def settle(self, reservation_id: str, num_stored: int, unreachable: bool = False) -> None:
+        await self._post("/settle", encode(Settle(self.owner, reservation_id, num_stored, unreachable)))
 
     async def summary(self) -> dict:
         async with self._session.get(self._base + "/summary", headers=self._headers) as resp:
@@ -151,7 +152,8 @@ class RemoteKVClient:
                                                timeout=self._timeout)
                 except _TRANSPORT_ERRORS as e:
                     log.warning("store_refused", request_id=request_id, memserver=grant["memserver_id"], error=str(e))
-                    await self._ledger.settle(grant["reservation_id"], 0)
+                    # Unreachable, not full: the ledger lends nothing more from it until it heartbeats.
+                    await self._ledger.settle(grant["reservation_id"], 0, isinstance(e, PeerUnreachable))
                     continue
                 await self._ledger.settle(grant["reservation_id"], n)
                 spans.append(RemoteSpan(grant["memserver_id"], tuple(reply.message.block_ids),

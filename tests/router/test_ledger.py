@@ -57,6 +57,25 @@ def test_refused_reservation_returns_capacity():
     assert ledger.free_blocks() == 160 and ledger.lent() == {}
 
 
+def test_a_creditor_found_unreachable_lends_nothing_until_it_heartbeats():
+    ledger = _ledger()
+    (grant,) = ledger.borrow("w1", 10)
+    assert grant.memserver_id == "ms-a"
+    assert ledger.settle(grant.reservation_id, 0, unreachable=True) == "ms-a"
+    # Every borrow goes elsewhere, and the cluster's free capacity no longer counts it.
+    assert [(g.memserver_id, g.num_blocks) for g in ledger.borrow("w2", 60)] == [("ms-b", 60)]
+    with pytest.raises(InsufficientCapacity, match="0 free KV blocks"):
+        ledger.borrow("w2", 1)
+    # A second report of the same server is not news.
+    ledger2 = _ledger()
+    g1, g2 = ledger2.borrow("w1", 1), ledger2.borrow("w2", 1)
+    assert ledger2.settle(g1[0].reservation_id, 0, unreachable=True) == "ms-a"
+    assert ledger2.settle(g2[0].reservation_id, 0, unreachable=True) is None
+    # Alive after all: its next heartbeat makes it a creditor again.
+    ledger.heartbeat("ms-a", num_free=100, holdings={})
+    assert ledger.borrow("w2", 100)[0].memserver_id == "ms-a"
+
+
 def test_insufficient_capacity_names_the_numbers():
     ledger = _ledger()
     with pytest.raises(InsufficientCapacity, match="160 free KV blocks on memory servers; 161 wanted"):

@@ -5,6 +5,7 @@ the step's future (no sockets: a fake connection). The lane: tests/worker/test_a
 from __future__ import annotations
 
 import asyncio
+import types
 import threading
 
 import pytest
@@ -125,3 +126,56 @@ def test_a_failed_dial_or_reply_on_the_dialing_path_is_memserver_lost_once(loop,
     with pytest.raises(MemserverLost, match="ms0"):
         client.submit_attention([("ms0", _call())])[0].result(timeout=5)
     assert client.lost_memservers() == {"ms0"} and client.lost_memservers() == set()
+
+
+class SpillLedger:
+    """Grants from ms0 first (most free), then from ms1; records every settle."""
+
+    owner = "w0"
+
+    def __init__(self):
+        self.settled: list[tuple[str, int, bool]] = []
+        self.cut_off: set[str] = set()
+
+    async def borrow(self, num_blocks, near=()):
+        order = [m for m in ("ms0", "ms1") if m not in self.cut_off]
+        return [{"reservation_id": f"r{len(self.settled)}-{m}", "memserver_id": m, "address": f"{m}:1",
+                 "num_blocks": num_blocks} for m in order[:1]]
+
+    async def settle(self, reservation_id, num_stored, unreachable=False):
+        self.settled.append((reservation_id.split("-")[1], num_stored, unreachable))
+        if num_stored == 0:  # refused or unreachable: the next borrow goes elsewhere
+            self.cut_off.add(reservation_id.split("-")[1])
+
+
+class StoreConnection:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    async def request(self, message, frames, *, timeout):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return Reply(types.SimpleNamespace(block_ids=list(range(message.num_blocks))), [])
+
+
+class StorePool:
+    def __init__(self, outcomes):
+        self.outcomes = outcomes
+
+    async def get(self, address):
+        return StoreConnection(self.outcomes[address.split(":")[0]])
+
+
+@pytest.mark.parametrize("error,unreachable", [(PeerUnreachable("gone"), True), (RemoteError("full", "full"), False)],
+                         ids=["dead", "full"])
+def test_a_spill_reports_a_creditor_it_could_not_reach_and_stores_elsewhere(loop, error, unreachable):
+    # The ledger must learn the difference: a full creditor is asked again later, a dead one is
+    # lent from no more until it heartbeats (else every worker is sent back to it until it expires).
+    ledger = SpillLedger()
+    node = types.SimpleNamespace(pool=StorePool({"ms0": error, "ms1": "ok"}))
+    client = RemoteKVClient(loop, node, ledger, attention_lane=False)
+    client.configure({"head_dim": 4, "block_size": 16})
+    kv = torch.zeros(2, 2, 3, 16, 1, 4)  # [layers, K/V, blocks, block_size, Hkv, D]
+    (span,) = client.spill("req-1", kv, start_token=32)
+    assert span.memserver_id == "ms1" and len(span.block_ids) == 3 and span.start_token == 32
+    assert ledger.settled == [("ms0", 0, unreachable), ("ms1", 3, False)]
