@@ -1,7 +1,9 @@
 """Router -> worker generate calls: pick a worker, open its stream, read DeltaFrames.
 
-Connection failures before the worker has answered mark it failed and retry on the next candidate;
-failures after that raise WorkerLost (the caller turns it into an error for the client).
+Connection failures before the worker has answered mark it failed and retry on the next candidate,
+and so does a 503 (the worker cannot take the sequence now: its engine died, it drains, or it is
+overloaded; nothing was generated yet, so another worker may serve it); failures after that raise
+WorkerLost (the caller turns it into an error for the client).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from services.runtime.errors import ApiError, api_error_from_payload
 from services.runtime.wire import CONTENT_TYPE, DeltaFrame, FrameDecoder, GenerateCall, WireDecodeError, encode
 
 log = structlog.get_logger()
+
+# 503s of a worker that will serve nothing more for now (engine died, draining): route around it
+# until it heartbeats again. Any 503 sends the sequence to the next candidate.
+_WORKER_GONE_CODES = frozenset({"engine_unavailable", "draining"})
 
 
 class WorkerLost(Exception):
@@ -95,9 +101,12 @@ async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_toke
     """Route `call` to a live worker serving `model` and return its stream once the worker accepted it
     (after its first delta). Engine errors come back as ApiError with the worker's status."""
     tried: set[str] = set()
+    refused: ApiError | None = None  # the last worker's 503, if every candidate refused
     while True:
         candidate = pool.policy(pool.registry.candidates(model, frozenset(tried)))
         if candidate is None:
+            if refused is not None:
+                raise refused
             raise ApiError(
                 f"no live worker is serving model '{model}'; retry when a worker has registered",
                 status=503, code="no_worker_available", headers={"Retry-After": "1"},
@@ -124,5 +133,13 @@ async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_toke
             finally:
                 response.release()
                 pool.registry.release(candidate.worker_id, num_tokens)
-            raise api_error_from_payload(response.status, body)
+            error = api_error_from_payload(response.status, body)
+            if response.status != 503:
+                raise error
+            if error.code in _WORKER_GONE_CODES:
+                pool.registry.mark_failed(candidate.worker_id)
+            log.warning("worker_refused", worker_id=candidate.worker_id, code=error.code)
+            tried.add(candidate.worker_id)
+            refused = error
+            continue
         return WorkerStream(pool, candidate.worker_id, response, num_tokens)

@@ -2,7 +2,8 @@
 
 Tokens are characters: the prompt's token count is its length, and sequence i emits letters
 'a', 'b', ... Each sequence holds ceil((prompt + max_tokens) / block_size) blocks until it ends.
-A prompt containing "FAIL" ends with FinishReason.ERROR after two tokens.
+A prompt containing "FAIL" ends with FinishReason.ERROR after two tokens. With ``refuse`` set,
+every request is refused with that EngineError before it starts (a dying or overloaded engine).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self._aborted: set[str] = set()
         self.requests: list[GenerateRequest] = []
+        self.refuse: Exception | None = None
 
     async def start(self) -> None:
         pass
@@ -49,6 +51,8 @@ class FakeEngine:
         return request.prompt or ""
 
     async def generate(self, request: GenerateRequest):
+        if self.refuse is not None:
+            raise self.refuse
         params = request.sampling
         params.validate()
         prompt = self._prompt(request)

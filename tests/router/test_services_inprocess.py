@@ -2,7 +2,11 @@
 
 import asyncio
 
+import pytest
+
 from services.router.keys import REGISTRY
+from services.worker.engine.api import EngineOverloaded
+from services.worker.engine.client import EngineDied
 from services.runtime.wire import WorkerRegistration
 from tests.router.stack import free_port, internal_headers, read_sse, running_stack
 
@@ -110,6 +114,27 @@ async def test_no_worker_and_unreachable_worker_give_503():
         resp = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert resp.status == 503  # connection refused: marked failed, no other candidate
         assert registry.live() == []
+
+
+@pytest.mark.parametrize("refusal,marked_failed", [
+    (EngineDied("the engine process died: killed"), True),
+    (EngineOverloaded("the engine's queue is full"), False),
+], ids=["engine-died", "overloaded"])
+async def test_a_worker_that_refuses_with_503_is_routed_around(refusal, marked_failed):
+    # Nothing was generated yet: the next worker serves the request, the client never sees the 503.
+    async with running_stack(num_workers=2) as s:
+        sick, healthy = s.engines
+        sick.refuse = refusal
+        for _ in range(6):
+            resp = await s.post("/v1/completions", {"prompt": "hello", "max_tokens": 3})
+            assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "abc"
+        assert sick.requests == [] and len(healthy.requests) == 6
+        healthy.refuse = refusal  # every worker refuses: the client gets the worker's 503
+        resp = await s.post("/v1/completions", {"prompt": "hello", "max_tokens": 3})
+        body = await resp.json()
+        assert resp.status == 503 and body["error"]["code"] == refusal.code
+        registry = s.router.app[REGISTRY]
+        assert all(w.failed_at is not None for w in registry.all()) == marked_failed
 
 
 async def test_metrics_exposed():
