@@ -5,7 +5,9 @@
 
 Children run in their own process groups with one log file each under the run's log dir; Ctrl-C
 or SIGTERM stops them in order (SIGTERM: each drains; SIGKILL after --stop-timeout), and the
-kernel kills them if the launcher itself dies (PR_SET_PDEATHSIG).
+kernel kills them if the launcher itself dies (PR_SET_PDEATHSIG). A worker or memserver that dies
+while the cluster serves is replaced; a router that dies, or a crash loop, stops the cluster
+(services.launch.supervisor).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
 from services.launch.progress import Progress
+from services.launch.supervisor import RestartBudget
 from services.runtime.sizes import format_size, size_arg
 from services.runtime.auth import CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN
 
@@ -104,14 +107,21 @@ def _run_chat(url: str, max_tokens: int | None) -> int:
     return chat.main(chat_args)
 
 
-def _watch(cluster: LocalCluster) -> int:
-    """Until a signal (StopRequested) or a child dies (1)."""
+def _watch(cluster: LocalCluster, budget: RestartBudget) -> int:
+    """Until a signal (StopRequested), or the router dies or a kind of process crash-loops (1).
+    A worker or memserver that dies is replaced (services.launch.supervisor)."""
     while True:
-        dead = cluster.first_dead()
-        if dead is not None:
-            print(f"kvmesh up: {dead.name} exited with status {dead.popen.returncode}; stopping the cluster\n"
-                  f"last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr)
-            return 1
+        for dead in [c for c in cluster.children if not c.alive]:
+            status = dead.popen.returncode
+            if dead.kind == "router" or not budget.allow(dead.kind):
+                why = "" if dead.kind == "router" else (
+                    f" ({budget.max_restarts} {dead.kind}s already replaced in the last {budget.window_s:.0f} s)")
+                print(f"kvmesh up: {dead.name} exited with status {status}{why}; stopping the cluster\n"
+                      f"last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr)
+                return 1
+            new = cluster.replace(dead)
+            print(f"kvmesh up: {dead.name} exited with status {status} (log {dead.log_path}); "
+                  f"started {new.name} in its place", file=sys.stderr, flush=True)
         time.sleep(0.5)
 
 
@@ -136,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
             rc = _run_chat(cluster.url, args.chat_max_tokens)
         else:
             print("  Ctrl-C stops the cluster.", flush=True)
-            rc = _watch(cluster)
+            rc = _watch(cluster, RestartBudget())
     except StopRequested:
         pass
     except (ClusterError, TimeoutError) as e:

@@ -37,6 +37,7 @@ class LocalCluster:
         self.workers: list[Child] = []
         self.memservers: list[Child] = []
         self._num_memservers_started = 0
+        self._worker_starts: list[int] = []  # per worker slot: how many processes it has had
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -97,8 +98,15 @@ class LocalCluster:
     def _start_worker(self, index: int) -> Child:
         c = self.config
         port = free_port(c.host)
+        if index == len(self._worker_starts):
+            self._worker_starts.append(0)
+        self._worker_starts[index] += 1
+        # A replacement is a new owner (worker0-2, ...): memory servers never mistake the blocks
+        # its predecessor left for its own.
+        starts = self._worker_starts[index]
+        worker_id = f"worker{index}" if starts == 1 else f"worker{index}-{starts}"
         args = ["worker", "--model", c.model, "--router", self.url, "--host", c.host, "--port", str(port),
-                "--block-size", str(c.block_size), "--dtype", c.dtype, "--worker-id", f"worker{index}"]
+                "--block-size", str(c.block_size), "--dtype", c.dtype, "--worker-id", worker_id]
         if c.served_model_name is not None:
             args += ["--served-model-name", c.served_model_name]
         if c.worker_kv_blocks is not None:
@@ -107,7 +115,7 @@ class LocalCluster:
         threads = c.worker_threads if c.worker_threads is not None else default_num_threads(c.num_workers)
         args += ["--num-threads", str(threads),
                  "--logits-threads", str(default_logits_threads(threads, c.num_workers))]
-        return self._spawn(f"worker{index}", "worker", args, port)
+        return self._spawn(worker_id, "worker", args, port)
 
     def add_memserver(self) -> Child:
         """Start one more CPU memserver (at start-up, or later: a memserver joining under load)."""
@@ -117,7 +125,7 @@ class LocalCluster:
         self._num_memservers_started += 1
         child = self._spawn(name, "memserver", ["memserver", "--router", self.url, "--device", "cpu",
                                                 "--capacity", c.memserver_capacity, "--host", c.host,
-                                                "--port", str(port)], port)
+                                                "--port", str(port), "--memserver-id", name], port)
         self.memservers.append(child)
         return child
 
@@ -132,6 +140,25 @@ class LocalCluster:
             return all(probe.port_is_open(c.host, m.port) for m in self.memservers if m.alive)
 
         self.progress.wait(f"{num_memservers} memserver(s) joining", joined, timeout_s, self._check_alive, 0.2)
+
+    def replace(self, dead: Child) -> Child:
+        """Start another worker or memserver in the place of one that died; the router forgets the
+        dead one now (a worker's blocks on memory servers are freed at their next heartbeat)."""
+        if dead.kind == "worker":
+            index = self.workers.index(dead)
+            path = f"/internal/workers/{dead.name}"
+        elif dead.kind == "memserver":
+            self.memservers.remove(dead)
+            path = f"/internal/memservers/{dead.name}"
+        else:
+            raise ValueError(f"{dead.name} ({dead.kind}) cannot be replaced")
+        probe.get_json(self.url + path, self.config.cluster_token, method="DELETE")  # best effort
+        if dead.kind == "worker":
+            child = self.workers[index] = self._start_worker(index)
+        else:
+            child = self.add_memserver()
+        self.write_manifest()
+        return child
 
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> int:
         """Stop one child abruptly (a memserver failing under load); its exit status."""

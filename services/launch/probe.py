@@ -13,11 +13,11 @@ from services.launch.view import ClusterView, view_from_cluster_json, view_from_
 from services.runtime.auth import CLUSTER_TOKEN_HEADER
 
 
-def get_json(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, dict | None]:
+def get_json(url: str, token: str | None = None, timeout: float = 5.0, method: str = "GET") -> tuple[int, dict | None]:
     """(HTTP status, JSON body or None); status 0 when unreachable."""
     headers = {CLUSTER_TOKEN_HEADER: token} if token else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method), timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         with e:

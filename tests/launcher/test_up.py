@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import openai
 
@@ -87,3 +90,44 @@ def test_up_rejects_a_bad_size_before_starting_anything(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "invalid size '8GB!'" in err
+
+
+def _wait_cluster(proc: subprocess.Popen, url: str, done, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"kvmesh up exited with {proc.returncode}:\n{proc.stderr.read()}"
+        status, body = probe.get_json(url + "/cluster", DEV_CLUSTER_TOKEN)
+        if status == 200 and done(body):
+            return body
+        time.sleep(0.2)
+    raise TimeoutError(f"/cluster never became what the test waits for; last: {body}")
+
+
+def test_up_replaces_a_dead_memserver_and_worker_and_keeps_serving(tmp_path):
+    proc = start_up(tmp_path, "--memservers", "1", "--memserver-capacity", "4MiB", "--worker-kv-blocks", "64",
+                    "--worker-threads", "1", "--stop-timeout", "20", "--port", "0")
+    with cleanup(proc, tmp_path):
+        manifest = wait_manifest(proc, tmp_path)
+        url, pids = manifest["url"], {p["name"]: p["pid"] for p in manifest["processes"]}
+        os.killpg(pids["memserver0"], signal.SIGKILL)
+        _wait_cluster(proc, url, lambda c: [m["memserver_id"] for m in c["memservers"]] == ["memserver1"])
+        os.killpg(pids["worker0"], signal.SIGKILL)
+        _wait_cluster(proc, url, lambda c: [(w["worker_id"], w["live"]) for w in c["workers"]] == [("worker0-2", True)])
+
+        # The replacements serve: a prompt longer than the worker's own 64 blocks spills to memserver1.
+        prompt = list(range(1000, 2500))
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            done = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 8
+        assert probe.wait_zero_used_blocks(url, DEV_CLUSTER_TOKEN).num_used_blocks == 0
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+        out, err = proc.communicate()
+        latest = json.loads((tmp_path / "cluster.json").read_text())
+        assert sorted(p["name"] for p in latest["processes"]) == ["memserver1", "router", "worker0-2"]
+        assert wait_gone([*pids.values(), *(p["pid"] for p in latest["processes"])]) == []
+    assert "memserver0 exited with status -9" in err and "started memserver1 in its place" in err
+    assert "worker0 exited with status -9" in err and "started worker0-2 in its place" in err
+    assert "non-zero" not in err  # the replacements drained and exited cleanly on Ctrl-C
