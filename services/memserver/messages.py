@@ -1,4 +1,12 @@
-"""Worker <-> memory server messages on the kvmesh transport (registered with transport.wire)."""
+"""Worker <-> memory server messages on the kvmesh transport (registered with transport.wire).
+
+Every message of an owner carries its ``epoch`` for this memory server, a fencing token: a worker
+that gave this server up for lost (it went silent, its sequences were recomputed elsewhere) and
+later reaches it again writes off what it left there by moving to a higher epoch. The server frees
+the owner's blocks of older epochs at the first message of a newer one and ignores (frees) or
+refuses (stores, attention) messages of an older one, so a late free can never hit a block that
+was handed out again. A worker starts its epochs at its start time in nanoseconds: a restarted
+worker under the same id fences off what its predecessor left."""
 
 from __future__ import annotations
 
@@ -19,9 +27,10 @@ class StoreBlocks:
     laid out the same way, so frames for consecutive block ids land in it directly."""
 
     TYPE: ClassVar[str] = "store_blocks"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     owner: str
     num_blocks: int
+    epoch: int = 0
 
 
 @message
@@ -52,7 +61,7 @@ class Attend:
     num_heads] fp32."""
 
     TYPE: ClassVar[str] = "attend"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     owner: str
     layer: int
     num_heads: int
@@ -61,6 +70,7 @@ class Attend:
     num_tokens: int
     num_seqs: int
     table_width: int
+    epoch: int = 0
 
     def frame_sizes(self, head_dim: int, q_itemsize: int) -> tuple[int, int, int]:
         """The byte sizes frames 0, 1 and 2 must have."""
@@ -103,18 +113,23 @@ class Attended:
 @message
 @dataclass(frozen=True, slots=True)
 class FreeBlocks:
+    """Free the owner's blocks ``block_ids``. With no ids and a newer epoch it is the fence alone:
+    the owner writes off what it left here under older epochs."""
+
     TYPE: ClassVar[str] = "free_blocks"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     owner: str
     block_ids: tuple[int, ...]
+    epoch: int = 0
 
 
 @message
 @dataclass(frozen=True, slots=True)
 class FreeOwner:
     TYPE: ClassVar[str] = "free_owner"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     owner: str
+    epoch: int = 0
 
 
 @message

@@ -29,11 +29,16 @@ class BadAttend(PoolError):
     code = "bad_request"
 
 
+class StaleEpoch(PoolError):
+    code = "stale_epoch"
+
+
 class MemoryService:
     def __init__(self, pool: BlockPool):
         self.pool = pool
         self.leaving = False
         self._owner_of: dict[str, str] = {}  # transport session (peer) -> owner
+        self._epochs: dict[str, int] = {}  # owner -> newest epoch seen (services.memserver.messages)
         # Attention runs off the event loop: a long prefill chunk must not stop this server from
         # answering its peers' liveness pings (they would declare it dead).
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memserver-attention")
@@ -49,6 +54,19 @@ class MemoryService:
         bound = self._owner_of.setdefault(request.peer, owner)
         if bound != owner:
             raise NotOwner(f"this connection belongs to {bound}, not {owner}")
+
+    def _fence(self, owner: str, epoch: int) -> bool:
+        """False for a message of an older epoch than the owner's newest; a newer epoch first
+        frees what the owner left here under the older ones (it wrote those blocks off)."""
+        current = self._epochs.get(owner)
+        if current is not None and epoch < current:
+            return False
+        if current is not None and epoch > current:
+            num = self.pool.free_owner(owner)
+            if num:
+                log.warning("owner_blocks_freed", owner=owner, num_blocks=num, reason="new epoch")
+        self._epochs[owner] = epoch
+        return True
 
     def session_closed(self, peer: str) -> None:
         owner = self._owner_of.pop(peer, None)
@@ -69,6 +87,8 @@ class MemoryService:
         if self.leaving:
             raise Leaving("this memory server is leaving; borrow elsewhere")
         self._bind(request, msg.owner)
+        if not self._fence(msg.owner, msg.epoch):
+            raise StaleEpoch(f"epoch {msg.epoch} of {msg.owner} is stale; its blocks here were written off")
         num_frames = 2 * self.pool.geometry.num_layers
         if len(request.frame_sizes) != num_frames:
             raise PoolError(f"a store carries {num_frames} frames (K and V of each layer), got {len(request.frame_sizes)}")
@@ -86,6 +106,8 @@ class MemoryService:
     async def attend(self, request: Request) -> Reply:
         msg: Attend = request.message
         self._bind(request, msg.owner)
+        if not self._fence(msg.owner, msg.epoch):
+            raise StaleEpoch(f"epoch {msg.epoch} of {msg.owner} is stale; its blocks here were written off")
         geo, kv = self.pool.geometry, self.pool.kv
         if msg.q_dtype != geo.dtype:
             raise BadAttend(f"q is {msg.q_dtype}; this pool holds {geo.dtype} KV")
@@ -108,9 +130,13 @@ class MemoryService:
     async def free(self, request: Request) -> Freed:
         msg: FreeBlocks = request.message
         self._bind(request, msg.owner)
+        if not self._fence(msg.owner, msg.epoch):
+            return Freed(0)  # freed already, when the newer epoch arrived
         return Freed(self.pool.free(msg.owner, msg.block_ids))
 
     async def free_owner(self, request: Request) -> Freed:
         msg: FreeOwner = request.message
         self._bind(request, msg.owner)
+        if not self._fence(msg.owner, msg.epoch):
+            return Freed(0)
         return Freed(self.pool.free_owner(msg.owner))

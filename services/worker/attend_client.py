@@ -23,12 +23,14 @@ TRANSPORT_ERRORS = (PeerUnreachable, TransferTimeout, RemoteError, WireDecodeErr
 
 class AttendClient:
     def __init__(self, loop: asyncio.AbstractEventLoop, node: Node, owner: str, addresses: dict[str, str],
-                 mark_lost: Callable[[str, str], None], timeout_s: float, lane: bool = True):
+                 mark_lost: Callable[[str, str], None], timeout_s: float, lane: bool = True,
+                 epoch_of: Callable[[str], int] = lambda memserver_id: 0):
         self._loop = loop
         self._node = node
         self.owner = owner
         self.scale = 1.0  # head_dim ** -0.5, set once the model is known
         self._addresses = addresses  # memserver id -> transport address, kept up to date by the owner
+        self._epoch_of = epoch_of  # memserver id -> our epoch there (services.memserver.messages)
         self._mark_lost = mark_lost
         self._timeout = timeout_s
         self._use_lane = lane
@@ -49,14 +51,14 @@ class AttendClient:
         if self._lane is not None:
             await asyncio.to_thread(self._lane.close)
 
-    def _request(self, call: AttentionCall) -> tuple[Attend, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _request(self, memserver_id: str, call: AttentionCall) -> tuple[Attend, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(message, frames, out, lse): the request of one layer and the buffers its reply lands in."""
         num_tokens, num_heads, _ = call.q.shape
         out = torch.empty_like(call.q)
         lse = torch.empty(num_tokens, num_heads, dtype=torch.float32)
         num_seqs, width = call.block_tables.shape
         message = Attend(self.owner, call.layer, num_heads, self.scale, str(call.q.dtype).removeprefix("torch."),
-                         num_tokens, num_seqs, width)
+                         num_tokens, num_seqs, width, self._epoch_of(memserver_id))
         return message, [call.q, call.block_tables, call.seq_lens], out, lse
 
     def lost(self, memserver_id: str, error: Exception) -> MemserverLost:
@@ -81,7 +83,7 @@ class AttendClient:
         address = self._addresses.get(memserver_id)
         if address is None:
             return _failed(MemserverLost(memserver_id, "address unknown"))
-        message, frames, out, lse = self._request(call)
+        message, frames, out, lse = self._request(memserver_id, call)
         try:
             reply = lane.request(address, message, frames, into=[out, lse], timeout=self._timeout)
         except TRANSPORT_ERRORS as e:
@@ -103,7 +105,7 @@ class AttendClient:
             task.add_done_callback(lambda t: self._settle(memserver_id, t, t.result, result))
             return
         try:
-            message, frames, out, lse = self._request(call)
+            message, frames, out, lse = self._request(memserver_id, call)
             reply = conn.start_request(message, frames, into=[out, lse], timeout=self._timeout)
         except TRANSPORT_ERRORS as e:
             result.set_exception(self.lost(memserver_id, e))
@@ -135,7 +137,7 @@ class AttendClient:
         address = self._addresses.get(memserver_id)
         if address is None:
             raise MemserverLost(memserver_id, "address unknown")
-        message, frames, out, lse = self._request(call)
+        message, frames, out, lse = self._request(memserver_id, call)
         conn = await self._node.pool.get(address)
         await conn.request(message, frames, into=[out, lse], timeout=self._timeout)
         return out, lse

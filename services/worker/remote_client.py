@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import aiohttp
 import structlog
@@ -66,10 +67,19 @@ class RemoteKVClient:
         self._addresses: dict[str, str] = {}
         self._lost: set[str] = set()
         self._lock = threading.Lock()
+        # Our epoch on each memory server (services.memserver.messages). Starting at our start time
+        # fences off whatever a predecessor under the same owner id left; it is raised when we write
+        # a server's blocks off (it was lost: the engine recomputed our sequences there), and the
+        # server frees them once it hears the new epoch: our next store there, or the write-off
+        # sent as soon as the router lists it again (it may only have been silent a while).
+        self._epoch_base = time.time_ns()
+        self._epochs: dict[str, int] = {}
+        self._written_off: set[str] = set()  # raised epochs the server has not acknowledged yet
+        self._writing_off: dict[str, asyncio.Task] = {}
         # A generous deadline: a prefill chunk over many blocks can take seconds on a CPU memserver;
         # a dead or silent one is caught by the transport's liveness pings.
         self._attention = AttendClient(loop, node, self.owner, self._addresses, self._mark_lost, 6 * timeout_s,
-                                       lane=attention_lane)
+                                       lane=attention_lane, epoch_of=self.epoch_of)
 
     def configure(self, geometry: dict) -> None:
         """The model's KV geometry, known once the engine has loaded it."""
@@ -82,6 +92,10 @@ class RemoteKVClient:
         self._addresses.update(kv.get("memservers", {}))
         for memserver_id in kv.get("leaving", []):
             self._mark_lost(memserver_id, "leaving")  # move off it: recompute what lives there
+        with self._lock:
+            due = [m for m in self._written_off if m in kv.get("memservers", {}) and m not in self._writing_off]
+        for memserver_id in due:
+            self._writing_off[memserver_id] = self._loop.create_task(self._write_off(memserver_id))
 
     async def refresh(self) -> None:
         """Ask the router now (a request is about to be refused for lack of room)."""
@@ -106,7 +120,18 @@ class RemoteKVClient:
     def lost_memservers(self) -> set[str]:
         with self._lock:
             lost, self._lost = self._lost, set()
+            for memserver_id in lost:  # the engine recomputes every sequence there: write our blocks off
+                self._epochs[memserver_id] = max(self.epoch_of(memserver_id) + 1, time.time_ns())
+                self._written_off.add(memserver_id)
         return lost
+
+    def epoch_of(self, memserver_id: str) -> int:
+        return self._epochs.get(memserver_id, self._epoch_base)
+
+    def _acknowledged(self, memserver_id: str, epoch: int) -> None:
+        with self._lock:
+            if self.epoch_of(memserver_id) == epoch:
+                self._written_off.discard(memserver_id)
 
     def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
         future = asyncio.run_coroutine_threadsafe(self._spill(request_id, kv, start_token, near), self._loop)
@@ -146,9 +171,10 @@ class RemoteKVClient:
             for grant in grants:
                 n = grant["num_blocks"]
                 self._addresses[grant["memserver_id"]] = grant["address"]
+                epoch = self.epoch_of(grant["memserver_id"])
                 try:
                     conn = await self._node.pool.get(grant["address"])
-                    reply = await conn.request(StoreBlocks(self.owner, n), [f[done:done + n] for f in layer_kv],
+                    reply = await conn.request(StoreBlocks(self.owner, n, epoch), [f[done:done + n] for f in layer_kv],
                                                timeout=self._timeout)
                 except _TRANSPORT_ERRORS as e:
                     log.warning("store_refused", request_id=request_id, memserver=grant["memserver_id"], error=str(e))
@@ -156,21 +182,22 @@ class RemoteKVClient:
                     await self._ledger.settle(grant["reservation_id"], 0, isinstance(e, PeerUnreachable))
                     continue
                 await self._ledger.settle(grant["reservation_id"], n)
+                self._acknowledged(grant["memserver_id"], epoch)  # the store's epoch fenced off older blocks
                 spans.append(RemoteSpan(grant["memserver_id"], tuple(reply.message.block_ids),
-                                        start_token + done * self._block_size))
+                                        start_token + done * self._block_size, epoch))
                 done += n
         return spans
 
     async def _release(self, spans: list[RemoteSpan]) -> None:
-        by_server: dict[str, list[int]] = {}
+        by_server: dict[tuple[str, int], list[int]] = {}
         for span in spans:
-            by_server.setdefault(span.memserver_id, []).extend(span.block_ids)
-        for memserver_id, block_ids in sorted(by_server.items()):
+            by_server.setdefault((span.memserver_id, span.epoch), []).extend(span.block_ids)
+        for (memserver_id, epoch), block_ids in sorted(by_server.items()):
             address = self._addresses.get(memserver_id)
             try:
                 if address is not None:
                     conn = await self._node.pool.get(address)
-                    await conn.request(FreeBlocks(self.owner, tuple(block_ids)), timeout=self._timeout)
+                    await conn.request(FreeBlocks(self.owner, tuple(block_ids), epoch), timeout=self._timeout)
             except _TRANSPORT_ERRORS as e:  # a dead server's blocks are gone anyway
                 log.info("free_failed", memserver=memserver_id, num_blocks=len(block_ids), error=str(e))
             try:
@@ -178,13 +205,30 @@ class RemoteKVClient:
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("repay_failed", memserver=memserver_id, error=repr(e))
 
+    async def _write_off(self, memserver_id: str) -> None:
+        """Tell a server we wrote off (and that the router lists again) that our blocks there of
+        older epochs are garbage: a free of no blocks under the new epoch is the fence alone."""
+        epoch = self.epoch_of(memserver_id)
+        try:
+            conn = await self._node.pool.get(self._addresses[memserver_id])
+            await conn.request(FreeBlocks(self.owner, (), epoch), timeout=self._timeout)
+        except _TRANSPORT_ERRORS as e:  # still unreachable: the next heartbeat tries again
+            log.info("write_off_failed", memserver=memserver_id, error=str(e))
+            return
+        finally:
+            self._writing_off.pop(memserver_id, None)
+        self._acknowledged(memserver_id, epoch)
+        log.info("blocks_written_off", memserver=memserver_id, epoch=epoch)
+
     async def close(self) -> None:
         """Free everything we hold everywhere (clean shutdown, once the engine stopped stepping)."""
+        for task in list(self._writing_off.values()):
+            task.cancel()
         await self._attention.close()
         for memserver_id, address in sorted(self._addresses.items()):
             try:
                 conn = await self._node.pool.get(address)
-                await conn.request(FreeOwner(self.owner), timeout=2.0)
+                await conn.request(FreeOwner(self.owner, self.epoch_of(memserver_id)), timeout=2.0)
             except _TRANSPORT_ERRORS:
                 pass
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import aiohttp
 import pytest
@@ -46,6 +47,51 @@ async def test_memserver_killed_mid_stream_streams_complete_identically(tmp_path
         assert texts == expected
         wait_for(lambda: _memserver_ids(cluster) and victims[0].name not in _memserver_ids(cluster),
                  15, "the router to drop the dead memserver")
+        cluster.wait_zero_used_blocks()
+
+
+async def test_a_memserver_frozen_mid_stream_is_lost_like_a_dead_one(tmp_path):
+    """SIGSTOP (a hung host, a stalled network) past the transport's peer timeout: the streams
+    complete identically (recomputed elsewhere), and once it answers again nothing stays held."""
+    prompts = [_prompt(900 + 100 * i, seed=70 + i) for i in range(3)]
+    expected = await asyncio.to_thread(offline_texts, prompts, 40)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=2,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        frozen = []
+        try:
+            texts = await _streams_around(cluster, prompts, 40, 6,
+                                          lambda m: (frozen.append(m), m.popen.send_signal(signal.SIGSTOP)))
+            assert texts == expected
+        finally:
+            for m in frozen:
+                m.popen.send_signal(signal.SIGCONT)
+        wait_for(lambda: frozen[0].name in _memserver_ids(cluster), 30, "the thawed memserver to be listed again")
+        cluster.wait_zero_used_blocks(timeout=15)
+
+
+async def test_blocks_written_off_on_a_frozen_memserver_are_freed_once_it_answers(tmp_path):
+    """The worker gives a silent memserver up (its sequence fails: no room left elsewhere) while
+    the server still holds the blocks. When it answers again, the worker's write-off (a newer
+    epoch) frees them; before, they stayed held for a live owner for good."""
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        memserver = cluster.memservers[0]
+        body = {"model": "tiny", "prompt": _prompt(1500, seed=80), "max_tokens": 2000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(cluster.router.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+                    await asyncio.to_thread(wait_for, lambda: worker_stats(memserver)["num_used_blocks"] > 0, 120,
+                                            "blocks to spill")
+                    memserver.popen.send_signal(signal.SIGSTOP)
+                    events = await resp.read()
+            assert b"the cluster lost KV capacity" in events  # 32 local blocks cannot hold 1500 tokens
+            await asyncio.sleep(5)  # the worker's write-offs fail meanwhile; its connections give up
+        finally:
+            memserver.popen.send_signal(signal.SIGCONT)
+        wait_for(lambda: worker_stats(memserver)["num_used_blocks"] == 0, 20,
+                 "the thawed memserver to free the written-off blocks")
         cluster.wait_zero_used_blocks()
 
 
@@ -118,11 +164,39 @@ async def test_memserver_refuses_another_owners_blocks(tmp_path):
                 await alice.request(FreeBlocks("bob", alice_blocks))
             await _attend_checks(alice, bob, alice_blocks)
             assert (await alice.request(FreeBlocks("alice", alice_blocks))).message.num_blocks == 2
+            await _epoch_checks(alice, frame, cluster.memservers[0])
             await alice.close()
             await bob.close()
         finally:
             await node.close()
         cluster.wait_zero_used_blocks()
+
+
+async def _epoch_checks(alice, frame, memserver) -> None:
+    """Epochs fence (services.memserver.messages): a newer one frees what the owner left under older
+    ones; messages of an older one never touch blocks handed out since, even under the same ids."""
+    import torch
+
+    from transport.errors import RemoteError
+
+    def used() -> int:
+        return worker_stats(memserver)["num_used_blocks"]
+
+    kv = [torch.ones(frame)] * 8
+    old_blocks = (await alice.request(StoreBlocks("alice", 2, epoch=5), kv)).message.block_ids
+    assert used() == 2
+    assert (await alice.request(FreeBlocks("alice", (), epoch=6))).message.num_blocks == 0  # the fence alone
+    assert used() == 0
+    with pytest.raises(RemoteError, match="stale_epoch"):
+        await alice.request(StoreBlocks("alice", 2, epoch=5), kv)
+    new_blocks = (await alice.request(StoreBlocks("alice", 2, epoch=6), kv)).message.block_ids
+    assert new_blocks == old_blocks  # the same ids again: what a late free of the old epoch would hit
+    assert (await alice.request(FreeBlocks("alice", old_blocks, epoch=5))).message.num_blocks == 0
+    tables, seq_lens = attend_layout([list(new_blocks)], [32], [1])
+    with pytest.raises(RemoteError, match="stale_epoch"):
+        await alice.request(Attend("alice", 0, 8, 0.2, "float32", 1, 1, 2, epoch=5), [torch.ones(1, 8, 32), tables, seq_lens])
+    assert used() == 2
+    assert (await alice.request(FreeBlocks("alice", new_blocks, epoch=6))).message.num_blocks == 2
 
 
 async def _attend_checks(alice, bob, alice_blocks) -> None:

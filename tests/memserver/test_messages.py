@@ -24,8 +24,8 @@ def test_layout_pads_tables_and_counts_blocks():
 def test_header_round_trips_and_the_old_version_is_refused():
     env = Envelope(Kind.REQUEST, 3, MSG, MSG.frame_sizes(32, 4))
     assert decode(encode(env), **LIMITS) == env
-    raw = encode(env).replace(b"\xa1v\x02", b"\xa1v\x01")  # version 1 carried the tables in msgpack
-    with pytest.raises(WireDecodeError, match="unsupported version 1"):
+    raw = encode(env).replace(b"\xa1v\x03", b"\xa1v\x02")  # version 2 carried no epoch
+    with pytest.raises(WireDecodeError, match="unsupported version 2"):
         decode(raw, **LIMITS)
 
 

@@ -11,8 +11,8 @@ import threading
 import pytest
 import torch
 
-from services.memserver.messages import Attend, attend_layout
-from services.worker.engine.remote import AttentionCall, MemserverLost
+from services.memserver.messages import Attend, FreeBlocks, attend_layout
+from services.worker.engine.remote import AttentionCall, MemserverLost, RemoteSpan
 from services.worker.remote_client import RemoteKVClient
 from transport.client import Reply
 from transport.errors import PeerUnreachable, RemoteError
@@ -62,6 +62,9 @@ class FakeNode:
 class FakeLedger:
     owner = "w0"
 
+    async def repay(self, memserver_id, num_blocks):
+        pass
+
 
 @pytest.fixture
 def loop():
@@ -87,10 +90,11 @@ def _call(layer: int = 2) -> AttentionCall:
 
 def test_reply_lands_in_fresh_buffers_and_the_header_describes_the_frames(loop):
     conn = FakeConnection("ok")
-    out, lse = _client(loop, conn).submit_attention([("ms0", _call())])[0].result(timeout=5)
+    client = _client(loop, conn)
+    out, lse = client.submit_attention([("ms0", _call())])[0].result(timeout=5)
     assert torch.equal(out, torch.full((1, 2, 4), 2.0)) and lse.dtype == torch.float32
     message, frames = conn.sent[0]
-    assert message == Attend("w0", 2, 2, 0.5, "float32", 1, 1, 2)
+    assert message == Attend("w0", 2, 2, 0.5, "float32", 1, 1, 2, client.epoch_of("ms0"))
     message.check_frames(tuple(f.numel() * f.element_size() for f in frames), head_dim=4, q_itemsize=4)
 
 
@@ -179,3 +183,47 @@ def test_a_spill_reports_a_creditor_it_could_not_reach_and_stores_elsewhere(loop
     (span,) = client.spill("req-1", kv, start_token=32)
     assert span.memserver_id == "ms1" and len(span.block_ids) == 3 and span.start_token == 32
     assert ledger.settled == [("ms0", 0, unreachable), ("ms1", 3, False)]
+
+
+class RecordingConnection:
+    def __init__(self):
+        self.sent = []
+
+    async def request(self, message, frames=(), *, timeout):
+        self.sent.append(message)
+        return Reply(types.SimpleNamespace(num_blocks=0), [])
+
+
+def test_a_lost_memserver_is_written_off_under_a_newer_epoch_once_the_router_lists_it(loop):
+    # The engine recomputed our sequences there: their blocks are garbage. A late free of theirs
+    # keeps the old epoch (the server ignores it once it heard the new one); the write-off is an
+    # empty free of the new epoch, sent when the server is listed again, and only until it is heard.
+    conn = RecordingConnection()
+    node = types.SimpleNamespace(pool=types.SimpleNamespace(get=lambda address: _ready(conn)))
+    client = RemoteKVClient(loop, node, FakeLedger(), attention_lane=False)
+    old = client.epoch_of("ms0")
+    client._mark_lost("ms0", "peer silent for 1.0 s")
+    assert client.lost_memservers() == {"ms0"}
+    new = client.epoch_of("ms0")
+    assert new > old and client.epoch_of("ms1") == old
+
+    def heartbeat():
+        asyncio.run_coroutine_threadsafe(_update(client, {"memservers": {"ms0": "ms0:1"}}), loop).result(5)
+
+    heartbeat()
+    assert conn.sent == [FreeBlocks("w0", (), new)]
+    heartbeat()  # acknowledged: not sent again
+    assert conn.sent == [FreeBlocks("w0", (), new)]
+    client.release([RemoteSpan("ms0", (3, 4), 0, old)])
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0.1), loop).result(5)
+    assert conn.sent[1] == FreeBlocks("w0", (3, 4), old)
+
+
+async def _ready(value):
+    return value
+
+
+async def _update(client, kv):
+    client.update(kv)
+    for _ in range(10):  # let the write-off task run
+        await asyncio.sleep(0.01)

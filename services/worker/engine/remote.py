@@ -32,6 +32,7 @@ class RemoteSpan:
     memserver_id: str
     block_ids: tuple[int, ...]
     start_token: int  # the span covers [start_token, start_token + len(block_ids) * block_size)
+    epoch: int = 0  # our epoch on that server when stored (its free carries it)
 
 
 @dataclass(frozen=True, slots=True)
