@@ -68,6 +68,10 @@ class MemoryService:
         self._epochs[owner] = epoch
         return True
 
+    def _require_current(self, owner: str, epoch: int) -> None:
+        if not self._fence(owner, epoch):
+            raise StaleEpoch(f"epoch {epoch} of {owner} is stale; its blocks here were written off")
+
     def session_closed(self, peer: str) -> None:
         owner = self._owner_of.pop(peer, None)
         if owner is not None and owner not in self._owner_of.values():
@@ -87,8 +91,7 @@ class MemoryService:
         if self.leaving:
             raise Leaving("this memory server is leaving; borrow elsewhere")
         self._bind(request, msg.owner)
-        if not self._fence(msg.owner, msg.epoch):
-            raise StaleEpoch(f"epoch {msg.epoch} of {msg.owner} is stale; its blocks here were written off")
+        self._require_current(msg.owner, msg.epoch)
         num_frames = 2 * self.pool.geometry.num_layers
         if len(request.frame_sizes) != num_frames:
             raise PoolError(f"a store carries {num_frames} frames (K and V of each layer), got {len(request.frame_sizes)}")
@@ -106,8 +109,7 @@ class MemoryService:
     async def attend(self, request: Request) -> Reply:
         msg: Attend = request.message
         self._bind(request, msg.owner)
-        if not self._fence(msg.owner, msg.epoch):
-            raise StaleEpoch(f"epoch {msg.epoch} of {msg.owner} is stale; its blocks here were written off")
+        self._require_current(msg.owner, msg.epoch)
         geo, kv = self.pool.geometry, self.pool.kv
         if msg.q_dtype != geo.dtype:
             raise BadAttend(f"q is {msg.q_dtype}; this pool holds {geo.dtype} KV")
