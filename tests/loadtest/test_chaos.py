@@ -1,0 +1,30 @@
+"""The chaos scenario's verdicts: what counts as a correct answer while processes die."""
+
+import pytest
+
+from loadtest.scenarios.chaos import _body, _classify
+
+
+@pytest.mark.parametrize("outcome,detail,verdict", [
+    ("ok", "the same text", "ok"),
+    ("ok", "the same tex", "MISMATCH"),  # one token short or different: a wrong answer
+    ("cut", "", "cut"),
+    ("error_event", "generation failed: the cluster lost KV capacity: this sequence needs 2224 tokens",
+     "told: lost KV capacity"),
+    ("error_event", "generation failed: engine process died: exited with status -9", "told: engine process died"),
+    ("error_event", "generation failed: boom", "BAD error_event"),
+    ("http", "400 context_length_exceeded", "refused: 400 context_length_exceeded"),
+    ("http", "503 no_worker_available", "refused: 503 no_worker_available"),
+    ("http", "503 engine_unavailable", "BAD http"),  # the router should have tried the other worker
+    ("http", "500 internal_error", "BAD http"),
+    ("eof", "partial", "BAD eof"),
+    ("exception", "ServerDisconnectedError()", "BAD exception"),
+])
+def test_verdicts(outcome, detail, verdict):
+    assert _classify(outcome, detail, "the same text") == verdict
+
+
+def test_requests_are_reproducible_and_mix_greedy_and_seeded_sampling():
+    assert _body(4, 24) == _body(4, 24)
+    assert len(_body(3, 24)["prompt"]) == 1500 and _body(3, 24)["temperature"] == 0
+    assert _body(4, 24)["seed"] == 1004 and _body(5, 24)["top_k"] == 40
