@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,22 +108,48 @@ def _run_chat(url: str, max_tokens: int | None) -> int:
     return chat.main(chat_args)
 
 
+def _tend(cluster: LocalCluster, budget: RestartBudget) -> bool:
+    """Replace the workers and memservers that died (services.launch.supervisor); False when the
+    cluster must stop instead: the router died, or a kind of process crash-loops."""
+    for dead in [c for c in cluster.children if not c.alive]:
+        status = dead.popen.returncode
+        if dead.kind == "router" or not budget.allow(dead.kind):
+            why = "" if dead.kind == "router" else (
+                f" ({budget.max_restarts} {dead.kind}s already replaced in the last {budget.window_s:.0f} s)")
+            print(f"kvmesh up: {dead.name} exited with status {status}{why}; stopping the cluster\n"
+                  f"last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr, flush=True)
+            return False
+        new = cluster.replace(dead)
+        print(f"kvmesh up: {dead.name} exited with status {status} (log {dead.log_path}); "
+              f"started {new.name} in its place", file=sys.stderr, flush=True)
+    return True
+
+
 def _watch(cluster: LocalCluster, budget: RestartBudget) -> int:
-    """Until a signal (StopRequested), or the router dies or a kind of process crash-loops (1).
-    A worker or memserver that dies is replaced (services.launch.supervisor)."""
-    while True:
-        for dead in [c for c in cluster.children if not c.alive]:
-            status = dead.popen.returncode
-            if dead.kind == "router" or not budget.allow(dead.kind):
-                why = "" if dead.kind == "router" else (
-                    f" ({budget.max_restarts} {dead.kind}s already replaced in the last {budget.window_s:.0f} s)")
-                print(f"kvmesh up: {dead.name} exited with status {status}{why}; stopping the cluster\n"
-                      f"last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr)
-                return 1
-            new = cluster.replace(dead)
-            print(f"kvmesh up: {dead.name} exited with status {status} (log {dead.log_path}); "
-                  f"started {new.name} in its place", file=sys.stderr, flush=True)
+    """Until a signal (StopRequested), or until the cluster must stop (1)."""
+    while _tend(cluster, budget):
         time.sleep(0.5)
+    return 1
+
+
+def _chat_tended(cluster: LocalCluster, budget: RestartBudget, max_tokens: int | None) -> int:
+    """The chat in the foreground while a thread tends the cluster; 1 if it had to give up."""
+    stop, gave_up = threading.Event(), threading.Event()
+
+    def tend() -> None:
+        while not stop.wait(0.5):
+            if not _tend(cluster, budget):
+                gave_up.set()
+                return
+
+    tender = threading.Thread(target=tend, name="kvmesh-up-tender", daemon=True)
+    tender.start()
+    try:
+        rc = _run_chat(cluster.url, max_tokens)
+    finally:
+        stop.set()
+        tender.join()  # before the cluster stops: nothing is replaced while it stops
+    return 1 if gave_up.is_set() else rc
 
 
 def main(args: argparse.Namespace) -> int:
@@ -143,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         cluster.start()
         print(summary(cluster, time.monotonic() - start), flush=True)
         if args.chat:
-            rc = _run_chat(cluster.url, args.chat_max_tokens)
+            rc = _chat_tended(cluster, RestartBudget(), args.chat_max_tokens)
         else:
             print("  Ctrl-C stops the cluster.", flush=True)
             rc = _watch(cluster, RestartBudget())

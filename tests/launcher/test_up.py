@@ -131,3 +131,22 @@ def test_up_replaces_a_dead_memserver_and_worker_and_keeps_serving(tmp_path):
     assert "memserver0 exited with status -9" in err and "started memserver1 in its place" in err
     assert "worker0 exited with status -9" in err and "started worker0-2 in its place" in err
     assert "non-zero" not in err  # the replacements drained and exited cleanly on Ctrl-C
+
+
+def test_up_chat_keeps_its_cluster_whole_while_the_user_chats(tmp_path):
+    # The main job (`kvmesh up --chat`) replaces a dead memserver too; the chat goes on.
+    proc = start_up(tmp_path, "--memservers", "1", "--memserver-capacity", "4MiB", "--worker-kv-blocks", "64",
+                    "--worker-threads", "1", "--stop-timeout", "20", "--port", "0", "--chat",
+                    "--chat-max-tokens", "8", stdin=subprocess.PIPE)
+    with cleanup(proc, tmp_path):
+        manifest = wait_manifest(proc, tmp_path)
+        memserver0 = next(p["pid"] for p in manifest["processes"] if p["name"] == "memserver0")
+        os.killpg(memserver0, signal.SIGKILL)
+        _wait_cluster(proc, manifest["url"], lambda c: [m["memserver_id"] for m in c["memservers"]] == ["memserver1"],
+                      timeout=60)
+        out, err = proc.communicate("hello there\nand again\n", timeout=240)
+        assert proc.returncode == 0, err
+        latest = json.loads((tmp_path / "cluster.json").read_text())
+        assert wait_gone([memserver0, *(p["pid"] for p in latest["processes"])]) == []
+    assert "started memserver1 in its place" in err
+    assert err.count("tok/s]") == 2  # both questions answered
