@@ -109,18 +109,14 @@ def _run_chat(url: str, max_tokens: int | None) -> int:
 
 
 def _tend(cluster: LocalCluster, budget: RestartBudget) -> bool:
-    """Replace the workers and memservers that died (services.launch.supervisor); False when the
-    cluster must stop instead: the router died, or a kind of process crash-loops."""
-    for dead in [c for c in cluster.children if not c.alive]:
-        status = dead.popen.returncode
-        if dead.kind == "router" or not budget.allow(dead.kind):
-            why = "" if dead.kind == "router" else (
-                f" ({budget.max_restarts} {dead.kind}s already replaced in the last {budget.window_s:.0f} s)")
-            print(f"kvmesh up: {dead.name} exited with status {status}{why}; stopping the cluster\n"
-                  f"last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr, flush=True)
-            return False
-        new = cluster.replace(dead)
-        print(f"kvmesh up: {dead.name} exited with status {status} (log {dead.log_path}); "
+    """Replace the workers and memservers that died; False when the cluster must stop instead."""
+    try:
+        replaced = cluster.replace_dead(budget)
+    except ClusterError as e:
+        print(f"kvmesh up: {e}", file=sys.stderr, flush=True)
+        return False
+    for dead, new in replaced:
+        print(f"kvmesh up: {dead.name} exited with status {dead.popen.returncode} (log {dead.log_path}); "
               f"started {new.name} in its place", file=sys.stderr, flush=True)
     return True
 

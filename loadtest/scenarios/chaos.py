@@ -30,6 +30,8 @@ from loadtest import report
 from loadtest.cluster_check import check_zero_used_blocks
 from loadtest.scenarios.common import add_cluster_arguments, local_cluster
 from services.launch.cluster import LocalCluster
+from services.launch.procs import Child
+from services.launch.supervisor import RestartBudget
 from services.runtime.auth import DEV_CLUSTER_TOKEN
 
 PROMPT_LENS = (20, 300, 900, 1500, 2200)
@@ -96,8 +98,8 @@ def _classify(outcome: str, detail: str, reference: str) -> str:
     return "BAD " + outcome
 
 
-def _fault(cluster: LocalCluster, rng: random.Random) -> str:
-    """One fault now; returns what it was. SIGSTOP'ed servers get SIGCONT from the caller."""
+def _fault(cluster: LocalCluster, rng: random.Random) -> tuple[str, Child | None]:
+    """One fault now: what it was, and the memserver it froze (the caller continues it)."""
     memservers = [m for m in cluster.memservers if m.alive]
     kind = rng.choice(["kill", "kill", "freeze", "term", "kill-engine"])
     if kind == "kill-engine":
@@ -105,33 +107,30 @@ def _fault(cluster: LocalCluster, rng: random.Random) -> str:
         engines = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
         for pid in engines:
             os.kill(int(pid), signal.SIGKILL)
-        return f"kill -9 the engine of {worker.name}"
+        return f"kill -9 the engine of {worker.name}", None
     if len(memservers) < 2:  # keep one, or every long request fails by construction
-        return "none (one memserver left)"
+        return "none (one memserver left)", None
     victim = rng.choice(memservers)
     victim.signal_group({"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "term": signal.SIGTERM}[kind])
-    return f"{kind} {victim.name}"
+    return f"{kind} {victim.name}", victim if kind == "freeze" else None
 
 
 async def _chaos(cluster: LocalCluster, args: argparse.Namespace, stop_at: float, log: list[str]) -> None:
     rng = random.Random(args.seed)
-    frozen = []
     while time.monotonic() < stop_at - 10:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * args.fault_every)
-        what = await asyncio.to_thread(_fault, cluster, rng)
+        what, frozen = await asyncio.to_thread(_fault, cluster, rng)
         log.append(what)
         print(f"  {time.strftime('%X')} fault: {what}", flush=True)
-        if what.startswith("freeze"):
-            frozen = [m for m in cluster.memservers if m.name == what.split()[1]]
+        if frozen is not None:
             await asyncio.sleep(rng.uniform(2, 6))  # past the transport's 1 s peer timeout
-            for m in frozen:
-                m.signal_group(signal.SIGCONT)
+            frozen.signal_group(signal.SIGCONT)
 
 
 async def _replace_the_dead(cluster: LocalCluster, stop: asyncio.Event, log: list[str]) -> None:
+    budget = RestartBudget(max_restarts=1000)  # faults come on purpose here: no crash-loop guard
     while not stop.is_set():
-        for dead in [c for c in cluster.children if not c.alive and c.kind != "router"]:
-            new = await asyncio.to_thread(cluster.replace, dead)
+        for dead, new in await asyncio.to_thread(cluster.replace_dead, budget):
             log.append(f"{dead.name} replaced by {new.name}")
             print(f"  {time.strftime('%X')} {dead.name} exited ({dead.popen.returncode}); {new.name} started",
                   flush=True)

@@ -14,6 +14,7 @@ from services.launch import probe
 from services.launch.config import LaunchConfig
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
 from services.launch.progress import Progress
+from services.launch.supervisor import RestartBudget
 from services.runtime.host import default_logits_threads, default_num_threads
 from services.launch.view import ClusterView
 
@@ -160,6 +161,20 @@ class LocalCluster:
         self.write_manifest()
         return child
 
+    def replace_dead(self, budget: RestartBudget) -> list[tuple[Child, Child]]:
+        """Replace every worker and memserver that died: (dead, replacement) pairs. ClusterError,
+        with the log tail, when the cluster must stop instead: its router died, or one kind of
+        process crash-loops (services.launch.supervisor)."""
+        replaced = []
+        for dead in [c for c in self.children if not c.alive]:
+            if dead.kind == "router" or not budget.allow(dead.kind):
+                why = "" if dead.kind == "router" else (
+                    f" ({budget.max_restarts} {dead.kind}s already replaced in the last {budget.window_s:.0f} s)")
+                raise ClusterError(f"{dead.name} exited with status {dead.popen.returncode}{why}; "
+                                   f"last lines of {dead.log_path}:\n{dead.log_tail()}")
+            replaced.append((dead, self.replace(dead)))
+        return replaced
+
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> int:
         """Stop one child abruptly (a memserver failing under load); its exit status."""
         child.signal_group(sig)
@@ -168,9 +183,6 @@ class LocalCluster:
     # ---- run / stop --------------------------------------------------------------------------
     def view(self) -> ClusterView:
         return probe.cluster_view(self.url, self.config.cluster_token, [w.url for w in self.workers if w.alive])
-
-    def first_dead(self) -> Child | None:
-        return next((c for c in self.children if not c.alive), None)
 
     def stop(self) -> dict[str, int]:
         """Workers first (they drain and deregister), then memservers, then the router."""
