@@ -144,7 +144,16 @@ def test_up_chat_keeps_its_cluster_whole_while_the_user_chats(tmp_path):
         os.killpg(memserver0, signal.SIGKILL)
         _wait_cluster(proc, manifest["url"], lambda c: [m["memserver_id"] for m in c["memservers"]] == ["memserver1"],
                       timeout=60)
-        out, err = proc.communicate("hello there\nand again\n", timeout=240)
+        proc.stdin.write("hello there\n")
+        proc.stdin.flush()
+        err = ""
+        while "tok/s]" not in err:  # the answer's summary line
+            line = proc.stderr.readline()
+            assert line, f"kvmesh up ended before answering:\n{err}"
+            err += line
+        assert probe.wait_zero_used_blocks(manifest["url"], DEV_CLUSTER_TOKEN).num_used_blocks == 0
+        out, rest = proc.communicate("and again\n", timeout=240)
+        err += rest
         assert proc.returncode == 0, err
         latest = json.loads((tmp_path / "cluster.json").read_text())
         assert wait_gone([memserver0, *(p["pid"] for p in latest["processes"])]) == []
