@@ -68,7 +68,8 @@ async def benchmark(config: BenchConfig) -> tuple[dict, dict[str, list[RequestRe
         return await compare(config)
     async with open_session(config.api_key, limit=0) as session:
         target = await resolve_target(session, config.url, config.model, "A")
-        prompts = await detect(session, target.base, target.model, config.prompt_format, config.load.seed)
+        prompts = await detect(session, target.base, target.model, config.prompt_format, config.load.seed,
+                               config.workload.shared_prefix_len)
         results, wall_s = await run_load(session, target, config.workload, prompts, config.load, config.options)
     summary = await _finish(summarize(results, wall_s, config.slo), target, config)
     report = {"config": _config_json(config), "target": asdict(target), "prompt_format": prompts.format.value,
@@ -86,7 +87,8 @@ async def compare(config: BenchConfig) -> tuple[dict, dict[str, list[RequestResu
     async with open_session(config.api_key, limit=0) as session:
         targets = [await resolve_target(session, config.url, config.model, "A"),
                    await resolve_target(session, config.compare_url, config.model, "B")]
-        builders: list[PromptBuilder] = [await detect(session, t.base, t.model, config.prompt_format, load.seed)
+        builders: list[PromptBuilder] = [await detect(session, t.base, t.model, config.prompt_format, load.seed,
+                                                      config.workload.shared_prefix_len)
                                          for t in targets]
         results: dict[str, list[RequestResult]] = {t.label: [] for t in targets}
         walls = {t.label: 0.0 for t in targets}

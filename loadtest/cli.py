@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument("--output-len", type=int, default=128, help="output tokens (fixed) or the median (chat)")
     wl.add_argument("--long-context-len", type=int, default=8192, help="prompt tokens of the long requests")
     wl.add_argument("--long-fraction", type=float, default=0.1, help="share of long requests (long-context)")
+    wl.add_argument("--shared-prefix-len", type=int, default=0,
+                    help="every prompt starts with the same this many tokens (a shared system prompt or document)")
     wl.add_argument("--prompt-format", choices=[f.value for f in PromptFormat], default="auto",
                     help="token-id prompts (exact lengths) or calibrated text; auto: tokens if the server takes them")
     wl.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (strict OpenAI servers)")
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         url=args.url, model=args.model, api_key=args.api_key,
         workload=Workload(WorkloadKind(args.workload), args.input_len, args.output_len, args.long_context_len,
-                          args.long_fraction, seed=args.seed),
+                          args.long_fraction, seed=args.seed, shared_prefix_len=args.shared_prefix_len),
         load=Load(args.concurrency, args.request_rate, num_requests, args.duration, seed=args.seed),
         options=RunOptions(ignore_eos=not args.no_ignore_eos, timeout_s=args.timeout,
                            show_progress=not args.no_progress),

@@ -21,19 +21,27 @@ class PromptFormat(enum.Enum):
 
 
 class PromptBuilder:
-    def __init__(self, fmt: PromptFormat, words_per_token: float = 1.0, seed: int = 0):
+    def __init__(self, fmt: PromptFormat, words_per_token: float = 1.0, seed: int = 0, shared_prefix_len: int = 0):
+        """shared_prefix_len: every prompt starts with the same this many tokens (a shared system
+        prompt or document, what prefix caching serves); the rest differs from prompt to prompt."""
         if fmt is PromptFormat.AUTO:
             raise ValueError("resolve PromptFormat.AUTO with detect() first")
         self.format = fmt
         self.words_per_token = words_per_token
         self.seed = seed
+        self.shared_prefix_len = shared_prefix_len
 
     def build(self, index: int, num_tokens: int) -> list[int] | str:
+        shared = min(self.shared_prefix_len, num_tokens)
+        head = random.Random(self.seed * 7_919 - 1)  # the same for every prompt
         rng = random.Random(self.seed * 7_919 + index)  # distinct prompts: no accidental prefix sharing
         if self.format is PromptFormat.TOKENS:
-            return [rng.randrange(*TOKEN_ID_RANGE) for _ in range(num_tokens)]
+            return ([head.randrange(*TOKEN_ID_RANGE) for _ in range(shared)]
+                    + [rng.randrange(*TOKEN_ID_RANGE) for _ in range(num_tokens - shared)])
+        num_shared = round(shared * self.words_per_token)
         num_words = max(1, round(num_tokens * self.words_per_token))
-        return " ".join(rng.choice(WORDS) for _ in range(num_words))
+        words = [head.choice(WORDS) for _ in range(num_shared)] + [rng.choice(WORDS) for _ in range(num_words - num_shared)]
+        return " ".join(words)
 
 
 async def _probe(session: aiohttp.ClientSession, base: str, model: str, prompt) -> dict | None:
@@ -44,13 +52,13 @@ async def _probe(session: aiohttp.ClientSession, base: str, model: str, prompt) 
 
 
 async def detect(session: aiohttp.ClientSession, base: str, model: str, fmt: PromptFormat,
-                 seed: int = 0) -> PromptBuilder:
+                 seed: int = 0, shared_prefix_len: int = 0) -> PromptBuilder:
     """Token-id prompts when asked or when the server takes them; else text calibrated on usage."""
     if fmt in (PromptFormat.AUTO, PromptFormat.TOKENS):
         if fmt is PromptFormat.TOKENS or await _probe(session, base, model, list(range(1000, 1008))):
-            return PromptBuilder(PromptFormat.TOKENS, seed=seed)
+            return PromptBuilder(PromptFormat.TOKENS, seed=seed, shared_prefix_len=shared_prefix_len)
     num_words = 200
     sample = PromptBuilder(PromptFormat.TEXT, 1.0, seed).build(0, num_words)
     payload = await _probe(session, base, model, sample)
     num_tokens = ((payload or {}).get("usage") or {}).get("prompt_tokens") or num_words
-    return PromptBuilder(PromptFormat.TEXT, num_words / num_tokens, seed)
+    return PromptBuilder(PromptFormat.TEXT, num_words / num_tokens, seed, shared_prefix_len)

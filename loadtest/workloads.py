@@ -32,10 +32,13 @@ class Workload:
     long_fraction: float = 0.1
     max_input_len: int = 4096  # cap for the chat distribution's tail
     seed: int = 0
+    shared_prefix_len: int = 0  # every prompt starts with the same this many tokens (prompts.PromptBuilder)
 
     def __post_init__(self) -> None:
         if self.input_len < 1 or self.output_len < 1 or self.long_context_len < 1:
             raise ValueError("input_len, output_len and long_context_len must be >= 1")
+        if self.shared_prefix_len < 0:
+            raise ValueError(f"shared_prefix_len must be >= 0, got {self.shared_prefix_len}")
         if not 0.0 <= self.long_fraction <= 1.0:
             raise ValueError(f"long_fraction must be in [0, 1], got {self.long_fraction}")
 

@@ -112,6 +112,8 @@ class LocalCluster:
             args += ["--served-model-name", c.served_model_name]
         if c.worker_kv_blocks is not None:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
+        if not c.enable_prefix_caching:
+            args += ["--no-enable-prefix-caching"]
         # Workers of one host share its cores (default_num_threads leaves one spare).
         threads = c.worker_threads if c.worker_threads is not None else default_num_threads(c.num_workers)
         args += ["--num-threads", str(threads),

@@ -21,6 +21,7 @@ class LaunchConfig:
     block_size: int = 16
     dtype: str = "auto"
     worker_threads: int | None = None  # torch threads per worker; None: torch's default
+    enable_prefix_caching: bool = True  # the workers' --[no-]enable-prefix-caching
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
     log_dir: Path = Path(".kvmesh/logs")

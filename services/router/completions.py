@@ -202,7 +202,7 @@ async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock:
     except (UpstreamFailed, WorkerLost) as e:
         raise _as_api_error(e) from e
     choices = [c for c, _ in sequences]
-    app[METRICS].prompt_tokens.inc(usage(choices)["prompt_tokens"])
+    app[METRICS].count_prompt(usage(choices))
     return json_response(formatter.full_response(choices))
 
 
@@ -228,7 +228,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, formatter: Format
         log.warning("stream_failed", request_id=formatter.id, error=err.message)
         await response.write(_sse(error_payload(err)))
         return response, "stream_error"
-    request.app[METRICS].prompt_tokens.inc(usage(choices)["prompt_tokens"])
+    request.app[METRICS].count_prompt(usage(choices))
     tail = _sse(formatter.usage_chunk(choices)) if parsed.include_usage else b""
     await response.write(tail + b"data: [DONE]\n\n")
     await response.write_eof()

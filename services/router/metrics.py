@@ -66,11 +66,18 @@ class RouterMetrics:
         self.itl = Histogram("kvmesh_router_inter_token_latency_seconds", "Gap between deltas of one sequence",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("kvmesh_router_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_prompt_tokens = Counter("kvmesh_router_prompt_tokens_cached",
+                                            "Prompt tokens of finished requests whose KV came from a worker's prefix cache",
+                                            registry=r)
         self.generation_tokens = Counter("kvmesh_router_generation_tokens", "Generated tokens", registry=r)
         self.inflight = Gauge("kvmesh_router_requests_inflight", "Client requests being served", registry=r)
         r.register(WorkerLoadCollector(workers))
         if ledger is not None:
             r.register(LedgerCollector(ledger))
+
+    def count_prompt(self, usage: dict) -> None:
+        self.prompt_tokens.inc(usage["prompt_tokens"])
+        self.cached_prompt_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

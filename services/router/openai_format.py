@@ -21,15 +21,18 @@ class ChoiceState:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV the worker's prefix cache held
     text_offset: int = 0  # characters emitted so far (completions' logprobs.text_offset)
     started: bool = False  # chat: the role delta has gone out
 
 
 def usage(choices: list[ChoiceState]) -> dict:
     prompt_tokens = {c.prompt_index: c.num_prompt_tokens for c in choices}  # a prompt counts once for n>1
+    cached_tokens = {c.prompt_index: c.num_cached_tokens for c in choices}
     num_prompt = sum(prompt_tokens.values())
     num_completion = sum(c.num_generated_tokens for c in choices)
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": num_prompt + num_completion}
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": num_prompt + num_completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached_tokens.values())}}
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -123,5 +126,6 @@ def apply_delta(choice: ChoiceState, frame: DeltaFrame) -> None:
         choice.logprob_entries.extend(frame.logprobs)
     choice.num_prompt_tokens = frame.num_prompt_tokens
     choice.num_generated_tokens = frame.num_generated_tokens
+    choice.num_cached_tokens = frame.num_cached_tokens
     if frame.finish_reason is not None:
         choice.finish_reason = frame.finish_reason

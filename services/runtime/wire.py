@@ -44,6 +44,7 @@ class DeltaFrame:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     logprobs: list | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
     v: int = WIRE_VERSION
 
 

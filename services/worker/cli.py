@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     parser.add_argument("--no-remote-kv", action="store_true",
                         help="never spill KV to memory servers (context bounded by the local pool)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV of earlier prompts' full blocks for prompts that start with the "
+                        "same tokens (default: on)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -52,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.num_threads, logits_threads=args.logits_threads, heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

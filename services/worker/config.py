@@ -28,6 +28,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
     remote_kv: bool = False  # spill to memory servers (the CLI turns it on)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -53,4 +54,5 @@ class WorkerConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, block_size=self.block_size,
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
-                            logits_threads=self.logits_threads or default_logits_threads(threads))
+                            logits_threads=self.logits_threads or default_logits_threads(threads),
+                            enable_prefix_caching=self.enable_prefix_caching)

@@ -40,5 +40,5 @@ def to_frame(delta: Delta) -> DeltaFrame:
         token_ids=list(delta.token_ids), text=delta.text, num_prompt_tokens=delta.num_prompt_tokens,
         num_generated_tokens=delta.num_generated_tokens,
         finish_reason=delta.finish_reason.value if delta.finish_reason is not None else None,
-        logprobs=logprobs, error=delta.error,
+        logprobs=logprobs, error=delta.error, num_cached_tokens=delta.num_cached_tokens,
     )

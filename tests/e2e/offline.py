@@ -21,7 +21,8 @@ def offline_generate(requests: list[GenerateRequest], num_kv_blocks: int = 512) 
     from services.worker.engine.config import EngineConfig
 
     async def run() -> list[Reference]:
-        engine = AsyncEngine(EngineConfig(model="tiny", num_kv_blocks=num_kv_blocks))
+        # Every prompt computed from scratch: the reference for servers that reuse cached prefixes.
+        engine = AsyncEngine(EngineConfig(model="tiny", num_kv_blocks=num_kv_blocks, enable_prefix_caching=False))
         await engine.start()
         try:
             out = []

@@ -254,6 +254,33 @@ async def test_client_disconnect_frees_worker_blocks(cluster):
         await wait_zero_used_blocks_async(cluster.workers, 1.5)
 
 
+def _cached_prompt_tokens_counted(cluster) -> float:
+    status, body = get(cluster.router.url + "/metrics")
+    assert status == 200
+    line = next(x for x in body.decode().splitlines() if x.startswith("kvmesh_router_prompt_tokens_cached_total "))
+    return float(line.split()[1])
+
+
+def test_a_shared_prompt_prefix_is_served_from_the_prefix_cache(cluster, client):
+    """A second chat with the same long system prompt, and the first chat again: their KV for the
+    shared start comes from the worker's prefix cache (usage says how many prompt tokens), and their
+    answers are those of prompts computed from scratch."""
+    system = {"role": "system", "content": "You answer questions about the kvmesh memory cluster. " * 10}
+    first = [system, {"role": "user", "content": "What is a memory server?"}]
+    second = [system, {"role": "user", "content": "What does the router do?"}]
+    refs = offline_generate([greedy("first", 16, messages=tuple(first)), greedy("second", 16, messages=tuple(second))])
+    counted = _cached_prompt_tokens_counted(cluster)
+    answers = [client.chat.completions.create(model="tiny", messages=m, max_tokens=16, temperature=0)
+               for m in (first, second, first)]
+    assert [a.choices[0].message.content for a in answers] == [refs[0].text, refs[1].text, refs[0].text]
+    cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]
+    num_prompt = answers[0].usage.prompt_tokens
+    assert cached[0] == 0
+    assert 64 <= cached[1] < num_prompt
+    assert cached[2] == (num_prompt - 1) // 16 * 16  # all its full blocks but the one holding its last token
+    assert _cached_prompt_tokens_counted(cluster) == counted + sum(cached)
+
+
 def test_health_ready_metrics(cluster, client):
     assert get(cluster.router.url + "/health")[0] == 200
     assert json.loads(get(cluster.router.url + "/ready")[1])["num_live_workers"] == 1

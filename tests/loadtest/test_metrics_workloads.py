@@ -41,6 +41,16 @@ def test_token_prompts_have_the_exact_length_and_differ_between_requests():
     assert len(PromptBuilder(PromptFormat.TEXT, words_per_token=0.5).build(0, 100).split()) == 50
 
 
+def test_a_shared_prefix_starts_every_prompt_and_the_rest_differs():
+    builder = PromptBuilder(PromptFormat.TOKENS, seed=1, shared_prefix_len=100)
+    a, b, short = builder.build(0, 128), builder.build(1, 130), builder.build(2, 40)
+    assert a[:100] == b[:100] and short == a[:40]
+    assert len(a) == 128 and len(b) == 130 and a[100:] != b[100:128]
+    words = PromptBuilder(PromptFormat.TEXT, words_per_token=0.5, shared_prefix_len=60)
+    x, y = words.build(0, 100).split(), words.build(1, 100).split()
+    assert len(x) == len(y) == 50 and x[:30] == y[:30] and x[30:] != y[30:]
+
+
 def test_percentile_interpolates_like_numpy():
     values = [1.0, 2.0, 3.0, 4.0]
     assert percentile(values, 50) == 2.5

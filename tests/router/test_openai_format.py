@@ -26,13 +26,21 @@ def test_chat_stream_chunks_role_first_then_content_then_finish():
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
     assert chunks[-1]["choices"][0]["delta"] == {}
     final = fmt.usage_chunk([choice])
-    assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                                                       "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_prompt_counted_once_for_n_choices():
-    a, b = ChoiceState(0, 0, num_prompt_tokens=5, num_generated_tokens=3), ChoiceState(1, 0, num_prompt_tokens=5,
-                                                                                        num_generated_tokens=4)
-    assert usage([a, b]) == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    a = ChoiceState(0, 0, num_prompt_tokens=5, num_generated_tokens=3, num_cached_tokens=0)
+    b = ChoiceState(1, 0, num_prompt_tokens=5, num_generated_tokens=4, num_cached_tokens=0)
+    assert usage([a, b]) == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_cached_prompt_tokens_reported_in_usage_details():
+    first = ChoiceState(0, 0, num_prompt_tokens=40, num_generated_tokens=3, num_cached_tokens=32)
+    second = ChoiceState(1, 1, num_prompt_tokens=20, num_generated_tokens=3, num_cached_tokens=16)
+    assert usage([first, second])["prompt_tokens_details"] == {"cached_tokens": 48}
 
 
 def test_completion_full_response_with_logprobs():

@@ -21,7 +21,8 @@ async def test_chat_non_streaming_usage_and_text():
         assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"] == {"role": "assistant", "content": "abcde"}
         assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"] == {"prompt_tokens": len("user:hi\n"), "completion_tokens": 5, "total_tokens": 13}
+        assert body["usage"] == {"prompt_tokens": len("user:hi\n"), "completion_tokens": 5, "total_tokens": 13,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
         await s.wait_blocks_free()
 
 

@@ -211,3 +211,63 @@ def test_echo_scores_the_prompt_as_transformers_does(checkpoints):
         for pos, entry in enumerate(entries[1:len(ids)]):  # position pos predicts token pos + 1
             assert entry.logprob == pytest.approx(expected[pos, ids[pos + 1]].item(), abs=1e-4)
             assert [t for t, _, _ in entry.top] == torch.topk(expected[pos], 2).indices.tolist()
+
+
+def _cached_tokens(engine: LLMEngine, prompts, max_tokens=MAX_TOKENS) -> tuple[list[list[int]], list[int]]:
+    """Like run_engine, also returning each request's prompt tokens found in the prefix cache."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    start = len(engine._active) + next(engine._arrivals)
+    ids = [f"c{start}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.submit(engine.prepare(GenerateRequest(rid, params, prompt_token_ids=tuple(p))))
+    outs, cached = {rid: [] for rid in ids}, {}
+    while engine.has_work():
+        for delta in engine.step():
+            outs[delta.request_id].extend(delta.token_ids)
+            cached.setdefault(delta.request_id, delta.num_cached_tokens)
+    return [outs[rid] for rid in ids], [cached[rid] for rid in ids]
+
+
+@pytest.mark.parametrize("block_size,num_blocks", [(1, 4096), (16, 4096), (32, 4096), (16, 14)])
+def test_prompts_sharing_a_prefix_reuse_its_kv_and_match_transformers(checkpoints, block_size, num_blocks):
+    """Prefix caching: a second turn (the first prompt, its answer and more) and prompts that share
+    the first prompt's start take its blocks' KV instead of recomputing it, and still produce
+    transformers' tokens; with a pool too small for all of them, under preemption too."""
+    made, _ = checkpoints
+    path, _ = made["llama"]
+    rng = random.Random(7)
+    first = [rng.randrange(1, 1024) for _ in range(70)]
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=block_size, num_kv_blocks=num_blocks,
+                                    max_num_batched_tokens=64))
+    (answer,), (cached_first,) = _cached_tokens(engine, [first])
+    assert answer == hf_greedy(path, [first])[0] and cached_first == 0
+    later = [
+        first + answer + [rng.randrange(1, 1024) for _ in range(9)],  # the next turn of a chat
+        first[:40] + [rng.randrange(1, 1024) for _ in range(30)],
+        first[:33] + [rng.randrange(1, 1024) for _ in range(3)],
+        list(first),  # the same prompt again
+        [rng.randrange(1, 1024) for _ in range(50)],  # nothing in common
+    ]
+    got, cached = _cached_tokens(engine, later)
+    assert got == hf_greedy(path, later)
+    # What the first request left: its prompt and the answer tokens whose KV it computed.
+    history = first + answer[:-1]
+    for prompt, n in zip(later, cached):
+        common = next((i for i, (a, b) in enumerate(zip(prompt, history)) if a != b), min(len(prompt), len(history)))
+        reusable = min(common, len(prompt) - 1) // block_size * block_size
+        if num_blocks == 4096:  # nothing evicted
+            assert n == reusable
+        else:
+            assert n <= reusable
+    assert cached[0] > len(first) // 2 and cached[-1] == 0
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_prefix_caching_off_computes_every_prompt_token(checkpoints):
+    made, prompts = checkpoints
+    path, expected = made["llama"]
+    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=4096, enable_prefix_caching=False))
+    got, cached = _cached_tokens(engine, prompts)
+    again, cached_again = _cached_tokens(engine, prompts)
+    assert got == again == expected
+    assert cached == cached_again == [0] * len(prompts) and engine.blocks.num_cached_blocks == 0

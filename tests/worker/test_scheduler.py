@@ -59,3 +59,62 @@ def test_max_num_seqs_caps_the_batch():
         sched.add(_seq(i, 2))
     assert [c.seq.request_id for c in sched.schedule().chunks] == ["r0", "r1"]
     assert len(sched.waiting) == 1
+
+
+def _finish_prefill(sched, seq, token=7):
+    """Run seq's prompt to its first token, registering its blocks as the engine does."""
+    while not seq.output_token_ids:
+        chunks = sched.schedule().chunks
+        _complete(chunks, token)
+        for c in chunks:
+            sched.cache_computed(c.seq)
+
+
+def test_a_joining_sequence_starts_from_its_cached_prefix():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    first = _seq(0, 10)  # tokens 0..9: blocks [0-3] [4-7] full, [8, 9] not
+    sched.add(first)
+    _finish_prefill(sched, first)
+    sched.finish(first)
+    assert bm.num_used_blocks == 0 and bm.num_cached_blocks == 2
+    same_start = Sequence("r1", list(range(6)) + [99] * 6, SamplingParams(max_tokens=8), arrival=1)
+    sched.add(same_start)
+    chunks = sched.schedule().chunks
+    assert [(c.start, c.num_tokens) for c in chunks] == [(4, 8)]  # block [0-3] reused
+    assert same_start.num_cached_tokens == 4
+    sched.finish(same_start)
+    # The whole prompt cached (two full blocks): its last block is computed again, for its logits.
+    whole = _seq(2, 8)
+    sched.add(whole)
+    chunks = sched.schedule().chunks
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in chunks] == [("r2", 4, 4)]
+
+
+def test_a_sequence_that_cannot_join_gives_its_cached_blocks_back():
+    bm = BlockManager(3, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    first = _seq(0, 9)
+    sched.add(first)
+    _finish_prefill(sched, first)  # all 3 blocks, the 2 full ones registered
+    late = _seq(2, 12)  # shares first's 2 full blocks, needs a third: none is free
+    sched.add(late)
+    assert [c.seq.request_id for c in sched.schedule().chunks] == ["r0"]
+    assert late.block_ids == [] and late.num_computed_tokens == 0 and late.num_cached_tokens is None
+    sched.finish(first)
+    chunks = sched.schedule().chunks
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in chunks] == [("r2", 8, 4)]
+    assert late.num_cached_tokens == 8
+    sched.finish(late)
+    assert bm.num_used_blocks == 0
+
+
+def test_a_scored_prompt_is_computed_whole():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    first = _seq(0, 10)
+    sched.add(first)
+    _finish_prefill(sched, first)
+    echo = Sequence("r1", list(range(10)), SamplingParams(max_tokens=8, echo=True, logprobs=0), arrival=1)
+    sched.add(echo)
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in sched.schedule().chunks] == [("r0", 10, 1), ("r1", 0, 10)]

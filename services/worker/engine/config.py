@@ -31,6 +31,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     logits_threads: int | None = None  # torch threads for the lm_head (CPU); None: as the rest
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier prompts (block_manager)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -51,15 +51,16 @@ def request_from_obj(obj: dict) -> GenerateRequest:
 def delta_to_obj(d: Delta) -> list:
     logprobs = None if d.logprobs is None else [[lp.token_id, lp.token, lp.logprob, lp.top] for lp in d.logprobs]
     finish = d.finish_reason.value if d.finish_reason is not None else None
-    return [d.request_id, d.token_ids, d.text, d.num_prompt_tokens, d.num_generated_tokens, finish, logprobs, d.error]
+    return [d.request_id, d.token_ids, d.text, d.num_prompt_tokens, d.num_generated_tokens, finish, logprobs, d.error,
+            d.num_cached_tokens]
 
 
 def delta_from_obj(obj: list) -> Delta:
-    request_id, token_ids, text, num_prompt, num_generated, finish, logprobs, error = obj
+    request_id, token_ids, text, num_prompt, num_generated, finish, logprobs, error, num_cached = obj
     if logprobs is not None:
         logprobs = tuple(TokenLogprob(i, t, lp, tuple(tuple(x) for x in top)) for i, t, lp, top in logprobs)
     return Delta(request_id, tuple(token_ids), text, num_prompt, num_generated,
-                 FinishReason(finish) if finish is not None else None, logprobs, error)
+                 FinishReason(finish) if finish is not None else None, logprobs, error, num_cached)
 
 
 def stats_to_obj(s: EngineStats) -> list:

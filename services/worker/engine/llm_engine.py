@@ -56,7 +56,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, model_dir)
         self.model_config = self.runner.model_config
         self.tokenizer = Tokenizer(model_dir, self.model_config.eos_token_ids)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
             remote_free_blocks=remote.free_blocks if remote is not None else None,
@@ -170,6 +170,7 @@ class LLMEngine:
         sampled = [c.seq for c in chunks if c.samples]
         for chunk in chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.scheduler.cache_computed(chunk.seq)
         score_prompts(chunks, scored, logits[len(sampled):])
         logits = logits[:len(sampled)]
         if any(s.sampling.max_tokens == 0 for s in sampled):  # echo, max_tokens 0: scored, nothing to generate
@@ -199,7 +200,8 @@ class LLMEngine:
         seq = active.seq
         text, logprobs = self._echo(active, "", None)
         self._retire(seq)
-        return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs)
+        return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs,
+                     num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _echo(self, active: _Active, text: str, logprobs):
         """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
@@ -277,7 +279,8 @@ class LLMEngine:
     def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> Delta:
         """Retire it with a last delta that carries no token."""
         self._retire(seq)
-        return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), reason, error=error)
+        return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), reason, error=error,
+                     num_cached_tokens=seq.num_cached_tokens or 0)
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         if len(seq.output_token_ids) >= seq.sampling.min_tokens:
@@ -310,7 +313,8 @@ class LLMEngine:
         if finish is not None:
             self._retire(seq)
         return Delta(
-            seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs
+            seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     def fail_all(self, reason: str) -> list[Delta]:

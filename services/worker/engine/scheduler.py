@@ -8,6 +8,8 @@ When local blocks run short, the oldest full blocks of the longest sequences are
 servers (if the cluster has room); the newest stay local, since decoding appends there. Only when
 nothing can be spilled is the newest running sequence preempted: its blocks are freed and it goes
 back to the front of the queue, later recomputing its KV from its tokens (output unchanged).
+A sequence joining the batch first takes the cached blocks of its longest cached prefix
+(block_manager: prefix caching); at least its last token is computed, since sampling needs it.
 I/O (moving and freeing remote blocks) is left to the engine: `schedule` returns what to do.
 """
 
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.prefix_hash import extend_block_hashes
 from services.worker.engine.remote import RemoteSpan
 from services.worker.engine.sequence import Sequence, SeqStatus
 
@@ -99,15 +102,46 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and num_preemptions == self._num_preemptions):
             seq = self.waiting[0]
+            self._take_cached_prefix(seq)
             num = self._reserve(seq, min(seq.num_uncomputed_tokens, budget), may_preempt=False)
             if not num:
+                self._release(seq)  # the cached blocks it took go back
+                seq.num_computed_tokens = 0
                 break
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
         return self._out
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """A sequence about to join (holding no KV) starts from the cached blocks of its prefix. Not
+        one whose prompt is scored (echo with logprobs): every prompt position must be computed."""
+        if not self.blocks.enable_caching or (seq.sampling.echo and seq.sampling.logprobs is not None):
+            return
+        bs = self.blocks.block_size
+        num_blocks = (seq.num_tokens - 1) // bs  # the last token stays to compute
+        if num_blocks < 1:
+            return
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_blocks)
+        seq.block_ids = self.blocks.match(seq.block_hashes[:num_blocks])
+        seq.num_registered_blocks = len(seq.block_ids)
+        seq.num_computed_tokens = seq.num_registered_blocks * bs
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Register seq's full blocks whose KV is now computed, for later prefixes to reuse."""
+        bs = self.blocks.block_size
+        num_full = seq.num_computed_tokens // bs
+        if not self.blocks.enable_caching or num_full <= seq.num_registered_blocks:
+            return
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_full)
+        first_local = seq.num_remote_tokens // bs  # blocks before it live on memory servers
+        for j in range(max(seq.num_registered_blocks, first_local), num_full):
+            self.blocks.register(seq.block_ids[j - first_local], seq.block_hashes[j])
+        seq.num_registered_blocks = num_full
 
     def _blocks_needed(self, seq: Sequence, num: int) -> int:
         local_tokens = seq.num_computed_tokens + num - seq.num_remote_tokens
@@ -184,6 +218,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
+        seq.num_registered_blocks = 0
         self.released.extend(seq.remote_spans)
         seq.remote_spans = []
         seq.num_remote_tokens = 0

@@ -33,6 +33,11 @@ class Sequence:
     # echo with logprobs: per prompt token from the second on, (logprob, top) as scored so far;
     # kept across preemption, so a recomputed prompt is not scored twice
     prompt_logprobs: list = field(default_factory=list)
+    # Prefix caching: hashes of its first full blocks (prefix_hash), the blocks registered so far
+    # (counted from its first token), and the prompt tokens its first admission found cached.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
