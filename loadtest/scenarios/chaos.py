@@ -137,6 +137,15 @@ async def _replace_the_dead(cluster: LocalCluster, stop: asyncio.Event, log: lis
         await asyncio.sleep(0.5)
 
 
+async def _prompt_tokens(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The router's counts of prompt tokens served, and of those whose KV came from a prefix cache."""
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    names = {"kvmesh_router_prompt_tokens_total": "prompt", "kvmesh_router_prompt_tokens_cached_total": "cached"}
+    return {names[name]: float(value) for name, _, value in (line.partition(" ") for line in text.splitlines())
+            if name in names}
+
+
 async def _run(cluster: LocalCluster, args: argparse.Namespace) -> dict:
     url = cluster.url
     rng = random.Random(args.seed + 1)
@@ -173,8 +182,10 @@ async def _run(cluster: LocalCluster, args: argparse.Namespace) -> dict:
         finally:
             stop.set()
             await replacer
+        prompt_tokens = await _prompt_tokens(session, url)
     blocks = await check_zero_used_blocks(url, DEV_CLUSTER_TOKEN, timeout_s=30)
-    return {"outcomes": dict(outcomes), "bad": bad, "faults": faults, "cluster_check": blocks}
+    return {"outcomes": dict(outcomes), "bad": bad, "faults": faults, "cluster_check": blocks,
+            "prompt_tokens": prompt_tokens}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -186,7 +197,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"{verdict:<42}{n:>8}")
     for line in result["bad"][:20]:
         print("  " + line)
-    print(f"faults: {len(result['faults'])}; KV blocks used at the end: {blocks.get('num_used_blocks')}")
+    tokens = result["prompt_tokens"]
+    print(f"faults: {len(result['faults'])}; KV blocks used at the end: {blocks.get('num_used_blocks')}; "
+          f"prompt tokens from the prefix cache: {tokens.get('cached', 0):.0f} of {tokens.get('prompt', 0):.0f}")
     report.write_json(args.out / "chaos.json", result)
     ok = not result["bad"] and outcomes.get("ok", 0) > 0 and blocks.get("ok", False)
     print(f"chaos: {'PASS' if ok else 'FAIL'}")
