@@ -12,7 +12,7 @@ from services.router.config import RouterConfig
 from services.router.keys import ADMISSION, CONFIG, LEDGER, METRICS, POOL, REGISTRY
 from services.router.ledger import Ledger
 from services.router.metrics import RouterMetrics
-from services.router.policy import RoutingPolicy, least_outstanding_tokens
+from services.router.policy import PrefixAffinity, RoutingPolicy
 from services.router.registry import WorkerRegistry
 from services.router.worker_client import WorkerPool
 from services.runtime.auth import cluster_token_middleware
@@ -33,7 +33,8 @@ def _worker_pool_ctx(policy: RoutingPolicy):
     return worker_pool_ctx
 
 
-def create_app(config: RouterConfig, policy: RoutingPolicy = least_outstanding_tokens) -> web.Application:
+def create_app(config: RouterConfig, policy: RoutingPolicy | None = None) -> web.Application:
+    """policy: None routes by prefix affinity within a load bound (a PrefixAffinity of this app's own)."""
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[error_middleware, cluster_token_middleware(config.cluster_token)],
@@ -45,7 +46,7 @@ def create_app(config: RouterConfig, policy: RoutingPolicy = least_outstanding_t
     app[LEDGER] = ledger
     app[METRICS] = RouterMetrics(registry, ledger)
     app[ADMISSION] = Admission(config.max_inflight_requests)
-    app.cleanup_ctx.append(_worker_pool_ctx(policy))
+    app.cleanup_ctx.append(_worker_pool_ctx(policy if policy is not None else PrefixAffinity()))
     app.cleanup_ctx.append(kv_api._ledger_expiry_ctx(max(0.2, config.heartbeat_timeout_s / 4)))
     app.add_routes(openai_api.routes)
     app.add_routes(internal_api.routes)

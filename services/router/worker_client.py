@@ -9,6 +9,7 @@ WorkerLost (the caller turns it into an error for the client).
 from __future__ import annotations
 
 import collections
+from array import array
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,6 +26,26 @@ log = structlog.get_logger()
 # 503s of a worker that will serve nothing more for now (engine died, draining): route around it
 # until it heartbeats again. Any 503 sends the sequence to the next candidate.
 _WORKER_GONE_CODES = frozenset({"engine_unavailable", "draining"})
+PREFIX_KEY_CHARS = 1024
+PREFIX_KEY_TOKENS = 256
+
+
+def prefix_key(call: GenerateCall) -> bytes | None:
+    """What a prompt starts with, for prefix-affinity routing (policy.prefix_affinity): a chat's
+    messages up to its first user turn (its later turns start with the same ones), or the first
+    characters or token ids of a completion's prompt."""
+    if call.messages is not None:
+        head = []
+        for message in call.messages:
+            head.append(f"{message.get('role')}\0{message.get('content')}")
+            if message.get("role") == "user":
+                break
+        return "\0".join(head)[:PREFIX_KEY_CHARS].encode("utf-8", "surrogatepass")
+    if call.prompt_token_ids is not None:
+        return array("q", call.prompt_token_ids[:PREFIX_KEY_TOKENS]).tobytes()
+    if call.prompt is not None:
+        return call.prompt[:PREFIX_KEY_CHARS].encode("utf-8", "surrogatepass")
+    return None
 
 
 class WorkerLost(Exception):
@@ -102,8 +123,9 @@ async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_toke
     (after its first delta). Engine errors come back as ApiError with the worker's status."""
     tried: set[str] = set()
     refused: ApiError | None = None  # the last worker's 503, if every candidate refused
+    key = prefix_key(call)
     while True:
-        candidate = pool.policy(pool.registry.candidates(model, frozenset(tried)))
+        candidate = pool.policy(pool.registry.candidates(model, frozenset(tried)), key)
         if candidate is None:
             if refused is not None:
                 raise refused

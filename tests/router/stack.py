@@ -50,8 +50,10 @@ class Stack:
 
 async def start_worker(stack: Stack, engine: FakeEngine) -> None:
     port = free_port()
+    # Fixed ids (not host:port): routing by prefix hashes them, and a test's spread must not
+    # depend on the ports it got.
     config = WorkerConfig(router_url=str(stack.router.make_url("")).rstrip("/"), port=port, cluster_token=TOKEN,
-                          heartbeat_interval_s=0.05, drain_timeout_s=1.0)
+                          heartbeat_interval_s=0.05, drain_timeout_s=1.0, worker_id=f"fake{len(stack.engines)}")
     server = TestServer(create_worker_app(config, lambda _: engine), host="127.0.0.1", port=port)
     await server.start_server()
     stack.engines.append(engine)

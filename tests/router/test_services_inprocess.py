@@ -175,3 +175,33 @@ async def test_borrow_with_a_malformed_near_is_refused_clearly():
         body = encode(BorrowRequest("w", 4, near=("ms-0",)))
         async with s.client.post(s.url("/internal/kv/borrow"), data=body, headers=headers) as resp:
             assert resp.status == 409 and (await resp.json())["error"]["code"] == "insufficient_capacity"
+
+
+async def test_a_chats_turns_go_to_the_worker_holding_its_prefix():
+    """Prefix-affinity routing: a chat's next turn (same system prompt and first user message) goes
+    to the worker that served the first, though another is less loaded, unless it owes clearly more."""
+    async with running_stack(num_workers=2, engine_kwargs={"max_model_len": 4096}) as s:
+        history = [{"role": "system", "content": "You discuss memory."}, {"role": "user", "content": "start"}]
+
+        async def turn(i: int) -> int:
+            history.extend([{"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": f"more {i}"}])
+            resp = await s.post("/v1/chat/completions", {**CHAT, "messages": history})
+            assert resp.status == 200
+            return next(w for w, e in enumerate(s.engines) if [list(r.messages or ()) for r in e.requests[-1:]] == [history])
+
+        async def background(max_tokens: int) -> None:
+            resp = await s.post("/v1/completions", {"model": "fake", "prompt": "other", "max_tokens": max_tokens})
+            assert resp.status == 200
+
+        first = await turn(0)
+        # A long request lands on the same worker (both idle: the lower id), which now owes more.
+        busy = asyncio.create_task(background(200))
+        await asyncio.sleep(0.05)
+        assert s.engines[first].requests[-1].prompt == "other"
+        assert [await turn(i) for i in (1, 2)] == [first, first]
+        # The same prompt follows the first there too: that worker now owes beyond the bound.
+        much_busier = asyncio.create_task(background(900))
+        await asyncio.sleep(0.05)
+        assert [r.sampling.max_tokens for r in s.engines[first].requests if r.prompt == "other"] == [200, 900]
+        assert await turn(3) == 1 - first
+        await asyncio.gather(busy, much_busier)

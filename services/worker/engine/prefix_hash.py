@@ -3,7 +3,8 @@ its parent's hash, every token before them. Two sequences share block j's KV exa
 share tokens [0, (j + 1) x block_size).
 
 SHA-256, not Python's hash(): a collision would hand one request another's KV, and a crafted
-prompt could aim for one (vLLM moved to SHA-256 for that reason). About 1 us a block.
+prompt could aim for one (vLLM moved to SHA-256 for that reason). About 2 us a block of 16 tokens
+(an 8K-token prompt: 1 ms, once).
 """
 
 from __future__ import annotations
