@@ -57,15 +57,18 @@ def _ms(seconds: float | None) -> float | None:
 async def run_rounds(plan: DecodePlan, clusters: dict[str, BenchCluster], rounds: int, seed: int,
                      log=print) -> tuple[list[dict], list[dict]]:
     """-> (one row per request, the zero-used-blocks checks between requests that found a leak)."""
-    prompt = random_prompt(plan.context, seed)
     rows, leaks = [], []
+    warm_prompt = random_prompt(64, seed - 1)  # shares no block with the measured prompts
     cases = list(plan.cases)
     async with aiohttp.ClientSession() as session:
         for case in cases:  # warm-up: model, threads, HTTP paths (short prompt: nothing spills)
-            warm = await timed_completion(session, clusters[case.cluster].url, case.worker, prompt[:64], 4)
+            warm = await timed_completion(session, clusters[case.cluster].url, case.worker, warm_prompt, 4)
             if not warm.ok:
                 raise RuntimeError(f"warm-up of {case.label} failed: HTTP {warm.status} {warm.error}")
         for r in range(rounds):
+            # A new prompt each round (the same for every case): no round starts from KV a worker's
+            # prefix cache kept from the one before, so each prefills its whole prompt.
+            prompt = random_prompt(plan.context, seed + r)
             order = cases[r % len(cases):] + cases[:r % len(cases)]
             for case in order:
                 cluster = clusters[case.cluster]
