@@ -118,3 +118,36 @@ def test_a_scored_prompt_is_computed_whole():
     echo = Sequence("r1", list(range(10)), SamplingParams(max_tokens=8, echo=True, logprobs=0), arrival=1)
     sched.add(echo)
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in sched.schedule().chunks] == [("r0", 10, 1), ("r1", 0, 10)]
+
+
+def _sharing_pair(num_blocks: int, extra: Sequence | None = None):
+    """r0 (16 tokens, its 4 blocks cached) and r1, whose prompt starts with the same 16 tokens and
+    shares those blocks; optionally a third sequence. Each has decoded one token."""
+    bm = BlockManager(num_blocks, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, remote_free_blocks=lambda: 100, spill_batch=1)
+    a = _seq(0, 16)
+    sched.add(a)
+    _finish_prefill(sched, a)
+    b = Sequence("r1", list(range(16)) + [50, 51, 52, 53], SamplingParams(max_tokens=8), arrival=1)
+    for seq in (b, extra) if extra is not None else (b,):
+        sched.add(seq)
+    chunks = sched.schedule().chunks
+    _complete(chunks)
+    for c in chunks:
+        sched.cache_computed(c.seq)
+    assert b.block_ids[:4] == a.block_ids[:4] and bm.num_free_blocks == 0
+    return sched, a, b
+
+
+def test_spilling_prefers_blocks_whose_move_frees_memory():
+    """Moving a block another sequence shares frees nothing here: the scheduler spills a sequence
+    whose oldest block is its own, and goes through shared blocks only when nothing else frees."""
+    c = Sequence("r2", list(range(100, 116)), SamplingParams(max_tokens=8), arrival=2)
+    sched, a, b = _sharing_pair(10, c)
+    out = sched.schedule()  # r1 and r2 need a block each: r2's oldest ones move, not r1's shared prefix
+    assert [(p.seq.request_id, len(p.block_ids)) for p in out.spills] == [("r2", 1), ("r2", 1)]
+    assert len(b.block_ids) == 6 and b.num_remote_tokens == 0 and len(out.chunks) == 3
+    sched, a, b = _sharing_pair(6)
+    out = sched.schedule()  # only r0 and r1, both starting with the shared blocks
+    assert [(p.seq.request_id, len(p.block_ids)) for p in out.spills] == [("r1", 5)]
+    assert b.num_remote_tokens == 20 and a.num_remote_tokens == 0

@@ -62,6 +62,10 @@ class BlockManager:
             block_ids.append(block_id)
         return block_ids
 
+    def num_users(self, block_id: int) -> int:
+        """Sequences holding the block (0: free or evictable)."""
+        return self._ref_counts[block_id]
+
     def share(self, block_ids: list[int]) -> None:
         for block_id in block_ids:
             if self._ref_counts[block_id] < 1:

@@ -171,31 +171,46 @@ class Scheduler:
                 return 0
 
     def _spill(self, need: int) -> int:
-        """Plan moving the oldest computed full blocks of the longest sequences off the worker."""
+        """Plan moving the oldest computed full blocks of the longest sequences off the worker;
+        returns how many local blocks that frees. A block another sequence also uses (a shared
+        cached prefix) frees nothing when moved, so sequences whose oldest block is shared are
+        spilled only when the others cannot free enough."""
         if self.remote_free_blocks is None:
             return 0
         room = self.remote_free_blocks() - self._spilled_this_step
-        target = min(room, max(need, self.spill_batch))
-        if target < 1:
-            return 0
-        bs = self.blocks.block_size
-        moved = 0
-        for seq in sorted(self.running, key=lambda s: -s.num_tokens):
-            if moved >= target:
-                break
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            full = (seq.num_computed_tokens - seq.num_remote_tokens) // bs
-            n = min(full, target - moved)
-            if n < 1:
-                continue
-            ids, seq.block_ids = seq.block_ids[:n], seq.block_ids[n:]
-            self._out.spills.append(SpillPlan(seq, ids, seq.num_remote_tokens, seq.num_preemptions))
-            seq.num_remote_tokens += n * bs
-            self.blocks.free(ids)
-            moved += n
+        goal = max(need, self.spill_batch)
+        moved = freed = 0
+        order = [s for s in sorted(self.running, key=lambda s: -s.num_tokens) if s.status is SeqStatus.RUNNING]
+        for through_shared in (False, True):
+            for seq in order:
+                if freed >= goal or moved >= room:
+                    break
+                n, frees = self._spill_span(seq, goal - freed, room - moved, through_shared)
+                if frees:
+                    self._spill_blocks(seq, n)
+                    moved, freed = moved + n, freed + frees
         self._spilled_this_step += moved
-        return moved
+        return freed
+
+    def _spill_span(self, seq: Sequence, goal: int, room: int, through_shared: bool) -> tuple[int, int]:
+        """(n, f): moving seq's oldest n local blocks frees f of them (stops once f reaches goal)."""
+        full = (seq.num_computed_tokens - seq.num_remote_tokens) // self.blocks.block_size
+        candidates = seq.block_ids[:min(full, room)]
+        if not candidates or (not through_shared and self.blocks.num_users(candidates[0]) > 1):
+            return 0, 0
+        n = frees = 0
+        for block_id in candidates:
+            n += 1
+            frees += self.blocks.num_users(block_id) == 1
+            if frees >= goal:
+                break
+        return n, frees
+
+    def _spill_blocks(self, seq: Sequence, n: int) -> None:
+        ids, seq.block_ids = seq.block_ids[:n], seq.block_ids[n:]
+        self._out.spills.append(SpillPlan(seq, ids, seq.num_remote_tokens, seq.num_preemptions))
+        seq.num_remote_tokens += n * self.blocks.block_size
+        self.blocks.free(ids)
 
     def preempt(self, seq: Sequence) -> None:
         self._num_preemptions += 1
