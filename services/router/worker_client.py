@@ -9,6 +9,7 @@ WorkerLost (the caller turns it into an error for the client).
 from __future__ import annotations
 
 import collections
+import hashlib
 from array import array
 from dataclasses import dataclass
 
@@ -31,21 +32,23 @@ PREFIX_KEY_TOKENS = 256
 
 
 def prefix_key(call: GenerateCall) -> bytes | None:
-    """What a prompt starts with, for prefix-affinity routing (policy.prefix_affinity): a chat's
-    messages up to its first user turn (its later turns start with the same ones), or the first
-    characters or token ids of a completion's prompt."""
+    """What a prompt starts with, for prefix-affinity routing (policy.PrefixAffinity), as a 16-byte
+    digest (the router remembers many): a chat's messages up to its first user turn (its later
+    turns start with the same ones), or the first characters or token ids of a completion's prompt."""
     if call.messages is not None:
         head = []
         for message in call.messages:
             head.append(f"{message.get('role')}\0{message.get('content')}")
             if message.get("role") == "user":
                 break
-        return "\0".join(head)[:PREFIX_KEY_CHARS].encode("utf-8", "surrogatepass")
-    if call.prompt_token_ids is not None:
-        return array("q", call.prompt_token_ids[:PREFIX_KEY_TOKENS]).tobytes()
-    if call.prompt is not None:
-        return call.prompt[:PREFIX_KEY_CHARS].encode("utf-8", "surrogatepass")
-    return None
+        data = "\0".join(head)[:PREFIX_KEY_CHARS].encode("utf-8", "surrogatepass")
+    elif call.prompt_token_ids is not None:
+        data = array("q", call.prompt_token_ids[:PREFIX_KEY_TOKENS]).tobytes()
+    elif call.prompt is not None:
+        data = call.prompt[:PREFIX_KEY_CHARS].encode("utf-8", "surrogatepass")
+    else:
+        return None
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class WorkerLost(Exception):

@@ -58,3 +58,4 @@ def test_prefix_key_of_a_chat_is_its_turns_up_to_the_first_user_message():
     assert key(messages=turn1) == key(messages=turn2) != key(messages=[system, {"role": "user", "content": "yo"}])
     assert key(prompt="x" * 2000) == key(prompt="x" * 1500) != key(prompt="y" * 2000)
     assert key(prompt_token_ids=list(range(300))) == key(prompt_token_ids=list(range(256)) + [7])
+    assert len(key(prompt="x" * 5000)) == 16  # a digest: 65,536 remembered keys stay small
