@@ -100,7 +100,7 @@ def test_a_sequence_that_cannot_join_gives_its_cached_blocks_back():
     late = _seq(2, 12)  # shares first's 2 full blocks, needs a third: none is free
     sched.add(late)
     assert [c.seq.request_id for c in sched.schedule().chunks] == ["r0"]
-    assert late.block_ids == [] and late.num_computed_tokens == 0 and late.num_cached_tokens is None
+    assert late.block_ids == [] and late.num_computed_tokens == 0 and late.num_cached_tokens == 0
     sched.finish(first)
     chunks = sched.schedule().chunks
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in chunks] == [("r2", 8, 4)]

@@ -201,7 +201,7 @@ class LLMEngine:
         text, logprobs = self._echo(active, "", None)
         self._retire(seq)
         return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs,
-                     num_cached_tokens=seq.num_cached_tokens or 0)
+                     num_cached_tokens=seq.num_cached_tokens)
 
     def _echo(self, active: _Active, text: str, logprobs):
         """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
@@ -280,7 +280,7 @@ class LLMEngine:
         """Retire it with a last delta that carries no token."""
         self._retire(seq)
         return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), reason, error=error,
-                     num_cached_tokens=seq.num_cached_tokens or 0)
+                     num_cached_tokens=seq.num_cached_tokens)
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         if len(seq.output_token_ids) >= seq.sampling.min_tokens:
@@ -314,7 +314,7 @@ class LLMEngine:
             self._retire(seq)
         return Delta(
             seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs,
-            num_cached_tokens=seq.num_cached_tokens or 0,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     def fail_all(self, reason: str) -> list[Delta]:

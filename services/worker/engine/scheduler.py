@@ -108,7 +108,7 @@ class Scheduler:
                 self._release(seq)  # the cached blocks it took go back
                 seq.num_computed_tokens = 0
                 break
-            if seq.num_cached_tokens is None:
+            if not seq.num_preemptions:  # its first admission (a recompute is not a cache hit)
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING

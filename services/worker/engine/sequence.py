@@ -37,7 +37,7 @@ class Sequence:
     # (counted from its first token), and the prompt tokens its first admission found cached.
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
-    num_cached_tokens: int | None = None
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
