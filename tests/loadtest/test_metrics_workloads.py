@@ -90,3 +90,15 @@ def test_ratios_and_tables_render():
 def test_load_must_be_bounded():
     with pytest.raises(ValueError, match="bound the run"):
         Load(num_requests=None, duration_s=None)
+
+
+def test_a_negative_shared_prefix_is_refused_with_a_message_naming_it(capsys):
+    import argparse
+
+    from loadtest import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--url", "http://127.0.0.1:9", "--shared-prefix-len", "-1"])
+    assert cli.main(args) == 2  # before any request is sent
+    assert "shared_prefix_len must be >= 0, got -1" in capsys.readouterr().err

@@ -193,15 +193,21 @@ async def test_a_chats_turns_go_to_the_worker_holding_its_prefix():
             resp = await s.post("/v1/completions", {"model": "fake", "prompt": "other", "max_tokens": max_tokens})
             assert resp.status == 200
 
+        async def landed(max_tokens: int) -> int:  # the worker the background request went to
+            for _ in range(500):
+                for w, e in enumerate(s.engines):
+                    if any(r.prompt == "other" and r.sampling.max_tokens == max_tokens for r in e.requests):
+                        return w
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"the request of {max_tokens} tokens reached no worker")
+
         first = await turn(0)
         # A long request lands on the same worker (both idle: the lower id), which now owes more.
         busy = asyncio.create_task(background(200))
-        await asyncio.sleep(0.05)
-        assert s.engines[first].requests[-1].prompt == "other"
+        assert await landed(200) == first
         assert [await turn(i) for i in (1, 2)] == [first, first]
         # The same prompt follows the first there too: that worker now owes beyond the bound.
         much_busier = asyncio.create_task(background(900))
-        await asyncio.sleep(0.05)
-        assert [r.sampling.max_tokens for r in s.engines[first].requests if r.prompt == "other"] == [200, 900]
+        assert await landed(900) == first
         assert await turn(3) == 1 - first
         await asyncio.gather(busy, much_busier)
