@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.runtime.errors import ApiError
 from services.runtime.wire import DeltaFrame, GenerateCall
-from services.worker.engine.api import Delta, GenerateRequest, SamplingParams
+from services.worker.engine.api import Delta, GenerateRequest, InvalidRequest, SamplingParams, StructuredOutput
 
 _TUPLE_FIELDS = ("stop", "stop_token_ids")
 
@@ -19,6 +19,11 @@ def to_generate_request(call: GenerateCall) -> GenerateRequest:
             sampling["logit_bias"] = tuple((int(t), float(b)) for t, b in sampling["logit_bias"])
         except (TypeError, ValueError) as e:
             raise ApiError(f"bad logit_bias: {e}", code="invalid_value", param="logit_bias") from e
+    if sampling.get("structured") is not None:  # msgpack: StructuredOutput.to_obj()
+        try:
+            sampling["structured"] = StructuredOutput.from_obj(sampling["structured"])
+        except InvalidRequest as e:
+            raise ApiError(e.message, code="invalid_value", param=e.param) from e
     try:
         params = SamplingParams(**sampling)
     except TypeError as e:

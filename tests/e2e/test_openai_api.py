@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import aiohttp
 import openai
@@ -12,7 +13,7 @@ import pytest
 from tests.e2e.cluster import (
     get, router_workers, running_cluster, wait_zero_used_blocks, wait_zero_used_blocks_async, worker_stats,
 )
-from services.worker.engine.api import GenerateRequest, SamplingParams
+from services.worker.engine.api import GenerateRequest, SamplingParams, StructuredKind, StructuredOutput
 from tests.e2e.offline import greedy, offline_generate
 
 MAX_INFLIGHT = 4
@@ -22,6 +23,9 @@ PROMPT = "The attention layer reads the key value cache"
 MAX_TOKENS = 24
 FORCED = 345  # a token id of the tiny vocabulary, forced by logit_bias
 PENALTIES = {"frequency_penalty": 1.5, "presence_penalty": 1.0, "repetition_penalty": 1.3}
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+          "required": ["ok", "color"], "additionalProperties": False}
+STRUCTURED_MAX_TOKENS = 192  # the random-weight model pads JSON with all the whitespace allowed
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +38,19 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    chat, completion, forced, penalized = offline_generate([
+    chat, completion, forced, penalized, structured = offline_generate([
         greedy("chat", MAX_TOKENS, messages=tuple(MESSAGES)),
         greedy("completion", MAX_TOKENS, prompt=PROMPT),
         GenerateRequest("forced", SamplingParams(max_tokens=6, temperature=0, logit_bias=((FORCED, 100.0),)),
                         prompt=PROMPT),
         GenerateRequest("penalized", SamplingParams(max_tokens=MAX_TOKENS, temperature=0, **PENALTIES),
                         messages=tuple(MESSAGES)),
+        GenerateRequest("structured", SamplingParams(
+            max_tokens=STRUCTURED_MAX_TOKENS, temperature=0,
+            structured=StructuredOutput(StructuredKind.JSON_SCHEMA, json.dumps(SCHEMA))), messages=tuple(MESSAGES)),
     ])
-    return {"chat": chat, "completion": completion, "forced": forced, "penalized": penalized}
+    return {"chat": chat, "completion": completion, "forced": forced, "penalized": penalized,
+            "structured": structured}
 
 
 @pytest.fixture(autouse=True)
@@ -158,6 +166,33 @@ def test_penalties_logit_bias_and_stop_token_ids(client, reference):
     assert (resp.choices[0].text, resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("", "stop", 1)
 
 
+def test_structured_outputs_follow_their_grammar_as_offline(cluster, client, reference):
+    """OpenAI's response_format (json_schema), streamed and not, and vLLM's structured_outputs."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=STRUCTURED_MAX_TOKENS, temperature=0, response_format=fmt)
+    resp = client.chat.completions.create(**kwargs)
+    content = resp.choices[0].message.content
+    value = json.loads(content)
+    assert set(value) == {"ok", "color"} and isinstance(value["ok"], bool) and value["color"] in ("red", "green")
+    assert (content, resp.choices[0].finish_reason) == (reference["structured"].text, "stop")
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == content
+
+    choices = ["cache", "memory server", "router"]
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0.8, seed=7, n=3,
+                                     extra_body={"structured_outputs": {"choice": choices}})
+    assert all(c.text in choices and c.finish_reason == "stop" for c in resp.choices)
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": "[0-9]{2}-[a-z]{3}"}})
+    assert re.fullmatch("[0-9]{2}-[a-z]{3}", resp.choices[0].text)
+
+    with pytest.raises(openai.BadRequestError) as e:  # compiled by the worker, refused before streaming
+        client.chat.completions.create(**{**kwargs, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, stream=True)
+    err = e.value.body
+    assert err["param"] == "response_format" and "nope" in err["message"]
+
+
 def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
     """As lm-eval-harness scores a text: echo with logprobs gives every prompt token's logprob."""
     kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
@@ -202,6 +237,11 @@ BAD_INPUTS = [
     ("logit_bias key not a token id", "/v1/chat/completions", {**CHAT, "logit_bias": {"hello": 1}}, 400),
     ("logit_bias token past the vocabulary", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}}, 400),
     ("stop_token_ids not ids", "/v1/completions", {"model": "tiny", "prompt": "x", "stop_token_ids": ["a"]}, 400),
+    ("unknown response_format type", "/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400),
+    ("regex that does not compile", "/v1/completions",
+     {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a("}}, 400),
+    ("two structured outputs", "/v1/completions",
+     {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400),
     ("body too large", "/v1/completions", {"model": "tiny", "prompt": "x" * (2 << 20)}, 413),
 ]
 

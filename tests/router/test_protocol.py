@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from services.router.protocol import parse_chat_request, parse_completion_request
@@ -32,6 +34,31 @@ def test_penalties_bias_and_vllm_extras_pass_through():
                 "stop_token_ids"} & set(unset)
     c = parse_completion_request({"prompt": "a", "presence_penalty": 2, "logit_bias": {}}, **LIMITS)
     assert c.sampling["presence_penalty"] == 2.0 and "logit_bias" not in c.sampling
+
+
+def test_response_format_and_structured_outputs_become_one_structured_spec():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    spec = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}).sampling["structured"]
+    assert spec == {"kind": "json_schema", "spec": json.dumps(schema), "choices": [], "param": "response_format"}
+    assert chat(response_format={"type": "json_object"}).sampling["structured"]["kind"] == "json_object"
+    assert "structured" not in chat(response_format={"type": "text"}).sampling
+    assert "structured" not in chat().sampling
+    extra = {"json": json.dumps(schema), "regex": "[a-z]+", "choice": ["x", "y"], "grammar": 'root ::= "a"',
+             "json_object": True}
+    for key, value in extra.items():
+        c = parse_completion_request({"prompt": "a", "structured_outputs": {key: value}}, **LIMITS)
+        got = c.sampling["structured"]
+        assert got["param"] == "structured_outputs" and got["kind"] == {"json": "json_schema"}.get(key, key)
+        if key in ("json", "regex", "grammar"):
+            assert got["spec"] == (json.dumps(schema) if key == "json" else value)
+    assert parse_completion_request({"prompt": "a", "structured_outputs": {"choice": ["x"], "regex": None}},
+                                    **LIMITS).sampling["structured"]["choices"] == ["x"]
+    # vLLM's older guided_* fields
+    assert chat(guided_choice=["x", "y"]).sampling["structured"] == {
+        "kind": "choice", "spec": "", "choices": ["x", "y"], "param": "guided_choice"}
+    assert chat(guided_json=schema).sampling["structured"]["spec"] == json.dumps(schema)
+    assert chat(guided_regex="[ab]+").sampling["structured"]["kind"] == "regex"
+    assert chat(guided_grammar='root ::= "a"').sampling["structured"]["kind"] == "grammar"
 
 
 def test_chat_content_parts_are_joined():
@@ -73,6 +100,24 @@ def test_chat_content_parts_are_joined():
     ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop_token_ids": "3"}, "stop_token_ids"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "whitespace": 1}}, "structured_outputs"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
+    ({"structured_outputs": {"json": [1]}}, "structured_outputs.json"),
+    ({"structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"regex": 3}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_json": "[1]"}, "guided_json"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ({"guided_regex": "a", "guided_json": {}}, "guided_regex"),
 ])
 def test_chat_bad_input_names_the_field(body, param):
     with pytest.raises(ApiError) as e:

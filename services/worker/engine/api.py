@@ -42,6 +42,65 @@ class FinishReason(enum.Enum):
     ERROR = "error"  # the engine failed this request; see Delta.error
 
 
+class StructuredKind(enum.Enum):
+    """What a structured output's text must match (OpenAI's response_format, vLLM's structured_outputs)."""
+
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # spec: a JSON schema (JSON text)
+    REGEX = "regex"  # spec: a regular expression
+    CHOICE = "choice"  # choices: exactly one of these strings
+    GRAMMAR = "grammar"  # spec: an EBNF grammar (root rule `root`)
+
+
+MAX_STRUCTURED_SPEC_CHARS = 1 << 16
+MAX_CHOICES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """The generated text is constrained to a grammar: each step samples only tokens that keep it
+    a prefix of a match, and the request ends (finish_reason "stop") once the match is complete."""
+
+    kind: StructuredKind
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+    param: str = "response_format"  # the request field it came from: errors name it
+
+    def to_obj(self) -> dict:
+        return {"kind": self.kind.value, "spec": self.spec, "choices": list(self.choices), "param": self.param}
+
+    @classmethod
+    def from_obj(cls, obj) -> StructuredOutput:
+        """The wire form back; InvalidRequest naming what is wrong."""
+        if not isinstance(obj, dict):
+            raise InvalidRequest("structured output must be an object with a 'kind'", "structured")
+        try:
+            kind = StructuredKind(obj.get("kind"))
+        except ValueError:
+            raise InvalidRequest(f"structured output kind must be one of {[k.value for k in StructuredKind]}, "
+                                 f"got {obj.get('kind')!r}", "structured") from None
+        spec, choices, param = obj.get("spec", ""), obj.get("choices") or (), obj.get("param", "response_format")
+        if not isinstance(spec, str) or not isinstance(param, str) or not all(isinstance(c, str) for c in choices):
+            raise InvalidRequest("structured output spec and choices must be strings", "structured")
+        out = cls(kind, spec, tuple(choices), param)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if len(self.spec) > MAX_STRUCTURED_SPEC_CHARS:
+            raise InvalidRequest(f"structured output spec must be at most {MAX_STRUCTURED_SPEC_CHARS} characters, "
+                                 f"got {len(self.spec)}", self.param)
+        if self.kind in (StructuredKind.JSON_SCHEMA, StructuredKind.REGEX, StructuredKind.GRAMMAR) and not self.spec:
+            raise InvalidRequest(f"structured output {self.kind.value} needs a non-empty spec", self.param)
+        if self.kind is StructuredKind.CHOICE:
+            if not 1 <= len(self.choices) <= MAX_CHOICES or any(not c for c in self.choices):
+                raise InvalidRequest(f"structured output choice needs 1 to {MAX_CHOICES} non-empty strings, "
+                                     f"got {len(self.choices)}", self.param)
+            if sum(map(len, self.choices)) > MAX_STRUCTURED_SPEC_CHARS:
+                raise InvalidRequest(f"structured output choices must total at most {MAX_STRUCTURED_SPEC_CHARS} "
+                                     "characters", self.param)
+
+
 # Temperatures below this sample greedily (as vLLM): logits / 1e-300 overflow to inf, whose
 # softmax is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -69,6 +128,7 @@ class SamplingParams:
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
     # the first token's None), as OpenAI's completions `echo`.
     echo: bool = False
+    structured: StructuredOutput | None = None  # None: free text
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +170,8 @@ class SamplingParams:
             if not -100 <= bias <= 100:
                 raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}",
                                      "logit_bias")
+        if self.structured is not None:
+            self.structured.validate()
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids named by the request exist in the model's vocabulary."""

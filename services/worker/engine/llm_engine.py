@@ -33,6 +33,7 @@ from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
 from services.worker.engine.sampler import SampleFailed, SampleResult, sample
 from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
+from services.worker.engine.structured import GrammarBackend, RequestGrammar, apply_grammars
 from services.worker.model.tiny import resolve_model_dir
 from services.worker.model.tokenizer import Tokenizer
 
@@ -46,6 +47,7 @@ class _Active:
     generator: torch.Generator | None
     echo_text: str | None = None  # the prompt as the first delta echoes it
     history: TokenHistory | None = None  # penalties' view of its tokens, made at its first sampling
+    grammar: RequestGrammar | None = None  # its structured output's state
 
 
 class LLMEngine:
@@ -56,6 +58,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, model_dir)
         self.model_config = self.runner.model_config
         self.tokenizer = Tokenizer(model_dir, self.model_config.eos_token_ids)
+        self.grammars = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size, self.tokenizer.eos_token_ids)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
@@ -114,13 +117,15 @@ class LLMEngine:
                 f"{where}; the request needs {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)",
                 "max_tokens",
             )
+        grammar = self.grammars.matcher(params.structured) if params.structured is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(request.request_id, ids, params, arrival=0)
         echo_text = None
         if params.echo:
             echo_text = request.prompt if request.prompt is not None else self.tokenizer.decode(ids)
-        return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, echo_text)
+        return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, echo_text,
+                       grammar=grammar)
 
     def submit(self, active: _Active) -> None:
         self._inbox.append(active)
@@ -180,12 +185,14 @@ class LLMEngine:
         if not sampled:
             return deltas
         actives = [self._active[s.request_id] for s in sampled]
+        grammars = [a.grammar for a in actives]
         results = sample(
             logits,
             [s.sampling for s in sampled],
             [a.generator for a in actives],
             [self._banned(s) for s in sampled],
             [self._history(a) if a.seq.sampling.uses_history else None for a in actives],
+            constrain=(lambda x: apply_grammars(x, grammars)) if any(grammars) else None,
         )
         for active, result in zip(actives, results):
             deltas.append(self._advance(active, result))
@@ -293,9 +300,16 @@ class LLMEngine:
             log.warning("sampling_failed", request_id=seq.request_id, error=result.error)
             return self._end(seq, FinishReason.ERROR, result.error)
         token = result.token_id
+        if active.grammar is not None and not active.grammar.accept(token):
+            # The sampler only picks allowed tokens (a row with none fails there): a guard, so a
+            # disagreement between mask and matcher ends the request instead of breaking its grammar.
+            return self._end(seq, FinishReason.ERROR, f"{params.structured.param}: no token the grammar allows "
+                                                      f"could be sampled (token {token} is not allowed)")
         seq.output_token_ids.append(token)
         finish = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids):
+            finish = FinishReason.STOP
+        elif active.grammar is not None and active.grammar.terminated:  # its stop token, despite ignore_eos
             finish = FinishReason.STOP
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             finish = FinishReason.LENGTH

@@ -3,6 +3,7 @@ penalties and logit bias first (services.worker.engine.logits_processors)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,21 +67,32 @@ def sample(
     generators: list[torch.Generator | None],
     banned: list[tuple[int, ...]],  # per row: ids masked out (EOS/stop ids before min_tokens)
     histories: list[TokenHistory | None] | None = None,  # per row: its tokens, for penalties
+    constrain: Callable[[torch.Tensor], None] | None = None,  # masks disallowed tokens of [N, V] in place
 ) -> list[SampleResult | SampleFailed]:
-    """Logprobs are the model's (after the min_tokens mask, before penalties and bias), as vLLM's
-    default; the choice is made on the edited logits. A row gets its penalties and bias when it
-    has a history (the caller gives one where ``params.uses_history``)."""
+    """Logprobs are the model's (after the min_tokens mask, before a structured output's mask,
+    penalties and bias), as vLLM's default; the choice is made on the edited logits. A row gets
+    its penalties and bias when it has a history (the caller gives one where ``params.uses_history``)."""
     for row, ids in enumerate(banned):
         if ids:
             logits[row, list(ids)] = float("-inf")
     want_logprobs = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if constrain is not None:
+        constrain(logits)
     for row, history in enumerate(histories or ()):
         if history is not None:
             apply_processors(logits[row], params[row], history)
-    greedy = greedy_argmax(logits).tolist()
+    best = greedy_argmax(logits)
+    greedy = best.tolist()
+    # A mask may leave a row no token at all (a grammar's stop token banned by min_tokens): its
+    # argmax would be an arbitrary masked token.
+    none_allowed = (logits.gather(1, best.unsqueeze(1)).squeeze(1) == float("-inf")).tolist() if constrain else None
     results: list[SampleResult | SampleFailed] = []
     for row, (p, gen) in enumerate(zip(params, generators)):
+        if none_allowed is not None and none_allowed[row]:
+            results.append(SampleFailed("no token is allowed: the structured output's grammar and the tokens "
+                                        "banned until min_tokens exclude every token"))
+            continue
         if p.logprobs is None and p.greedy:  # most rows: nothing can fail
             results.append(SampleResult(greedy[row], None, ()))
             continue

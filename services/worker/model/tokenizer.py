@@ -21,6 +21,11 @@ class Tokenizer:
         self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([own_eos] if own_eos is not None else [])]))
         self.vocab_size = len(self._tok)
 
+    @property
+    def hf(self):
+        """The transformers tokenizer itself (for libraries that read its vocabulary, e.g. xgrammar)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))
 
