@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from services.router.protocol import Endpoint, ParsedRequest
+from services.router.tools import ToolMode, new_call_id, tool_calls
 from services.runtime.wire import DeltaFrame
 
 
@@ -24,6 +25,7 @@ class ChoiceState:
     num_cached_tokens: int = 0  # prompt tokens whose KV the worker's prefix cache held
     text_offset: int = 0  # characters emitted so far (completions' logprobs.text_offset)
     started: bool = False  # chat: the role delta has gone out
+    tool_call_id: str | None = None  # a named tool_choice's call, once its first delta has gone out
 
 
 def usage(choices: list[ChoiceState]) -> dict:
@@ -70,6 +72,7 @@ class Formatter:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self._usage_field = {"usage": None} if parsed.include_usage else {}
+        self._tools = parsed.tools if parsed.tools is not None and parsed.tools.calls else None  # answers are calls
 
     def _chunk(self, choices: list[dict]) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -84,15 +87,49 @@ class Formatter:
             choice.started = True
             chunks.append(self._chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
-        if frame.text or frame.logprobs:
+        if self._tools is not None:
+            chunks.extend(self._tool_chunks(choice, frame))
+        elif frame.text or frame.logprobs:
             chunks.append(self._chunk([self._content_choice(choice, frame)]))
         if frame.finish_reason in ("stop", "length"):
             if self.chat:
-                body = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": frame.finish_reason}
+                body = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": self._finish(choice)}
             else:
                 body = {"index": choice.index, "text": "", "logprobs": None, "finish_reason": frame.finish_reason}
             chunks.append(self._chunk([body]))
         return chunks
+
+    def _tool_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
+        """A named function's arguments stream as they come; "required" calls go out whole at the
+        end, once the array parses (cut short by max_tokens, the text goes out as content)."""
+        plan = self._tools
+        if plan.mode is ToolMode.NAMED:
+            if not (frame.text or frame.logprobs):
+                return []
+            call: dict = {"index": 0, "function": {"arguments": frame.text}}
+            if choice.tool_call_id is None:
+                choice.tool_call_id = new_call_id()
+                call = {"index": 0, "id": choice.tool_call_id, "type": "function",
+                        "function": {"name": plan.name, "arguments": frame.text}}
+            lp = chat_logprobs(frame.logprobs) if frame.logprobs else None
+            return [self._chunk([{"index": choice.index, "delta": {"tool_calls": [call]}, "logprobs": lp,
+                                  "finish_reason": None}])]
+        if frame.finish_reason is None:
+            return []
+        text = "".join(choice.text_parts)
+        calls = tool_calls(plan, text)
+        delta = {"content": text} if calls is None else {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+        lp = chat_logprobs(choice.logprob_entries) if choice.logprob_entries else None
+        return [self._chunk([{"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}])]
+
+    def _finish(self, choice: ChoiceState) -> str | None:
+        """OpenAI's finish_reason: "tool_calls" when the model chose to call ("required"); a named
+        function was the caller's choice, so that one ends with "stop"."""
+        plan = self._tools
+        if (plan is not None and plan.mode is ToolMode.REQUIRED and choice.finish_reason == "stop"
+                and tool_calls(plan, "".join(choice.text_parts)) is not None):  # a stop string may cut it
+            return "tool_calls"
+        return choice.finish_reason
 
     def _content_choice(self, choice: ChoiceState, frame: DeltaFrame) -> dict:
         if self.chat:
@@ -110,8 +147,11 @@ class Formatter:
             text = "".join(c.text_parts)
             if self.chat:
                 lp = chat_logprobs(c.logprob_entries) if self.parsed.sampling["logprobs"] is not None else None
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
+                calls = tool_calls(self._tools, text) if self._tools is not None else None
+                message = {"role": "assistant", "content": text} if calls is None else \
+                    {"role": "assistant", "content": None, "tool_calls": calls}
+                finish = self._finish(c) if calls is not None else c.finish_reason
+                out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
                 lp = completion_logprobs(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})

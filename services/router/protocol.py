@@ -6,6 +6,7 @@ context) are checked by the engine; everything else is checked here, before rout
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import math
@@ -15,6 +16,7 @@ from typing import Any
 from services.router.params import (
     get_bool, get_dict, get_float, get_int, get_stop, get_str, reject_unsupported, value_error,
 )
+from services.router.tools import ToolPlan, parse_tools
 from services.runtime.errors import ApiError
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -40,6 +42,7 @@ class ParsedRequest:
     n: int
     stream: bool
     include_usage: bool
+    tools: ToolPlan | None = None  # chat: the tools the template shows, and whether the answer is calls
 
     def choice_seeds(self) -> list[int | None]:
         """One seed per choice: seed, seed+1, ... so n>1 with a seed is reproducible yet varied."""
@@ -240,7 +243,7 @@ def _message_content(i: int, message: dict) -> str:
     content = message.get("content")
     param = f"messages[{i}].content"
     if content is None:
-        if message["role"] == "assistant":
+        if message["role"] == "assistant":  # e.g. one that made tool calls
             return ""
         raise ApiError(f"'{param}' is required", code="missing_required_parameter", param=param)
     if isinstance(content, str):
@@ -272,13 +275,43 @@ def _messages(body: dict) -> list[dict[str, str]]:
             raise value_error(
                 f"messages[{i}].role", f"'messages[{i}].role' must be one of {sorted(CHAT_ROLES)}, got {role!r}"
             )
-        out.append({"role": role, "content": _message_content(i, message)})
+        out.append({"role": role, "content": _message_content(i, message), **_tool_fields(i, message)})
     return out
+
+
+def _tool_fields(i: int, message: dict) -> dict:
+    """An assistant's earlier tool_calls and a tool result's tool_call_id, for the chat template;
+    a call's JSON arguments become an object, as templates (and vLLM) expect."""
+    out: dict = {}
+    calls = message.get("tool_calls")
+    if calls is not None and message["role"] == "assistant":
+        param = f"messages[{i}].tool_calls"
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  and isinstance(c["function"].get("name"), str) for c in calls):
+            raise ApiError(f"'{param}' must be a list of {{\"id\", \"type\": \"function\", \"function\": "
+                           "{\"name\", \"arguments\"}}", code="invalid_type", param=param)
+        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
+                             for c in calls]
+    if message["role"] == "tool" and isinstance(message.get("tool_call_id"), str):
+        out["tool_call_id"] = message["tool_call_id"]
+    if isinstance(message.get("name"), str):
+        out["name"] = message["name"]
+    return out
+
+
+def _arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
 
 
 def parse_chat_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
     messages = _messages(body)
-    reject_unsupported(body, {"tools": [], "tool_choice": "none", "audio": None})
+    reject_unsupported(body, {"audio": None})
+    tools = parse_tools(body)
     max_tokens = get_int(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", minimum=1)
@@ -288,8 +321,18 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int) -> ParsedReques
         logprobs = top_logprobs or 0
     elif top_logprobs is not None:
         raise ApiError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    return _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
-                   logprobs=logprobs, prompts=({"messages": messages},))
+    parsed = _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
+                     logprobs=logprobs, prompts=({"messages": messages},))
+    if tools is None:
+        return parsed
+    prompts = ({"messages": messages, "tools": list(tools.tools)},)
+    if not tools.calls:
+        return dataclasses.replace(parsed, tools=tools, prompts=prompts)
+    if "structured" in parsed.sampling:
+        raise value_error("tool_choice", "a tool_choice constrains the answer to its calls: drop "
+                                         "'response_format' / 'structured_outputs', or set tool_choice 'none'")
+    parsed.sampling["structured"] = tools.structured()
+    return dataclasses.replace(parsed, tools=tools, prompts=prompts)
 
 
 def _completion_prompts(body: dict) -> tuple[dict, ...]:

@@ -29,7 +29,8 @@ class GenerateCall:
     sampling: dict[str, Any]
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: the tools the chat template renders
     v: int = WIRE_VERSION
 
 

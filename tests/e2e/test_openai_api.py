@@ -26,6 +26,11 @@ PENALTIES = {"frequency_penalty": 1.5, "presence_penalty": 1.0, "repetition_pena
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
           "required": ["ok", "color"], "additionalProperties": False}
 STRUCTURED_MAX_TOKENS = 192  # the random-weight model pads JSON with all the whitespace allowed
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The forecast", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["unit", "days"], "additionalProperties": False}}}
+CLOCK_TOOL = {"type": "function", "function": {"name": "now", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +198,48 @@ def test_structured_outputs_follow_their_grammar_as_offline(cluster, client, ref
     assert err["param"] == "response_format" and "nope" in err["message"]
 
 
+def _check_weather_args(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert set(args) == {"unit", "days"} and args["unit"] in ("c", "f") and 1 <= args["days"] <= 7
+
+
+def test_tool_calls_for_a_named_function_and_for_required(client):
+    """tool_choice naming a function, or "required": the answer comes back as message.tool_calls
+    whose arguments match the function's parameters; the tools reach the chat template."""
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=400, temperature=0, tools=[WEATHER_TOOL, CLOCK_TOOL])
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    resp = client.chat.completions.create(**kwargs, tool_choice=named)
+    message = resp.choices[0].message
+    assert message.content is None and resp.choices[0].finish_reason == "stop"
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    _check_weather_args(call.function.arguments)
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+    assert resp.usage.prompt_tokens > plain.usage.prompt_tokens + 40  # the tool definitions were rendered
+
+    chunks = list(client.chat.completions.create(**kwargs, tool_choice=named, stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+    resp = client.chat.completions.create(**kwargs, tool_choice="required", parallel_tool_calls=False)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    (call,) = choice.message.tool_calls
+    if call.function.name == "get_weather":
+        _check_weather_args(call.function.arguments)
+    else:
+        assert (call.function.name, json.loads(call.function.arguments)) == ("now", {})
+
+    # The next turn carries the call and its result; tool_choice "none" answers in text.
+    follow = [*MESSAGES, choice.message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 degrees"}]
+    resp = client.chat.completions.create(model="tiny", messages=follow, max_tokens=8, temperature=0,
+                                          tools=[WEATHER_TOOL, CLOCK_TOOL], tool_choice="none")
+    assert resp.choices[0].message.content and not resp.choices[0].message.tool_calls
+    assert resp.usage.prompt_tokens > plain.usage.prompt_tokens + len(call.function.arguments) // 8
+
+
 def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
     """As lm-eval-harness scores a text: echo with logprobs gives every prompt token's logprob."""
     kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
@@ -240,6 +287,11 @@ BAD_INPUTS = [
     ("unknown response_format type", "/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400),
     ("regex that does not compile", "/v1/completions",
      {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a("}}, 400),
+    ("tools without a tool_choice the server can honour (auto)", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("tool_choice naming no tool", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400),
     ("two structured outputs", "/v1/completions",
      {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400),
     ("body too large", "/v1/completions", {"model": "tiny", "prompt": "x" * (2 << 20)}, 413),

@@ -87,7 +87,7 @@ def test_chat_content_parts_are_joined():
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": "a"}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),

@@ -191,6 +191,7 @@ class GenerateRequest:
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None
+    tools: tuple[dict, ...] | None = None  # with messages: OpenAI tools the chat template renders
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 TINY_NAME = "tiny"
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"  # v2: the chat template renders tools and tool calls
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -33,9 +33,15 @@ TINY_CONFIG = {
     "eos_token_id": 0,
 }
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML; tools (OpenAI definitions) in a system turn of their own, an assistant's tool calls as
+# <tool_call> JSON after its content (Qwen2.5's layout). Without tools the text is plain ChatML.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    # (transformers renders with trim_blocks: a newline right after a block tag is dropped, hence {{ '\\n' }})
+    "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\\n' }}</tools><|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% for call in (message.tool_calls or []) %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this have from or one had by "

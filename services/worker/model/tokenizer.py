@@ -29,11 +29,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools=None) -> list[int]:
+        """tools: OpenAI tool definitions, for templates that render them (others ignore them)."""
         if not getattr(self._tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions", "messages")
         try:
-            text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._tok.apply_chat_template(messages, tools=list(tools) if tools else None,
+                                                 add_generation_prompt=True, tokenize=False)
         except Exception as e:  # jinja raises on messages the template rejects
             raise InvalidRequest(f"the chat template rejected the messages: {e}", "messages") from e
         return list(self._tok.encode(text, add_special_tokens=False))

@@ -1,0 +1,97 @@
+"""Tool calls the model chose to make, parsed out of its text (tool_choice "auto"). Pure.
+
+`hermes`: calls are `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes 2 Pro,
+Qwen2.5 and kvmesh's embedded model write them so), as vLLM's parser of the same name. Streaming
+holds back text that may be the start of a tag, sends each call whole once its closing tag has
+come, and sends as text a call that does not parse or was cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+TOOL_CALL_PARSERS = ("hermes",)
+_CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+
+
+def _parse_call(body: str) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) of one call's body, or None if it is not a call."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    return value["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def parse_text(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The whole answer -> (content, calls). Without a call that parses, all of it is content."""
+    calls = [c for c in (_parse_call(m.group(1)) for m in _CALL.finditer(text)) if c is not None]
+    if not calls:
+        return text, []
+    content = text[:text.index(OPEN)].strip()
+    return content or None, calls
+
+
+def _held_back(text: str) -> int:
+    """How many trailing characters of text could begin OPEN."""
+    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
+        if OPEN.startswith(text[-n:]):
+            return n
+    return 0
+
+
+@dataclass(slots=True)
+class StreamParser:
+    """Feed the answer's text as it streams; get back text to send as content and whole calls."""
+
+    _buffer: str = ""
+    _in_call: bool = False
+    num_calls: int = 0
+    _after_call: bool = False
+
+    def feed(self, text: str) -> tuple[str, list[tuple[str, str]]]:
+        self._buffer += text
+        content, calls = [], []
+        while True:
+            if self._in_call:
+                end = self._buffer.find(CLOSE)
+                if end < 0:
+                    break
+                body = self._buffer[:end]
+                self._buffer = self._buffer[end + len(CLOSE):]
+                self._in_call = False
+                call = _parse_call(body)
+                if call is None:  # not a call after all: its text goes out as it was
+                    content.append(self._content(OPEN + body + CLOSE))
+                else:
+                    calls.append(call)
+                    self.num_calls += 1
+                    self._after_call = True
+                continue
+            start = self._buffer.find(OPEN)
+            if start >= 0:
+                content.append(self._content(self._buffer[:start]))
+                self._buffer = self._buffer[start + len(OPEN):]
+                self._in_call = True
+                continue
+            keep = _held_back(self._buffer)
+            content.append(self._content(self._buffer[:len(self._buffer) - keep]))
+            self._buffer = self._buffer[len(self._buffer) - keep:]
+            break
+        return "".join(content), calls
+
+    def finish(self) -> str:
+        """What is left once the answer has ended: an unclosed call or a partial tag, as text."""
+        rest = (OPEN if self._in_call else "") + self._buffer
+        self._buffer, self._in_call = "", False
+        return self._content(rest)
+
+    def _content(self, text: str) -> str:
+        # Between and after calls only whitespace separates them: it is not content.
+        return "" if self._after_call and not text.strip() else text

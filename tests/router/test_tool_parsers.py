@@ -1,0 +1,44 @@
+import pytest
+
+from services.router.tool_parsers import StreamParser, parse_text
+
+ANSWER = ('Let me look.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+          '<tool_call>{"name": "now", "arguments": {}}</tool_call>')
+CALLS = [("get_weather", '{"city": "Oslo"}'), ("now", "{}")]
+
+
+def test_whole_answer_splits_into_content_and_calls():
+    assert parse_text(ANSWER) == ("Let me look.", CALLS)
+    assert parse_text('<tool_call>{"name": "now", "arguments": "{}"}</tool_call>') == (None, [("now", "{}")])
+    for text in ("no calls here", "<tool_call>not json</tool_call>", '<tool_call>{"name": "now"', "<tool_call"):
+        assert parse_text(text) == (text, [])
+
+
+def _stream(text: str, sizes: list[int]) -> tuple[str, list]:
+    parser, content, calls, i = StreamParser(), [], [], 0
+    for n in sizes:
+        c, k = parser.feed(text[i:i + n])
+        content.append(c)
+        calls += k
+        i += n
+    content.append(parser.feed(text[i:])[0])
+    content.append(parser.finish())
+    return "".join(content), calls
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 11, 1000])
+def test_streaming_in_any_pieces_gives_the_same_calls_and_never_leaks_a_tag(size):
+    content, calls = _stream(ANSWER, [size] * (len(ANSWER) // size + 1))
+    assert calls == CALLS and content == "Let me look.\n"
+
+
+def test_a_partial_tag_is_held_back_until_it_is_known_not_to_be_one():
+    parser = StreamParser()
+    assert parser.feed("a <tool_") == ("a ", [])
+    assert parser.feed("box>") == ("<tool_box>", [])
+    assert parser.finish() == ""
+
+
+@pytest.mark.parametrize("text", ["x <tool_call>{\"name\": \"now\", \"argu", "x <tool_ca", "<tool_call>oops</tool_call>"])
+def test_a_call_cut_short_or_unparsable_comes_back_as_text(text):
+    assert _stream(text, [3] * 20) == (text, [])
