@@ -79,7 +79,10 @@ class LocalCluster:
         c = self.config
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = c.port or free_port(c.host)
-        self.router = self._spawn("router", "router", ["router", "--host", c.host, "--port", str(port)], port)
+        args = ["router", "--host", c.host, "--port", str(port)]
+        if c.tool_call_parser is not None:
+            args += ["--tool-call-parser", c.tool_call_parser]
+        self.router = self._spawn("router", "router", args, port)
         self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
                            60, self._check_alive)
         # memservers learn the KV block geometry from the first worker: all start now, they join after it

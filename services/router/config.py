@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.router.tool_parsers import TOOL_CALL_PARSERS
+
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
@@ -18,6 +20,7 @@ class RouterConfig:
     max_stop_sequences: int = 16
     drain_timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
+    tool_call_parser: str | None = None  # finds tool calls in answers (tool_choice "auto"); None: refuse "auto"
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -28,5 +31,7 @@ class RouterConfig:
         for name in ("max_inflight_requests", "default_max_tokens", "max_n", "max_body_bytes", "max_stop_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {list(TOOL_CALL_PARSERS)}, got {self.tool_call_parser!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")

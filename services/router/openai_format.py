@@ -7,7 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from services.router.protocol import Endpoint, ParsedRequest
-from services.router.tools import ToolMode, new_call_id, tool_calls
+from services.router.tool_parsers import StreamParser, parse_text
+from services.router.tools import ToolMode, new_call_id, new_tool_call, tool_calls
 from services.runtime.wire import DeltaFrame
 
 
@@ -26,6 +27,9 @@ class ChoiceState:
     text_offset: int = 0  # characters emitted so far (completions' logprobs.text_offset)
     started: bool = False  # chat: the role delta has gone out
     tool_call_id: str | None = None  # a named tool_choice's call, once its first delta has gone out
+    tool_parser: StreamParser | None = None  # tool_choice "auto", streaming: calls found in the text so far
+    num_tool_calls: int = 0  # tool_choice "auto", streaming: calls sent
+    pending_logprobs: list = field(default_factory=list)  # "auto", streaming: of text held back
 
 
 def usage(choices: list[ChoiceState]) -> dict:
@@ -73,6 +77,7 @@ class Formatter:
         self.created = int(time.time())
         self._usage_field = {"usage": None} if parsed.include_usage else {}
         self._tools = parsed.tools if parsed.tools is not None and parsed.tools.calls else None  # answers are calls
+        self._auto = parsed.tools is not None and parsed.tools.mode is ToolMode.AUTO  # calls parsed out of text
 
     def _chunk(self, choices: list[dict]) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -89,6 +94,8 @@ class Formatter:
                                         "logprobs": None, "finish_reason": None}]))
         if self._tools is not None:
             chunks.extend(self._tool_chunks(choice, frame))
+        elif self._auto:
+            chunks.extend(self._auto_chunks(choice, frame))
         elif frame.text or frame.logprobs:
             chunks.append(self._chunk([self._content_choice(choice, frame)]))
         if frame.finish_reason in ("stop", "length"):
@@ -122,11 +129,35 @@ class Formatter:
         lp = chat_logprobs(choice.logprob_entries) if choice.logprob_entries else None
         return [self._chunk([{"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}])]
 
-    def _finish(self, choice: ChoiceState) -> str | None:
-        """OpenAI's finish_reason: "tool_calls" when the model chose to call ("required"); a named
-        function was the caller's choice, so that one ends with "stop"."""
+    def _auto_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
+        """Text streams as content, except what may be a call's markup; each call goes out whole."""
+        if choice.tool_parser is None:
+            choice.tool_parser = StreamParser()
+        content, calls = choice.tool_parser.feed(frame.text)
+        if frame.finish_reason is not None:
+            content += choice.tool_parser.finish()
+        choice.pending_logprobs.extend(frame.logprobs or ())
+        deltas = [{"content": content}] if content or (frame.finish_reason and choice.pending_logprobs) else []
+        for name, arguments in calls:
+            deltas.append({"tool_calls": [{"index": choice.num_tool_calls, **new_tool_call(name, arguments)}]})
+            choice.num_tool_calls += 1
+        out = []
+        for delta in deltas:
+            lp = chat_logprobs(choice.pending_logprobs) if choice.pending_logprobs else None
+            choice.pending_logprobs = []
+            out.append(self._chunk([{"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}]))
+        return out
+
+    def _finish(self, choice: ChoiceState, made_calls: bool | None = None) -> str | None:
+        """OpenAI's finish_reason: "tool_calls" when the model chose to call ("required", "auto");
+        a named function was the caller's choice, so that one ends with "stop"."""
+        if choice.finish_reason != "stop":
+            return choice.finish_reason
+        if self._auto:
+            made_calls = choice.num_tool_calls > 0 if made_calls is None else made_calls
+            return "tool_calls" if made_calls else "stop"
         plan = self._tools
-        if (plan is not None and plan.mode is ToolMode.REQUIRED and choice.finish_reason == "stop"
+        if (plan is not None and plan.mode is ToolMode.REQUIRED
                 and tool_calls(plan, "".join(choice.text_parts)) is not None):  # a stop string may cut it
             return "tool_calls"
         return choice.finish_reason
@@ -147,10 +178,15 @@ class Formatter:
             text = "".join(c.text_parts)
             if self.chat:
                 lp = chat_logprobs(c.logprob_entries) if self.parsed.sampling["logprobs"] is not None else None
-                calls = tool_calls(self._tools, text) if self._tools is not None else None
-                message = {"role": "assistant", "content": text} if calls is None else \
-                    {"role": "assistant", "content": None, "tool_calls": calls}
-                finish = self._finish(c) if calls is not None else c.finish_reason
+                content, calls = text, None
+                if self._tools is not None:
+                    calls = tool_calls(self._tools, text)
+                    content = None if calls is not None else text
+                elif self._auto:
+                    content, found = parse_text(text)
+                    calls = [new_tool_call(name, arguments) for name, arguments in found] or None
+                message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+                finish = self._finish(c, made_calls=bool(calls)) if calls is not None else c.finish_reason
                 out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
                 lp = completion_logprobs(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None

@@ -308,10 +308,11 @@ def _arguments(arguments: Any) -> Any:
     return arguments
 
 
-def parse_chat_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
+def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: str | None = None) -> ParsedRequest:
+    """tool_parser: how to find tool calls in an answer with tool_choice "auto" (None: refuse it)."""
     messages = _messages(body)
     reject_unsupported(body, {"audio": None})
-    tools = parse_tools(body)
+    tools = parse_tools(body, tool_parser)
     max_tokens = get_int(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", minimum=1)

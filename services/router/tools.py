@@ -3,8 +3,9 @@
 A named `tool_choice` constrains the answer to that function's parameters (a JSON schema); with
 "required" the answer is a JSON array of calls, `[{"name": ..., "parameters": {...}}, ...]`, each
 item one of the tools. Both go to the worker as a structured output, so the answer always parses,
-and come back as `message.tool_calls`. "auto" would need a parser for the model's own tool-call
-markup (vLLM's --tool-call-parser): it is refused with a 400 saying what works instead.
+and come back as `message.tool_calls`. With "auto" the model chooses: its calls are parsed out of
+its text by the router's --tool-call-parser (services.router.tool_parsers); without one, "auto" is
+refused with a 400 saying what works instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ToolMode(enum.Enum):
     NONE = "none"  # the template shows the tools, the answer is text (as vLLM by default)
     NAMED = "named"  # the answer is the arguments of one given function
     REQUIRED = "required"  # the answer is one or more calls of any of the tools
+    AUTO = "auto"  # the answer is text, calls in the model's markup, or both
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +41,8 @@ class ToolPlan:
 
     @property
     def calls(self) -> bool:
-        """The answer is tool calls (not text)."""
-        return self.mode is not ToolMode.NONE
+        """The answer is constrained to tool calls."""
+        return self.mode in (ToolMode.NAMED, ToolMode.REQUIRED)
 
     def structured(self) -> dict:
         """The engine's StructuredOutput wire form for the answer."""
@@ -73,20 +75,22 @@ def _functions(body: dict) -> list[dict]:
     return out
 
 
-def parse_tools(body: dict) -> ToolPlan | None:
-    """The request's tool use, or None without tools."""
+def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
+    """The request's tool use, or None without tools. parser: the router's --tool-call-parser."""
     choice = body.get("tool_choice")
     if body.get("tools") is None or body.get("tools") == []:
         if choice not in (None, "none"):
             raise value_error("tool_choice", "'tool_choice' needs 'tools'")
         return None
     functions = _functions(body)
-    if choice is None or choice == "auto":
-        raise value_error("tool_choice", "tool_choice 'auto' (the default with tools) needs a parser for this "
-                                         "model's tool-call markup, which this server does not have: set "
-                                         "tool_choice to 'required', 'none' or {\"type\": \"function\", "
-                                         "\"function\": {\"name\": ...}}")
     tools = tuple(body["tools"])
+    if choice is None or choice == "auto":
+        if parser is None:
+            raise value_error("tool_choice", "tool_choice 'auto' (the default with tools) needs a parser for the "
+                                             "model's tool-call markup: start the router with --tool-call-parser "
+                                             "(e.g. hermes), or set tool_choice to 'required', 'none' or "
+                                             "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+        return ToolPlan(ToolMode.AUTO, tools, None, None)
     if choice == "none":
         return ToolPlan(ToolMode.NONE, tools, None, None)
     if choice == "required":
@@ -118,9 +122,10 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict] | None:
     except ValueError:
         return None
     if plan.mode is ToolMode.NAMED:
-        return [_call(plan.name, text)]
-    return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        return [new_tool_call(plan.name, text)]
+    return [new_tool_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
+def new_tool_call(name: str, arguments: str) -> dict[str, Any]:
+    """One entry of message.tool_calls."""
     return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}

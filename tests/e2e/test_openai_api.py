@@ -17,7 +17,8 @@ from services.worker.engine.api import GenerateRequest, SamplingParams, Structur
 from tests.e2e.offline import greedy, offline_generate
 
 MAX_INFLIGHT = 4
-ROUTER_ARGS = ("--max-inflight-requests", str(MAX_INFLIGHT), "--max-body-bytes", str(1 << 20), "--max-n", "4")
+ROUTER_ARGS = ("--max-inflight-requests", str(MAX_INFLIGHT), "--max-body-bytes", str(1 << 20), "--max-n", "4",
+               "--tool-call-parser", "hermes")
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the memory cluster"}]
 PROMPT = "The attention layer reads the key value cache"
 MAX_TOKENS = 24
@@ -240,6 +241,29 @@ def test_tool_calls_for_a_named_function_and_for_required(client):
     assert resp.usage.prompt_tokens > plain.usage.prompt_tokens + len(call.function.arguments) // 8
 
 
+def test_tool_choice_auto_finds_the_calls_the_model_writes(client):
+    """With --tool-call-parser hermes, tool_choice "auto" (the default with tools): a call the model
+    writes as <tool_call>{json}</tool_call> comes back as message.tool_calls, other text as content.
+    The random-weight model never writes one by itself: a structured output makes it."""
+    markup = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=64, temperature=0, tools=[WEATHER_TOOL, CLOCK_TOOL],
+                  extra_body={"structured_outputs": {"choice": [markup]}})
+    resp = client.chat.completions.create(**kwargs)
+    message = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "tool_calls" and not message.content
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("now", "{}")]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [(0, "now", "{}")]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                                          tools=[WEATHER_TOOL])  # the model answers in text
+    assert resp.choices[0].message.content and not resp.choices[0].message.tool_calls
+    assert resp.choices[0].finish_reason in ("stop", "length")
+
+
 def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
     """As lm-eval-harness scores a text: echo with logprobs gives every prompt token's logprob."""
     kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
@@ -287,8 +311,7 @@ BAD_INPUTS = [
     ("unknown response_format type", "/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400),
     ("regex that does not compile", "/v1/completions",
      {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a("}}, 400),
-    ("tools without a tool_choice the server can honour (auto)", "/v1/chat/completions",
-     {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("tool_choice without tools", "/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400),
     ("tool_choice naming no tool", "/v1/chat/completions",
      {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400),

@@ -76,3 +76,21 @@ def test_cluster_view_reads_the_routers_cluster_route():
     view = view_from_cluster_json(body)
     assert (view.capacity_tokens, view.num_used_blocks, view.max_context_tokens) == (1280 * 16, 2, 20480)
     assert "longest context 20,480 tokens" in view.describe()
+
+
+@pytest.mark.parametrize("parser, expected", [(None, []), ("hermes", ["--tool-call-parser", "hermes"])])
+def test_up_passes_the_tool_call_parser_to_the_router(tmp_path, parser, expected):
+    from services.launch.cluster import LocalCluster
+
+    class Spawned(Exception):
+        pass
+
+    def spawn(name, kind, cli_args, port):
+        raise Spawned(cli_args)
+
+    cluster = LocalCluster(LaunchConfig(tool_call_parser=parser, cluster_token="t"), tmp_path)
+    cluster._spawn = spawn
+    with pytest.raises(Spawned) as e:
+        cluster.start()
+    args = e.value.args[0]
+    assert args[0] == "router" and args[5:] == expected

@@ -125,3 +125,27 @@ def test_calls_cut_short_by_max_tokens_come_back_as_text():
     streamed, full = _run(chat(tools=TOOLS, tool_choice="required", stream=True), ['[{"name": "no'], "length")
     assert streamed[1]["delta"] == {"content": '[{"name": "no'} and streamed[-1]["finish_reason"] == "length"
     assert full["message"] == {"role": "assistant", "content": '[{"name": "no'} and full["finish_reason"] == "length"
+
+
+def test_auto_needs_a_tool_call_parser_and_then_finds_calls_in_the_text():
+    p = parse_chat_request({"messages": MSG, "tools": TOOLS}, **LIMITS, tool_parser="hermes")
+    assert p.tools.mode is ToolMode.AUTO and "structured" not in p.sampling
+    answer = 'Checking.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    streamed, full = _run(p, [answer[:15], answer[15:40], answer[40:]], "stop")
+    deltas = [c["delta"] for c in streamed]
+    assert deltas[1] == {"content": "Checking.\n"}
+    call = deltas[2]["tool_calls"][0]
+    assert call["index"] == 0 and call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert streamed[-1]["finish_reason"] == "tool_calls" and len(deltas) == 4
+    assert full["message"]["content"] == "Checking." and full["finish_reason"] == "tool_calls"
+    assert full["message"]["tool_calls"][0]["function"] == call["function"]
+    streamed, full = _run(p, ["just ", "text <tool_"], "length")  # no call: all of it is text
+    assert "".join(c["delta"].get("content", "") for c in streamed) == "just text <tool_"
+    assert full["message"] == {"role": "assistant", "content": "just text <tool_"} and full["finish_reason"] == "length"
+
+
+def test_the_router_refuses_an_unknown_tool_call_parser():
+    from services.router.config import RouterConfig
+
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        RouterConfig(cluster_token="t", tool_call_parser="mistral")
