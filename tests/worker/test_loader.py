@@ -110,3 +110,19 @@ def test_unexpected_tensor(base, tmp_path):
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointMismatch, match="unexpected tensors"):
         load_model(path, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_transformers_bits(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from services.worker.model.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    for tokens, hidden in ((1, 256), (7, 256), (64, 4096)):
+        ours, theirs = RMSNorm(hidden, 1e-6).to(dtype), LlamaRMSNorm(hidden, 1e-6).to(dtype)
+        weight = (torch.randn(hidden, generator=gen) * 0.1 + 1).to(dtype)
+        ours.weight.data.copy_(weight)
+        theirs.weight.data.copy_(weight)
+        x = (torch.randn(tokens, hidden, generator=gen) * 3).to(dtype)
+        assert torch.equal(ours(x), theirs(x))
