@@ -20,6 +20,12 @@ class Tokenizer:
         own_eos = self._tok.eos_token_id
         self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([own_eos] if own_eos is not None else [])]))
         self.vocab_size = len(self._tok)
+        # decode runs twice per generated token (the detokenizer): transformers' wrapper around a
+        # fast tokenizer costs ~4x the Rust call itself, and adds nothing unless it cleans up spaces.
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        self._raw_decode = None
+        if backend is not None and not getattr(self._tok, "clean_up_tokenization_spaces", True):
+            self._raw_decode = backend.decode
 
     @property
     def hf(self):
@@ -41,6 +47,8 @@ class Tokenizer:
         return list(self._tok.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids) -> str:
+        if self._raw_decode is not None:
+            return self._raw_decode(token_ids, skip_special_tokens=True)
         return self._tok.decode(token_ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
