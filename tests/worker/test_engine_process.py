@@ -4,6 +4,7 @@ blocks freed on abort, and a dead engine ends open streams with an error instead
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -11,7 +12,8 @@ import pytest
 
 from services.worker.engine import ipc
 from services.worker.engine.api import (
-    ContextLengthExceeded, Delta, FinishReason, GenerateRequest, InvalidRequest, SamplingParams, TokenLogprob,
+    ContextLengthExceeded, Delta, EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, SamplingParams,
+    StructuredKind, StructuredOutput, TokenLogprob,
 )
 from services.worker.engine.client import EngineProcess
 from services.worker.engine.config import EngineConfig
@@ -115,3 +117,71 @@ def test_engine_openmp_threads_sleep_after_their_region_unless_the_operator_chos
 
     assert _engine_env({})["OMP_WAIT_POLICY"] == "PASSIVE"
     assert _engine_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def _big_schema() -> StructuredOutput:
+    """~47K characters: xgrammar takes ~0.5 s on these machines to compile it."""
+    fields = {f"field_{i}": {"type": "object", "required": [f"sub_{j}" for j in range(5)],
+                             "properties": {f"sub_{j}": {"type": ["string", "integer", "null"], "maxLength": 20}
+                                            for j in range(10)}} for i in range(60)}
+    schema = {"type": "object", "properties": fields, "required": list(fields)}
+    return StructuredOutput(StructuredKind.JSON_SCHEMA, json.dumps(schema))
+
+
+async def test_a_grammar_compiles_while_running_streams_keep_generating(engine):
+    """A structured output's grammar compiles on its own thread: a stream already running keeps
+    getting tokens meanwhile (a synchronous compile would stall it for the whole compile)."""
+    events: list[str] = []
+
+    async def run(name, request):
+        async for delta in engine.generate(request):
+            if delta.token_ids:
+                events.append(name)
+
+    running = asyncio.create_task(run("free", GenerateRequest(
+        "free", SamplingParams(max_tokens=900, temperature=0, ignore_eos=True), prompt="go on")))
+    while not events:
+        if running.done():
+            running.result()  # raises what went wrong
+        await asyncio.sleep(0.01)
+    structured = asyncio.create_task(run("json", GenerateRequest(
+        "json", SamplingParams(max_tokens=4, temperature=0, structured=_big_schema()), prompt="as JSON")))
+    submitted = len(events)
+    await structured
+    assert events.count("json") == 4
+    assert events.index("json") - submitted >= 5  # tokens of the other stream while the grammar compiled
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await _wait_free(engine)
+
+
+async def test_a_request_aborted_while_its_grammar_compiles_never_runs(engine):
+    first = engine.generate(GenerateRequest("gone", SamplingParams(max_tokens=500, structured=_big_schema()),
+                                            prompt="as JSON"))
+    pending = asyncio.ensure_future(anext(first))
+    await asyncio.sleep(0.05)  # submitted; its grammar is compiling
+    pending.cancel()
+    await asyncio.gather(pending, return_exceptions=True)
+    await first.aclose()  # the front aborts it
+    # The same schema again: it compiles after the first one, on the same thread.
+    second = engine.generate(GenerateRequest("next", SamplingParams(max_tokens=500, structured=_big_schema()),
+                                             prompt="as JSON"))
+    await anext(second)
+    assert engine.stats().num_running == 1  # "gone" was never admitted
+    await second.aclose()
+    await _wait_free(engine)
+    with pytest.raises(InvalidRequest, match="does not compile"):  # and a bad one is still a refusal
+        await collect(engine, GenerateRequest("bad", SamplingParams(structured=StructuredOutput(
+            StructuredKind.REGEX, "a(")), prompt="x"))
+
+
+async def test_a_request_whose_grammar_compiles_when_the_engine_stops_is_refused_for_another_worker():
+    eng = EngineProcess(CONFIG, on_death=lambda: None)
+    await eng.start()
+    stream = eng.generate(GenerateRequest("late", SamplingParams(max_tokens=50, structured=_big_schema()),
+                                          prompt="as JSON"))
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)  # submitted; its grammar is compiling
+    await eng.stop()
+    with pytest.raises(EngineOverloaded, match="stopping"):  # a 503: the router tries another worker
+        await pending

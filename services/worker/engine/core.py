@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future
 
 import structlog
 import uvloop
@@ -29,7 +30,9 @@ import uvloop
 from services.runtime.host import keep_freed_memory
 from services.runtime.logging import configure_logging
 from services.worker.engine import ipc
-from services.worker.engine.api import ContextLengthExceeded, EngineError
+from services.worker.engine.api import (
+    ContextLengthExceeded, EngineError, EngineOverloaded, GenerateRequest, InvalidRequest,
+)
 from services.worker.engine.config import EngineConfig
 
 log = structlog.get_logger()
@@ -112,12 +115,18 @@ class EngineServer:
         self.remote = remote
         self._stopping = False
         self._last_stats = None
+        # Requests whose structured output compiles on the grammar thread: (request, Future), in order
+        self._compiling: list[tuple[GenerateRequest, Future]] = []
 
     def run(self) -> None:
         while not self.channel.closed:
             busy = self.engine.has_work()
-            for message in self.channel.receive(timeout=0 if busy else (0.05 if self._stopping else None)):
+            # While grammars compile, look for finished ones every 5 ms even when nothing else runs.
+            wait = 0 if busy else 0.005 if self._compiling else 0.05 if self._stopping else None
+            for message in self.channel.receive(timeout=wait):
                 self._handle(message)
+            if self._compiling:
+                self._admit_compiled()
             if self.engine.has_work():
                 self.channel.send(["step", [ipc.delta_to_obj(d) for d in self._step()], self._stats()])
             elif self._stopping:
@@ -143,24 +152,55 @@ class EngineServer:
         if kind == "submit":
             self._submit(ipc.request_from_obj(message[1]))
         elif kind == "abort":
+            self._compiling = [(r, f) for r, f in self._compiling if r.request_id != message[1]]
             self.engine.abort(message[1])
         elif kind == "kv_summary" and self.remote is not None:
             self.remote.loop.call_soon_threadsafe(self.remote.client.update, message[1])
         elif kind == "stop":
             self._stopping = True
+            for request, _ in self._compiling:  # not started: another worker can take it (503)
+                self.channel.send(ipc.reject_message(request.request_id, EngineOverloaded(
+                    "the worker is stopping; this request had not started")))
+            self._compiling = []
             for request_id in list(self.engine.active_request_ids()):
                 self.engine.abort(request_id)
 
-    def _submit(self, request) -> None:
+    def _submit(self, request: GenerateRequest) -> None:
+        if request.sampling.structured is not None:  # admitted once its grammar has compiled
+            self._compiling.append((request, self.engine.grammars.compile_async(request.sampling.structured)))
+            return
+        self._admit(request)
+
+    def _admit_compiled(self) -> None:
+        waiting = []
+        for request, future in self._compiling:
+            if not future.done():
+                waiting.append((request, future))
+                continue
+            try:
+                grammar = future.result()
+            except EngineError as e:
+                self.channel.send(ipc.reject_message(request.request_id, e))
+                continue
+            except Exception as e:  # a grammar library failure fails this request, not the engine
+                log.exception("grammar_compile_failed", request_id=request.request_id, error=str(e))
+                error = InvalidRequest(f"the structured output could not be compiled: {e}",
+                                       request.sampling.structured.param)
+                self.channel.send(ipc.reject_message(request.request_id, error))
+                continue
+            self._admit(request, grammar)
+        self._compiling = waiting
+
+    def _admit(self, request: GenerateRequest, grammar=None) -> None:
         try:
             try:
-                active = self.engine.prepare(request)
+                active = self.engine.prepare(request, grammar)
             except ContextLengthExceeded:
                 if self.remote is None:
                     raise
                 # Memory servers may have joined since the last heartbeat: look again before refusing.
                 self.remote.call(self.remote.client.refresh(), timeout=15.0)
-                active = self.engine.prepare(request)
+                active = self.engine.prepare(request, grammar)
         except EngineError as e:
             self.channel.send(ipc.reject_message(request.request_id, e))
             return

@@ -82,8 +82,10 @@ class LLMEngine:
                 "dtype": str(self.runner.dtype).removeprefix("torch.")}
 
     # --- admission (any thread) ---
-    def prepare(self, request: GenerateRequest) -> _Active:
-        """Tokenize and validate; raises EngineError subclasses naming the value and the limit."""
+    def prepare(self, request: GenerateRequest, grammar: RequestGrammar | None = None) -> _Active:
+        """Tokenize and validate; raises EngineError subclasses naming the value and the limit.
+        grammar: the request's structured output, compiled already (`grammars.compile_async`);
+        None compiles it here."""
         params = request.sampling
         params.validate()
         params.check_token_ids(self.model_config.vocab_size)
@@ -117,7 +119,8 @@ class LLMEngine:
                 f"{where}; the request needs {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)",
                 "max_tokens",
             )
-        grammar = self.grammars.matcher(params.structured) if params.structured is not None else None
+        if params.structured is not None and grammar is None:
+            grammar = self.grammars.matcher(params.structured)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(request.request_id, ids, params, arrival=0)

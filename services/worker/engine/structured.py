@@ -4,7 +4,9 @@ A request's `StructuredOutput` compiles (cached by xgrammar) into a grammar; its
 follows the tokens generated so far and, before each sampling, fills a bitmask of the tokens that
 keep the text a prefix of a match. Once the match is complete only the stop tokens remain allowed,
 so the request ends with finish_reason "stop", as in vLLM. xgrammar is imported on the first such
-request (it takes about a second), never by a worker that is not asked for one.
+request (it takes about a second), never by a worker that is not asked for one. A grammar compiles
+on a thread of its own (`compile_async`; xgrammar releases the GIL), so a large schema (a 47K-character
+one takes ~0.5 s) does not stall the streams already running.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import re
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -40,6 +43,7 @@ class GrammarBackend:
         self._stop_token_ids = list(stop_token_ids)
         self._lock = threading.Lock()
         self._compiler = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def _load(self):
         with self._lock:
@@ -68,6 +72,13 @@ class GrammarBackend:
             raise InvalidRequest(f"{structured.param}: the {structured.kind.value} does not compile: {message}",
                                  structured.param) from e
         return RequestGrammar(xgrammar.GrammarMatcher(compiled))
+
+    def compile_async(self, structured: StructuredOutput) -> Future:
+        """`matcher` on the compile thread: a Future of the RequestGrammar (or its InvalidRequest)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-grammar")
+        return self._executor.submit(self.matcher, structured)
 
 
 def _compile(compiler, structured: StructuredOutput):
