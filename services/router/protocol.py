@@ -279,6 +279,34 @@ def _messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
+# apply_chat_template's own arguments: set by the server, or by their own request fields
+_RESERVED_TEMPLATE_ARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "add_generation_prompt", "continue_final_message",
+})
+
+
+def _template_options(body: dict) -> dict:
+    """vLLM's chat-template fields: add_generation_prompt, continue_final_message (an answer that
+    continues the last assistant message) and chat_template_kwargs (the template's own variables,
+    e.g. enable_thinking). Only what the request sets, as {"chat_template_kwargs": {...}}."""
+    kwargs = dict(get_dict(body, "chat_template_kwargs") or {})
+    reserved = sorted(_RESERVED_TEMPLATE_ARGS & set(kwargs))
+    if reserved:
+        raise value_error("chat_template_kwargs", f"'chat_template_kwargs' may not set {reserved}"
+                          + ("; use the request fields of the same name" if set(reserved) & {
+                              "add_generation_prompt", "continue_final_message"} else ""))
+    for name, default in (("add_generation_prompt", True), ("continue_final_message", False)):
+        value = get_bool(body, name, default)
+        if value != default:
+            kwargs[name] = value
+    if kwargs.get("continue_final_message") and kwargs.get("add_generation_prompt", True):
+        raise value_error("continue_final_message", "'continue_final_message' continues the last message: "
+                                                    "set 'add_generation_prompt' to false with it")
+    return {"chat_template_kwargs": kwargs} if kwargs else {}
+
+
 def _tool_fields(i: int, message: dict) -> dict:
     """An assistant's earlier tool_calls and a tool result's tool_call_id, for the chat template;
     a call's JSON arguments become an object, as templates (and vLLM) expect."""
@@ -322,11 +350,12 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
         logprobs = top_logprobs or 0
     elif top_logprobs is not None:
         raise ApiError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    chat = {"messages": messages, **_template_options(body)}
     parsed = _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
-                     logprobs=logprobs, prompts=({"messages": messages},))
+                     logprobs=logprobs, prompts=(chat,))
     if tools is None:
         return parsed
-    prompts = ({"messages": messages, "tools": list(tools.tools)},)
+    prompts = ({**chat, "tools": list(tools.tools)},)
     if not tools.calls:
         return dataclasses.replace(parsed, tools=tools, prompts=prompts)
     if "structured" in parsed.sampling:

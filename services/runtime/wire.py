@@ -31,6 +31,8 @@ class GenerateCall:
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None  # with messages: the tools the chat template renders
+    # with messages: extra variables of the chat template, and its add_generation_prompt / continue_final_message
+    chat_template_kwargs: dict[str, Any] | None = None
     v: int = WIRE_VERSION
 
 

@@ -35,6 +35,7 @@ def to_generate_request(call: GenerateCall) -> GenerateRequest:
         prompt_token_ids=tuple(call.prompt_token_ids) if call.prompt_token_ids is not None else None,
         messages=tuple(call.messages) if call.messages is not None else None,
         tools=tuple(call.tools) if call.tools is not None else None,
+        chat_template_kwargs=call.chat_template_kwargs,
     )
 
 

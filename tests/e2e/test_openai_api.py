@@ -22,6 +22,7 @@ ROUTER_ARGS = ("--max-inflight-requests", str(MAX_INFLIGHT), "--max-body-bytes",
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the memory cluster"}]
 PROMPT = "The attention layer reads the key value cache"
 MAX_TOKENS = 24
+CONTINUED = [*MESSAGES, {"role": "assistant", "content": "The memory cluster is"}]  # an answer to go on with
 FORCED = 345  # a token id of the tiny vocabulary, forced by logit_bias
 PENALTIES = {"frequency_penalty": 1.5, "presence_penalty": 1.0, "repetition_penalty": 1.3}
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
@@ -44,7 +45,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    chat, completion, forced, penalized, structured = offline_generate([
+    chat, completion, forced, penalized, structured, continued = offline_generate([
         greedy("chat", MAX_TOKENS, messages=tuple(MESSAGES)),
         greedy("completion", MAX_TOKENS, prompt=PROMPT),
         GenerateRequest("forced", SamplingParams(max_tokens=6, temperature=0, logit_bias=((FORCED, 100.0),)),
@@ -54,9 +55,11 @@ def reference():
         GenerateRequest("structured", SamplingParams(
             max_tokens=STRUCTURED_MAX_TOKENS, temperature=0,
             structured=StructuredOutput(StructuredKind.JSON_SCHEMA, json.dumps(SCHEMA))), messages=tuple(MESSAGES)),
+        GenerateRequest("continued", SamplingParams(max_tokens=MAX_TOKENS, temperature=0), messages=tuple(CONTINUED),
+                        chat_template_kwargs={"add_generation_prompt": False, "continue_final_message": True}),
     ])
     return {"chat": chat, "completion": completion, "forced": forced, "penalized": penalized,
-            "structured": structured}
+            "structured": structured, "continued": continued}
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +154,16 @@ def test_n_seed_stop_and_logprobs(client, reference):
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
     assert len(resp.choices[0].logprobs.tokens) == 4 and len(resp.choices[0].logprobs.top_logprobs[0]) == 3
+
+
+def test_continue_final_message_goes_on_with_the_assistants_text(client, reference):
+    """vLLM's add_generation_prompt / continue_final_message: the answer continues the last
+    assistant message instead of starting a new turn."""
+    resp = client.chat.completions.create(model="tiny", messages=CONTINUED, max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    new_turn = client.chat.completions.create(model="tiny", messages=CONTINUED, max_tokens=MAX_TOKENS, temperature=0)
+    assert resp.choices[0].message.content == reference["continued"].text
+    assert resp.usage.prompt_tokens < new_turn.usage.prompt_tokens  # no end of turn, no new assistant header
 
 
 def test_penalties_logit_bias_and_stop_token_ids(client, reference):

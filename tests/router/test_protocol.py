@@ -143,3 +143,23 @@ def test_completion_bad_input(body):
     with pytest.raises(ApiError) as e:
         parse_completion_request(body, **LIMITS)
     assert e.value.status == 400
+
+
+def test_chat_template_fields_reach_the_worker():
+    p = chat(add_generation_prompt=False, continue_final_message=True, chat_template_kwargs={"enable_thinking": False})
+    assert p.prompts[0]["chat_template_kwargs"] == {"enable_thinking": False, "add_generation_prompt": False,
+                                                   "continue_final_message": True}
+    assert "chat_template_kwargs" not in chat(add_generation_prompt=True).prompts[0]  # the defaults go unsaid
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+    ({"continue_final_message": True}, "continue_final_message"),  # needs add_generation_prompt false
+    ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+])
+def test_bad_chat_template_fields_name_the_field(body, param):
+    with pytest.raises(ApiError) as e:
+        chat(**body)
+    assert e.value.status == 400 and e.value.param == param

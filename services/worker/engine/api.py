@@ -192,6 +192,9 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None
     tools: tuple[dict, ...] | None = None  # with messages: OpenAI tools the chat template renders
+    # with messages: the chat template's variables (e.g. enable_thinking), add_generation_prompt and
+    # continue_final_message (transformers' apply_chat_template arguments)
+    chat_template_kwargs: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ class LLMEngine:
         if request.messages is not None:
             if not request.messages:
                 raise InvalidRequest("messages must not be empty", "messages")
-            ids = self.tokenizer.encode_chat(list(request.messages), request.tools)
+            ids = self.tokenizer.encode_chat(list(request.messages), request.tools, request.chat_template_kwargs)
         elif request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
             vocab = self.model_config.vocab_size

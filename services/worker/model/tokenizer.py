@@ -35,13 +35,16 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict], tools=None) -> list[int]:
-        """tools: OpenAI tool definitions, for templates that render them (others ignore them)."""
+    def encode_chat(self, messages: list[dict], tools=None, template_kwargs: dict | None = None) -> list[int]:
+        """tools: OpenAI tool definitions, for templates that render them (others ignore them).
+        template_kwargs: the template's own variables, add_generation_prompt (default True) and
+        continue_final_message (the router checked that no other argument is named)."""
         if not getattr(self._tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions", "messages")
+        kwargs = {"add_generation_prompt": True, **(template_kwargs or {})}
         try:
-            text = self._tok.apply_chat_template(messages, tools=list(tools) if tools else None,
-                                                 add_generation_prompt=True, tokenize=False)
+            text = self._tok.apply_chat_template(messages, tools=list(tools) if tools else None, tokenize=False,
+                                                 **kwargs)
         except Exception as e:  # jinja raises on messages the template rejects
             raise InvalidRequest(f"the chat template rejected the messages: {e}", "messages") from e
         return list(self._tok.encode(text, add_special_tokens=False))
