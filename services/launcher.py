@@ -24,6 +24,7 @@ from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
+from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS
 from services.runtime.sizes import format_size, size_arg
 from services.runtime.auth import CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN
@@ -54,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="workers reuse the KV of earlier prompts' full blocks (default: on)")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="the router's: lets chat requests use tool_choice 'auto' (see kvmesh router --help)")
+    parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                        help="the router's: chat answers' <think> reasoning as reasoning_content")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help=f"per-run log dir (default ${LOG_DIR_ENV}/<timestamp>, else ./.kvmesh/logs/<timestamp>)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
@@ -76,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
         block_size=args.block_size, dtype=args.dtype, worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
         ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,

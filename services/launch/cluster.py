@@ -82,6 +82,8 @@ class LocalCluster:
         args = ["router", "--host", c.host, "--port", str(port)]
         if c.tool_call_parser is not None:
             args += ["--tool-call-parser", c.tool_call_parser]
+        if c.reasoning_parser is not None:
+            args += ["--reasoning-parser", c.reasoning_parser]
         self.router = self._spawn("router", "router", args, port)
         self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
                            60, self._check_alive)

@@ -7,6 +7,7 @@ import sys
 
 from services.router.app import create_app, drain
 from services.router.config import RouterConfig
+from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS
 from services.runtime.auth import resolve_cluster_token
 from services.runtime.logging import configure_logging
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="find the tool calls a model chose to make in its text, so chat requests may use "
                              "tool_choice 'auto' (hermes: <tool_call>{json}</tool_call>, as Hermes 2 Pro, Qwen2.5 "
                              "and the embedded model write them); without it 'auto' is refused")
+    parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                        help="return a chat answer's <think> reasoning as reasoning_content, apart from its content "
+                             "(deepseek_r1: the answer starts inside <think>; qwen3: only if it opens one)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -37,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         host=args.host, port=args.port, cluster_token=resolve_cluster_token(args.cluster_token, args.host),
         heartbeat_timeout_s=args.heartbeat_timeout, max_inflight_requests=args.max_inflight_requests,
         max_n=args.max_n, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
     )
 
 

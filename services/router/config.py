@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS
 
 
@@ -21,6 +22,7 @@ class RouterConfig:
     drain_timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
     tool_call_parser: str | None = None  # finds tool calls in answers (tool_choice "auto"); None: refuse "auto"
+    reasoning_parser: str | None = None  # splits a chat answer's reasoning_content from its content
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -33,5 +35,8 @@ class RouterConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
             raise ValueError(f"tool_call_parser must be one of {list(TOOL_CALL_PARSERS)}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {list(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")

@@ -20,7 +20,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     body = await read_json_object(request)
     parsed = parse_chat_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences,
-                                tool_parser=config.tool_call_parser)
+                                tool_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
     return await serve(request, parsed)
 
 

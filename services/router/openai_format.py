@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from services.router.protocol import Endpoint, ParsedRequest
+from services.router.reasoning import ReasoningStream, split_reasoning
 from services.router.tool_parsers import StreamParser, parse_text
 from services.router.tools import ToolMode, new_call_id, new_tool_call, tool_calls
 from services.runtime.wire import DeltaFrame
@@ -30,6 +32,7 @@ class ChoiceState:
     tool_parser: StreamParser | None = None  # tool_choice "auto", streaming: calls found in the text so far
     num_tool_calls: int = 0  # tool_choice "auto", streaming: calls sent
     pending_logprobs: list = field(default_factory=list)  # "auto", streaming: of text held back
+    reasoning: ReasoningStream | None = None  # --reasoning-parser, streaming: where the answer is
 
 
 def usage(choices: list[ChoiceState]) -> dict:
@@ -92,6 +95,11 @@ class Formatter:
             choice.started = True
             chunks.append(self._chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
+        if self.chat and self.parsed.reasoning_parser is not None:
+            reasoning, frame = self._split_reasoning(choice, frame)
+            if reasoning:
+                chunks.append(self._chunk([{"index": choice.index, "delta": {"reasoning_content": reasoning},
+                                            "logprobs": None, "finish_reason": None}]))
         if self._tools is not None:
             chunks.extend(self._tool_chunks(choice, frame))
         elif self._auto:
@@ -105,6 +113,16 @@ class Formatter:
                 body = {"index": choice.index, "text": "", "logprobs": None, "finish_reason": frame.finish_reason}
             chunks.append(self._chunk([body]))
         return chunks
+
+    def _split_reasoning(self, choice: ChoiceState, frame: DeltaFrame) -> tuple[str, DeltaFrame]:
+        """This delta's reasoning text, and the delta with only its answer text left."""
+        if choice.reasoning is None:
+            choice.reasoning = ReasoningStream(self.parsed.reasoning_parser)
+        reasoning, content = choice.reasoning.feed(frame.text)
+        if frame.finish_reason is not None:
+            more_reasoning, more_content = choice.reasoning.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return reasoning, dataclasses.replace(frame, text=content)
 
     def _tool_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
         """A named function's arguments stream as they come; "required" calls go out whole at the
@@ -178,6 +196,9 @@ class Formatter:
             text = "".join(c.text_parts)
             if self.chat:
                 lp = chat_logprobs(c.logprob_entries) if self.parsed.sampling["logprobs"] is not None else None
+                reasoning = None
+                if self.parsed.reasoning_parser is not None:
+                    reasoning, text = split_reasoning(self.parsed.reasoning_parser, text)
                 content, calls = text, None
                 if self._tools is not None:
                     calls = tool_calls(self._tools, text)
@@ -185,7 +206,8 @@ class Formatter:
                 elif self._auto:
                     content, found = parse_text(text)
                     calls = [new_tool_call(name, arguments) for name, arguments in found] or None
-                message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+                message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {}),
+                           **({"reasoning_content": reasoning} if reasoning is not None else {})}
                 finish = self._finish(c, made_calls=bool(calls)) if calls is not None else c.finish_reason
                 out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
             else:

@@ -43,6 +43,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     tools: ToolPlan | None = None  # chat: the tools the template shows, and whether the answer is calls
+    reasoning_parser: str | None = None  # chat: reasoning_content apart from content (services.router.reasoning)
 
     def choice_seeds(self) -> list[int | None]:
         """One seed per choice: seed, seed+1, ... so n>1 with a seed is reproducible yet varied."""
@@ -336,8 +337,10 @@ def _arguments(arguments: Any) -> Any:
     return arguments
 
 
-def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: str | None = None) -> ParsedRequest:
-    """tool_parser: how to find tool calls in an answer with tool_choice "auto" (None: refuse it)."""
+def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: str | None = None,
+                       reasoning_parser: str | None = None) -> ParsedRequest:
+    """tool_parser: how to find tool calls in an answer with tool_choice "auto" (None: refuse it).
+    reasoning_parser: how to find the reasoning before the answer (None: all of it is content)."""
     messages = _messages(body)
     reject_unsupported(body, {"audio": None})
     tools = parse_tools(body, tool_parser)
@@ -353,6 +356,13 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
     chat = {"messages": messages, **_template_options(body)}
     parsed = _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
                      logprobs=logprobs, prompts=(chat,))
+    if reasoning_parser is not None:
+        constrained = parsed.sampling.get("structured") or (tools.structured() if tools and tools.calls else None)
+        if constrained is not None:
+            raise value_error(constrained["param"], "this server splits reasoning from answers "
+                              "(--reasoning-parser), and a structured output would constrain the reasoning too: "
+                              "not supported; drop it, or use tool_choice 'auto'")
+        parsed = dataclasses.replace(parsed, reasoning_parser=reasoning_parser)
     if tools is None:
         return parsed
     prompts = ({**chat, "tools": list(tools.tools)},)

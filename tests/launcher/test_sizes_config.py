@@ -78,8 +78,13 @@ def test_cluster_view_reads_the_routers_cluster_route():
     assert "longest context 20,480 tokens" in view.describe()
 
 
-@pytest.mark.parametrize("parser, expected", [(None, []), ("hermes", ["--tool-call-parser", "hermes"])])
-def test_up_passes_the_tool_call_parser_to_the_router(tmp_path, parser, expected):
+@pytest.mark.parametrize("parsers, expected", [
+    ({}, []),
+    ({"tool_call_parser": "hermes"}, ["--tool-call-parser", "hermes"]),
+    ({"tool_call_parser": "hermes", "reasoning_parser": "qwen3"},
+     ["--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]),
+])
+def test_up_passes_the_parsers_to_the_router(tmp_path, parsers, expected):
     from services.launch.cluster import LocalCluster
 
     class Spawned(Exception):
@@ -88,7 +93,7 @@ def test_up_passes_the_tool_call_parser_to_the_router(tmp_path, parser, expected
     def spawn(name, kind, cli_args, port):
         raise Spawned(cli_args)
 
-    cluster = LocalCluster(LaunchConfig(tool_call_parser=parser, cluster_token="t"), tmp_path)
+    cluster = LocalCluster(LaunchConfig(**parsers, cluster_token="t"), tmp_path)
     cluster._spawn = spawn
     with pytest.raises(Spawned) as e:
         cluster.start()
