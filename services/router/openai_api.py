@@ -1,4 +1,5 @@
-"""Public routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /ready, /metrics."""
+"""Public routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
+/health, /ready, /metrics."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.router.completions import serve
-from services.router.keys import CONFIG, METRICS, REGISTRY
-from services.router.protocol import parse_chat_request, parse_completion_request
+from services.router.completions import resolve_model, serve
+from services.router.keys import CONFIG, METRICS, POOL, REGISTRY
+from services.router.protocol import (
+    parse_chat_request, parse_completion_request, parse_detokenize_request, parse_tokenize_request,
+)
+from services.router.worker_client import call_worker_json
 from services.runtime.bodies import json_response, read_json_object
 
 routes = web.RouteTableDef()
@@ -30,6 +34,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     parsed = parse_completion_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences)
     return await serve(request, parsed)
+
+
+@routes.post("/tokenize")
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's: the token ids of a prompt, or of chat messages as the chat template renders them."""
+    model, body = parse_tokenize_request(await read_json_object(request))
+    name, _ = resolve_model(request.app[REGISTRY], model)
+    return json_response(await call_worker_json(request.app[POOL], name, "/internal/tokenize", body))
+
+
+@routes.post("/detokenize")
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's: the text of token ids."""
+    model, body = parse_detokenize_request(await read_json_object(request))
+    name, _ = resolve_model(request.app[REGISTRY], model)
+    return json_response(await call_worker_json(request.app[POOL], name, "/internal/tokenize", body))
 
 
 @routes.get("/v1/models")

@@ -17,6 +17,7 @@ from services.router.params import (
     get_bool, get_dict, get_float, get_int, get_stop, get_str, reject_unsupported, value_error,
 )
 from services.router.tools import ToolPlan, parse_tools
+from services.router.tools import functions as tool_functions
 from services.runtime.errors import ApiError
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -407,3 +408,30 @@ def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> Parsed
     if len(prompts) * parsed.n > max_n:
         raise value_error("n", f"len(prompt) * n = {len(prompts) * parsed.n} exceeds the cap of {max_n} sequences")
     return parsed
+
+
+def parse_tokenize_request(body: dict) -> tuple[str | None, dict]:
+    """vLLM's /tokenize: a prompt, or chat messages (with tools and the chat-template fields) ->
+    (model, what the worker tokenizes)."""
+    out: dict[str, Any] = {"return_token_strs": get_bool(body, "return_token_strs")}
+    if body.get("messages") is not None:
+        out["messages"] = _messages(body)
+        out.update(_template_options(body))
+        if body.get("tools") is not None:
+            out["tools"] = [{"type": "function", "function": f} for f in tool_functions(body)]
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError("'prompt' (a string) or 'messages' is required", code="missing_required_parameter",
+                           param="prompt")
+        out["prompt"] = prompt
+        out["add_special_tokens"] = get_bool(body, "add_special_tokens", True)
+    return get_str(body, "model"), out
+
+
+def parse_detokenize_request(body: dict) -> tuple[str | None, dict]:
+    """vLLM's /detokenize: token ids -> (model, what the worker decodes)."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ApiError("'tokens' must be a list of token ids", code="invalid_type", param="tokens")
+    return get_str(body, "model"), {"tokens": tokens}

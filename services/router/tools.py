@@ -49,7 +49,8 @@ class ToolPlan:
         return {"kind": "json_schema", "spec": json.dumps(self.schema), "choices": [], "param": "tool_choice"}
 
 
-def _functions(body: dict) -> list[dict]:
+def functions(body: dict) -> list[dict]:
+    """The request's tools' function definitions, checked (400 naming what is wrong)."""
     tools = body.get("tools")
     if not isinstance(tools, list):
         raise ApiError("'tools' must be a list", code="invalid_type", param="tools")
@@ -82,7 +83,7 @@ def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
         if choice not in (None, "none"):
             raise value_error("tool_choice", "'tool_choice' needs 'tools'")
         return None
-    functions = _functions(body)
+    fns = functions(body)
     tools = tuple(body["tools"])
     if choice is None or choice == "auto":
         if parser is None:
@@ -97,7 +98,7 @@ def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
         parallel = get_bool(body, "parallel_tool_calls", True)
         calls = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [f["name"]]},
                                                              "parameters": f.get("parameters") or _ANY_OBJECT},
-                            "required": ["name", "parameters"]} for f in functions]}
+                            "required": ["name", "parameters"]} for f in fns]}
         schema = {"type": "array", "minItems": 1, "items": calls, **({} if parallel else {"maxItems": 1})}
         return ToolPlan(ToolMode.REQUIRED, tools, None, schema)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
@@ -105,7 +106,7 @@ def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
     if not isinstance(name, str):
         raise value_error("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
                                          "{\"type\": \"function\", \"function\": {\"name\": ...}}")
-    fn = next((f for f in functions if f["name"] == name), None)
+    fn = next((f for f in fns if f["name"] == name), None)
     if fn is None:
         raise value_error("tool_choice", f"'tool_choice' names {name!r}, which is not among 'tools'")
     return ToolPlan(ToolMode.NAMED, tools, name, fn.get("parameters") or _ANY_OBJECT)

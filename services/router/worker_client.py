@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 from array import array
 from dataclasses import dataclass
 
@@ -168,3 +169,26 @@ async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_toke
             refused = error
             continue
         return WorkerStream(pool, candidate.worker_id, response, num_tokens)
+
+
+async def call_worker_json(pool: WorkerPool, model: str, path: str, body: dict) -> dict:
+    """POST body to `path` on a live worker serving `model` (the next one if it cannot be reached);
+    its JSON answer, or its error as ApiError."""
+    tried: set[str] = set()
+    while True:
+        candidates = pool.registry.candidates(model, frozenset(tried))
+        if not candidates:
+            raise ApiError(f"no live worker is serving model '{model}'; retry when a worker has registered",
+                           status=503, code="no_worker_available", headers={"Retry-After": "1"})
+        worker_id = min(candidates, key=lambda c: c.outstanding_tokens).worker_id
+        url = pool.registry.get(worker_id).info.url + path
+        try:
+            async with pool.session.post(url, json=body, headers=cluster_headers(pool.cluster_token)) as response:
+                payload = await response.read()
+                if response.status != 200:
+                    raise api_error_from_payload(response.status, payload)
+                return json.loads(payload)
+        except (aiohttp.ClientConnectionError, TimeoutError) as e:
+            pool.registry.mark_failed(worker_id)
+            log.warning("worker_unreachable", worker_id=worker_id, error=repr(e))
+            tried.add(worker_id)

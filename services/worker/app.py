@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from services.runtime.auth import cluster_token_middleware
-from services.runtime.bodies import json_response
+from services.runtime.bodies import json_response, read_json_object
 from services.runtime.errors import ApiError, error_middleware
 from services.runtime.wire import CONTENT_TYPE, GenerateCall, WireDecodeError, WorkerLoad, WorkerRegistration, decode, encode
 from services.worker.config import WorkerConfig
@@ -134,6 +134,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
             await engine.abort(request_id)
         await stream.aclose()
         inflight.remove(request_id, completed=finish in (FinishReason.STOP, FinishReason.LENGTH))
+
+
+@routes.post("/internal/tokenize")
+async def tokenize(request: web.Request) -> web.Response:
+    """The router's /tokenize and /detokenize, body as it checked it (LLMEngine.tokenize)."""
+    body = await read_json_object(request)
+    try:
+        return json_response(await request.app[ENGINE].tokenize(body))
+    except EngineError as e:
+        raise ApiError(e.message, status=e.status, code=e.code, param=e.param) from e
 
 
 @routes.get("/internal/stats")

@@ -166,6 +166,35 @@ def test_continue_final_message_goes_on_with_the_assistants_text(client, referen
     assert resp.usage.prompt_tokens < new_turn.usage.prompt_tokens  # no end of turn, no new assistant header
 
 
+async def test_tokenize_and_detokenize_as_the_engine_counts(cluster, client):
+    """vLLM's /tokenize and /detokenize: a prompt's ids, chat messages as the template renders them
+    (the count the chat's usage gives), and back to text."""
+    from services.worker.model.tiny import materialize_tiny
+    from services.worker.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(materialize_tiny(), (0,))
+    async with aiohttp.ClientSession(cluster.router.url) as session:
+        async def post(path, body, status=200):
+            async with session.post(path, json=body) as resp:
+                assert resp.status == status, await resp.text()
+                return await resp.json()
+
+        got = await post("/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
+        assert got["tokens"] == tok.encode(PROMPT) and got["count"] == len(got["tokens"])
+        assert got["max_model_len"] == 32768 and len(got["token_strs"]) == got["count"]
+        assert (await post("/detokenize", {"model": "tiny", "tokens": got["tokens"]}))["prompt"] == PROMPT
+
+        chat = await post("/tokenize", {"model": "tiny", "messages": MESSAGES})
+        usage = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1).usage
+        assert chat["count"] == usage.prompt_tokens and chat["token_strs"] is None
+        with_tools = await post("/tokenize", {"messages": MESSAGES, "tools": [WEATHER_TOOL]})
+        assert with_tools["count"] > chat["count"]  # the template rendered them
+
+        assert (await post("/detokenize", {"tokens": [10**6]}, 400))["error"]["param"] == "tokens"
+        assert (await post("/tokenize", {"model": "tiny"}, 400))["error"]["param"] == "prompt"
+        assert (await post("/tokenize", {"model": "gpt-9", "prompt": "x"}, 404))["error"]["code"] == "model_not_found"
+
+
 def test_penalties_logit_bias_and_stop_token_ids(client, reference):
     """OpenAI's logit_bias and penalties, and vLLM's repetition_penalty and stop_token_ids (extra
     body fields), as the engine computes them offline."""

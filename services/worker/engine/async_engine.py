@@ -50,6 +50,9 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    async def tokenize(self, body: dict) -> dict:
+        return self.engine.tokenize(body)  # the tokenizer is thread-safe; a prompt's worth is quick
+
     @property
     def kv_geometry(self) -> dict:
         return self.engine.kv_geometry

@@ -7,6 +7,7 @@ know where the engine runs. The front never imports torch: the model lives in th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import sys
@@ -38,6 +39,8 @@ class EngineProcess:
         self._log_level = log_level
         self._on_death = on_death
         self._queues: dict[str, asyncio.Queue] = {}
+        self._tokenizing: dict[int, asyncio.Future] = {}  # tokenize calls awaiting the engine's answer
+        self._call_ids = itertools.count()
         self._stats: EngineStats | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -134,6 +137,19 @@ class EngineProcess:
                 self._send(["abort", request.request_id])
             self._queues.pop(request.request_id, None)
 
+    async def tokenize(self, body: dict) -> dict:
+        """LLMEngine.tokenize, answered by the engine between its steps."""
+        if self._dead is not None:
+            raise EngineOverloaded(f"the engine process is gone: {self._dead}")
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._tokenizing[call_id] = future
+        try:
+            self._send(["tokenize", call_id, body])
+            return await future
+        finally:
+            self._tokenizing.pop(call_id, None)
+
     async def abort(self, request_id: str) -> None:
         if self._dead is None:
             self._send(["abort", request_id])
@@ -166,6 +182,14 @@ class EngineProcess:
             queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(ipc.error_from_reject(code, text, param))
+        elif kind == "tokenized":
+            _, call_id, result, error = message
+            future = self._tokenizing.get(call_id)
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(ipc.error_from_reject(*error))
         elif kind == "fatal":
             self._died(message[1])
 
@@ -173,6 +197,9 @@ class EngineProcess:
         if self._dead is not None:
             return
         self._dead = reason
+        for future in self._tokenizing.values():
+            if not future.done():
+                future.set_exception(EngineOverloaded(f"the engine process died: {reason}"))
         if self._stopping:
             return
         log.error("engine_process_died", reason=reason, num_requests=len(self._queues))

@@ -154,6 +154,12 @@ class EngineServer:
         elif kind == "abort":
             self._compiling = [(r, f) for r, f in self._compiling if r.request_id != message[1]]
             self.engine.abort(message[1])
+        elif kind == "tokenize":
+            _, call_id, body = message
+            try:
+                self.channel.send(["tokenized", call_id, self.engine.tokenize(body), None])
+            except EngineError as e:
+                self.channel.send(["tokenized", call_id, None, ipc.reject_message("", e)[2:]])
         elif kind == "kv_summary" and self.remote is not None:
             self.remote.loop.call_soon_threadsafe(self.remote.client.update, message[1])
         elif kind == "stop":

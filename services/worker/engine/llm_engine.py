@@ -130,6 +130,27 @@ class LLMEngine:
         return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, echo_text,
                        grammar=grammar)
 
+    def tokenize(self, request: dict) -> dict:
+        """vLLM's /tokenize and /detokenize, from the router's checked body: {"tokens": [...]} ->
+        {"prompt": text}; {"prompt": text, "add_special_tokens"} or {"messages", "tools",
+        "chat_template_kwargs"} -> {"tokens", "count", "max_model_len"} (and "token_strs" when
+        "return_token_strs")."""
+        if "tokens" in request:
+            ids = list(request["tokens"])
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"tokens must be ids in [0, {vocab})", "tokens")
+            return {"prompt": self.tokenizer.hf.decode(ids)}
+        if request.get("messages") is not None:
+            ids = self.tokenizer.encode_chat(list(request["messages"]), request.get("tools"),
+                                             request.get("chat_template_kwargs"))
+        else:
+            ids = self.tokenizer.encode(request["prompt"], request.get("add_special_tokens", True))
+        out = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
+        if request.get("return_token_strs"):
+            out["token_strs"] = self.tokenizer.hf.convert_ids_to_tokens(ids)
+        return out
+
     def submit(self, active: _Active) -> None:
         self._inbox.append(active)
 

@@ -32,8 +32,8 @@ class Tokenizer:
         """The transformers tokenizer itself (for libraries that read its vocabulary, e.g. xgrammar)."""
         return self._tok
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_chat(self, messages: list[dict], tools=None, template_kwargs: dict | None = None) -> list[int]:
         """tools: OpenAI tool definitions, for templates that render them (others ignore them).
