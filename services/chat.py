@@ -30,6 +30,7 @@ class TurnStats:
     ttft_s: float | None = None
     num_tokens: int = 0
     elapsed_s: float = 0.0
+    thinking: bool = False  # reasoning is being shown
 
     def summary(self) -> str:
         ttft = f"{self.ttft_s:.3f}s" if self.ttft_s is not None else "n/a"
@@ -63,7 +64,9 @@ async def _first_model(session: aiohttp.ClientSession, config: ChatConfig) -> st
 
 async def stream_answer(session: aiohttp.ClientSession, config: ChatConfig, model: str, messages: list[dict],
                         out, stats: TurnStats, parts: list[str]) -> None:
-    """Stream one assistant answer to `out`, appending its text to `parts` as it arrives."""
+    """Stream one assistant answer to `out`, appending its text to `parts` as it arrives. Reasoning
+    (a router with --reasoning-parser) is shown too, in brackets, but kept out of `parts`: the
+    next turn's history holds the answer only, as thinking models expect."""
     body = {"model": model, "messages": messages, "stream": True, "temperature": config.temperature,
             "stream_options": {"include_usage": True}}
     if config.max_tokens is not None:
@@ -85,7 +88,19 @@ async def stream_answer(session: aiohttp.ClientSession, config: ChatConfig, mode
             if event.get("usage"):
                 stats.num_tokens = event["usage"]["completion_tokens"]
             for choice in event.get("choices", []):
-                text = choice.get("delta", {}).get("content")
+                delta = choice.get("delta", {})
+                if delta.get("reasoning_content"):
+                    if stats.ttft_s is None:
+                        stats.ttft_s = time.monotonic() - start
+                    if not stats.thinking:
+                        stats.thinking = True
+                        out.write("[thinking: ")
+                    out.write(delta["reasoning_content"])
+                    out.flush()
+                text = delta.get("content")
+                if text and stats.thinking:
+                    stats.thinking = False
+                    out.write("]\n")
                 if text:
                     if stats.ttft_s is None:
                         stats.ttft_s = time.monotonic() - start
@@ -94,6 +109,9 @@ async def stream_answer(session: aiohttp.ClientSession, config: ChatConfig, mode
                     out.write(text)
                     out.flush()
             stats.elapsed_s = time.monotonic() - start
+    if stats.thinking:  # cut short while still thinking
+        stats.thinking = False
+        out.write("]\n")
     stats.elapsed_s = time.monotonic() - start
 
 
