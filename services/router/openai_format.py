@@ -141,7 +141,7 @@ class Formatter:
                                   "finish_reason": None}])]
         if frame.finish_reason is None:
             return []
-        text = "".join(choice.text_parts)
+        text = self._answer_text(choice)
         calls = tool_calls(plan, text)
         delta = {"content": text} if calls is None else {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
         lp = chat_logprobs(choice.logprob_entries) if choice.logprob_entries else None
@@ -166,6 +166,11 @@ class Formatter:
             out.append(self._chunk([{"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}]))
         return out
 
+    def _answer_text(self, choice: ChoiceState) -> str:
+        """All of the choice's text but its reasoning."""
+        text = "".join(choice.text_parts)
+        return text if self.parsed.reasoning_parser is None else split_reasoning(self.parsed.reasoning_parser, text)[1]
+
     def _finish(self, choice: ChoiceState, made_calls: bool | None = None) -> str | None:
         """OpenAI's finish_reason: "tool_calls" when the model chose to call ("required", "auto");
         a named function was the caller's choice, so that one ends with "stop"."""
@@ -176,7 +181,7 @@ class Formatter:
             return "tool_calls" if made_calls else "stop"
         plan = self._tools
         if (plan is not None and plan.mode is ToolMode.REQUIRED
-                and tool_calls(plan, "".join(choice.text_parts)) is not None):  # a stop string may cut it
+                and tool_calls(plan, self._answer_text(choice)) is not None):  # a stop string may cut it
             return "tool_calls"
         return choice.finish_reason
 

@@ -16,10 +16,14 @@ from typing import Any
 from services.router.params import (
     get_bool, get_dict, get_float, get_int, get_stop, get_str, reject_unsupported, value_error,
 )
+from services.router.reasoning import CLOSE as THINK_CLOSE
+from services.router.reasoning import OPEN as THINK_OPEN
 from services.router.tools import ToolPlan, parse_tools
 from services.router.tools import functions as tool_functions
 from services.runtime.errors import ApiError
 
+# With a reasoning parser, a structured output waits for the reasoning to end (engine: StructuredOutput)
+REASONING_MARKERS = {"reasoning_start": THINK_OPEN, "reasoning_end": THINK_CLOSE}
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_LOGPROBS = 20
 SEED_MODULUS = 2**63
@@ -358,12 +362,9 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
     parsed = _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
                      logprobs=logprobs, prompts=(chat,))
     if reasoning_parser is not None:
-        constrained = parsed.sampling.get("structured") or (tools.structured() if tools and tools.calls else None)
-        if constrained is not None:
-            raise value_error(constrained["param"], "this server splits reasoning from answers "
-                              "(--reasoning-parser), and a structured output would constrain the reasoning too: "
-                              "not supported; drop it, or use tool_choice 'auto'")
         parsed = dataclasses.replace(parsed, reasoning_parser=reasoning_parser)
+        if "structured" in parsed.sampling:  # the grammar applies once the reasoning has ended
+            parsed.sampling["structured"] = {**parsed.sampling["structured"], **REASONING_MARKERS}
     if tools is None:
         return parsed
     prompts = ({**chat, "tools": list(tools.tools)},)
@@ -372,7 +373,7 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
     if "structured" in parsed.sampling:
         raise value_error("tool_choice", "a tool_choice constrains the answer to its calls: drop "
                                          "'response_format' / 'structured_outputs', or set tool_choice 'none'")
-    parsed.sampling["structured"] = tools.structured()
+    parsed.sampling["structured"] = tools.structured() | (REASONING_MARKERS if reasoning_parser is not None else {})
     return dataclasses.replace(parsed, tools=tools, prompts=prompts)
 
 

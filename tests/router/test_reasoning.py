@@ -71,13 +71,16 @@ def test_reasoning_then_a_tool_call_with_tool_choice_auto():
     assert full["message"]["reasoning_content"] == "I need the time." and full["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "now"}}], "tool_choice": "required"}, "tool_choice"),
-])
-def test_structured_outputs_are_refused_beside_a_reasoning_parser(body, param):
-    from services.runtime.errors import ApiError
-
-    with pytest.raises(ApiError) as e:
-        _chat(body)
-    assert e.value.status == 400 and e.value.param == param and "reasoning" in str(e.value)
+def test_structured_outputs_wait_for_the_reasoning_to_end():
+    p = _chat({"response_format": {"type": "json_object"}})
+    assert p.sampling["structured"]["reasoning_start"] == "<think>"
+    assert p.sampling["structured"]["reasoning_end"] == "</think>"
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    p = _chat({"tools": tools, "tool_choice": "required", "stream": True})
+    assert p.sampling["structured"]["reasoning_end"] == "</think>"
+    answer = 'Time?</think>[{"name": "now", "parameters": {}}]'
+    deltas, full = _run(p, [answer[:12], answer[12:]])
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Time?"
+    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == ["now"]
+    assert full["finish_reason"] == "tool_calls" and full["message"]["reasoning_content"] == "Time?"
+    assert "structured" not in _chat({}).sampling

@@ -170,3 +170,29 @@ def test_the_wire_form_round_trips_and_refuses_bad_shapes():
     for bad in ({"kind": "yaml"}, {"kind": "regex", "spec": 3}, "regex", {"kind": "choice", "choices": []}):
         with pytest.raises(InvalidRequest):
             StructuredOutput.from_obj(bad)
+
+
+def test_a_grammar_waits_for_the_end_of_the_reasoning(engine):
+    """A thinking model's structured output applies after its reasoning (vLLM's behaviour with a
+    reasoning parser). Markers are any one-token strings: here a word of the tiny vocabulary ends
+    the 'reasoning', forced first by logit_bias."""
+    marker = " memory"
+    end_id = engine.tokenizer.single_token_id(marker)
+    assert end_id is not None
+    so = StructuredOutput(StructuredKind.REGEX, "[0-9]{3}", reasoning_end=marker)
+    params = SamplingParams(max_tokens=20, temperature=0, structured=so, logit_bias=((end_id, 100.0),))
+    ids, text, finish, _ = run(engine, [GenerateRequest("think", params, prompt="Think first")])["think"]
+    assert ids[0] == end_id and finish is FinishReason.STOP
+    assert text.startswith(marker) and re.fullmatch("[0-9]{3}", text[len(marker):]), text
+    # The prompt closed the reasoning already (thinking turned off): the grammar applies at once.
+    prompt = tuple(engine.tokenizer.encode("Think first")) + (end_id,)
+    ids, text, finish, _ = run(engine, [GenerateRequest("done", params, prompt_token_ids=prompt)])["done"]
+    assert re.fullmatch("[0-9]{3}", text) and end_id not in ids and finish is FinishReason.STOP
+
+
+def test_reasoning_markers_must_be_single_tokens(engine):
+    so = StructuredOutput(StructuredKind.REGEX, "[0-9]", param="tool_choice", reasoning_start="<think>",
+                          reasoning_end="</think>")
+    with pytest.raises(InvalidRequest, match="one token") as e:
+        engine.prepare(GenerateRequest("x", SamplingParams(structured=so), prompt="x"))
+    assert e.value.param == "tool_choice"

@@ -65,9 +65,14 @@ class StructuredOutput:
     spec: str = ""
     choices: tuple[str, ...] = ()
     param: str = "response_format"  # the request field it came from: errors name it
+    # A thinking model's reasoning markers (the router's --reasoning-parser), each one token of the
+    # vocabulary: the grammar applies once the reasoning has ended, not to the reasoning itself.
+    reasoning_start: str = ""
+    reasoning_end: str = ""
 
     def to_obj(self) -> dict:
-        return {"kind": self.kind.value, "spec": self.spec, "choices": list(self.choices), "param": self.param}
+        return {"kind": self.kind.value, "spec": self.spec, "choices": list(self.choices), "param": self.param,
+                "reasoning_start": self.reasoning_start, "reasoning_end": self.reasoning_end}
 
     @classmethod
     def from_obj(cls, obj) -> StructuredOutput:
@@ -80,9 +85,10 @@ class StructuredOutput:
             raise InvalidRequest(f"structured output kind must be one of {[k.value for k in StructuredKind]}, "
                                  f"got {obj.get('kind')!r}", "structured") from None
         spec, choices, param = obj.get("spec", ""), obj.get("choices") or (), obj.get("param", "response_format")
-        if not isinstance(spec, str) or not isinstance(param, str) or not all(isinstance(c, str) for c in choices):
+        start, end = obj.get("reasoning_start", ""), obj.get("reasoning_end", "")
+        if not all(isinstance(x, str) for x in (spec, param, start, end, *choices)):
             raise InvalidRequest("structured output spec and choices must be strings", "structured")
-        out = cls(kind, spec, tuple(choices), param)
+        out = cls(kind, spec, tuple(choices), param, start, end)
         out.validate()
         return out
 

@@ -21,6 +21,7 @@ from services.worker.engine.api import (
     FinishReason,
     GenerateRequest,
     InvalidRequest,
+    StructuredOutput,
     TokenLogprob,
 )
 from services.worker.engine.block_manager import BlockManager
@@ -48,6 +49,7 @@ class _Active:
     echo_text: str | None = None  # the prompt as the first delta echoes it
     history: TokenHistory | None = None  # penalties' view of its tokens, made at its first sampling
     grammar: RequestGrammar | None = None  # its structured output's state
+    grammar_waits_for: int | None = None  # the token that ends the reasoning, before the grammar applies
 
 
 class LLMEngine:
@@ -121,6 +123,7 @@ class LLMEngine:
             )
         if params.structured is not None and grammar is None:
             grammar = self.grammars.matcher(params.structured)
+        waits_for = self._reasoning_end(params.structured, ids) if params.structured is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
         seq = Sequence(request.request_id, ids, params, arrival=0)
@@ -128,7 +131,25 @@ class LLMEngine:
         if params.echo:
             echo_text = request.prompt if request.prompt is not None else self.tokenizer.decode(ids)
         return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, echo_text,
-                       grammar=grammar)
+                       grammar=grammar, grammar_waits_for=waits_for)
+
+    def _reasoning_end(self, structured: StructuredOutput, prompt_ids: list[int]) -> int | None:
+        """The id of the token ending a thinking model's reasoning, while the grammar must wait
+        for it: None when there are no markers, or when the prompt already closed the reasoning
+        (a template that turns thinking off writes an empty <think></think>)."""
+        if not structured.reasoning_end:
+            return None
+        ids = [self.tokenizer.single_token_id(m) for m in (structured.reasoning_start, structured.reasoning_end)]
+        for marker, token_id in zip((structured.reasoning_start, structured.reasoning_end), ids):
+            if marker and token_id is None:
+                raise InvalidRequest(f"{structured.param}: a structured output after the reasoning needs {marker!r} "
+                                     "to be one token of this model's vocabulary, and it is not", structured.param)
+        start_id, end_id = ids
+
+        def last(token_id):
+            return max((i for i, t in enumerate(prompt_ids) if t == token_id), default=-1)
+
+        return None if last(end_id) > (last(start_id) if start_id is not None else -1) else end_id
 
     def tokenize(self, request: dict) -> dict:
         """vLLM's /tokenize and /detokenize, from the router's checked body: {"tokens": [...]} ->
@@ -209,7 +230,7 @@ class LLMEngine:
         if not sampled:
             return deltas
         actives = [self._active[s.request_id] for s in sampled]
-        grammars = [a.grammar for a in actives]
+        grammars = [a.grammar if a.grammar_waits_for is None else None for a in actives]
         results = sample(
             logits,
             [s.sampling for s in sampled],
@@ -324,7 +345,10 @@ class LLMEngine:
             log.warning("sampling_failed", request_id=seq.request_id, error=result.error)
             return self._end(seq, FinishReason.ERROR, result.error)
         token = result.token_id
-        if active.grammar is not None and not active.grammar.accept(token):
+        grammar = active.grammar if active.grammar_waits_for is None else None
+        if active.grammar_waits_for == token:  # the reasoning has ended: the grammar applies from the next token
+            active.grammar_waits_for = None
+        if grammar is not None and not grammar.accept(token):
             # The sampler only picks allowed tokens (a row with none fails there): a guard, so a
             # disagreement between mask and matcher ends the request instead of breaking its grammar.
             return self._end(seq, FinishReason.ERROR, f"{params.structured.param}: no token the grammar allows "
@@ -333,7 +357,7 @@ class LLMEngine:
         finish = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids):
             finish = FinishReason.STOP
-        elif active.grammar is not None and active.grammar.terminated:  # its stop token, despite ignore_eos
+        elif grammar is not None and grammar.terminated:  # its stop token, despite ignore_eos
             finish = FinishReason.STOP
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             finish = FinishReason.LENGTH

@@ -49,6 +49,13 @@ class Tokenizer:
             raise InvalidRequest(f"the chat template rejected the messages: {e}", "messages") from e
         return list(self._tok.encode(text, add_special_tokens=False))
 
+    def single_token_id(self, text: str) -> int | None:
+        """The id of the one token that is exactly `text` (e.g. "</think>"), or None."""
+        if not text:
+            return None
+        ids = self._tok.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 and self._tok.decode(ids) == text else None
+
     def decode(self, token_ids) -> str:
         if self._raw_decode is not None:
             return self._raw_decode(token_ids, skip_special_tokens=True)
