@@ -196,3 +196,15 @@ def test_reasoning_markers_must_be_single_tokens(engine):
     with pytest.raises(InvalidRequest, match="one token") as e:
         engine.prepare(GenerateRequest("x", SamplingParams(structured=so), prompt="x"))
     assert e.value.param == "tool_choice"
+
+
+def test_the_structured_output_benchmark_runs():
+    """`python -m services.worker.bench_structured` prints a free and a constrained step time per batch."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "services.worker.bench_structured", "--rounds", "1",
+                          "--max-tokens", "6", "--batches", "2", "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=240, check=True).stdout
+    row = out.strip().splitlines()[-1].split()
+    assert row[0] == "2" and float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
