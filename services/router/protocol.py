@@ -324,8 +324,10 @@ def _tool_fields(i: int, message: dict) -> dict:
                                                   and isinstance(c["function"].get("name"), str) for c in calls):
             raise ApiError(f"'{param}' must be a list of {{\"id\", \"type\": \"function\", \"function\": "
                            "{\"name\", \"arguments\"}}", code="invalid_type", param=param)
-        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
-                             for c in calls]
+        out["tool_calls"] = [
+            {**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
+            for c in calls
+        ]
     if message["role"] == "tool" and isinstance(message.get("tool_call_id"), str):
         out["tool_call_id"] = message["tool_call_id"]
     if isinstance(message.get("name"), str):

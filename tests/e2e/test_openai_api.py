@@ -29,7 +29,8 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {
           "required": ["ok", "color"], "additionalProperties": False}
 STRUCTURED_MAX_TOKENS = 192  # the random-weight model pads JSON with all the whitespace allowed
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The forecast", "parameters": {
-    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "type": "object",
+    "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
     "required": ["unit", "days"], "additionalProperties": False}}}
 CLOCK_TOOL = {"type": "function", "function": {"name": "now", "parameters": {
     "type": "object", "properties": {}, "additionalProperties": False}}}
