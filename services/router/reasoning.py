@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.runtime.text import held_back
+
 OPEN, CLOSE = "<think>", "</think>"
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
@@ -25,14 +27,6 @@ def split_reasoning(parser: str, text: str) -> tuple[str | None, str]:
     more_reasoning, more_content = stream.finish()
     reasoning += more_reasoning
     return (reasoning if stream.saw_reasoning else None), content + more_content
-
-
-def _partial(text: str, tag: str) -> int:
-    """How many trailing characters of text could begin tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 @dataclass(slots=True)
@@ -62,7 +56,7 @@ class ReasoningStream:
         if self._state == "reasoning":
             end = self._buffer.find(CLOSE)
             if end < 0:
-                cut = len(self._buffer) - _partial(self._buffer, CLOSE)
+                cut = len(self._buffer) - held_back(self._buffer, (CLOSE,))
                 reasoning, self._buffer = self._buffer[:cut], self._buffer[cut:]
                 return reasoning, ""
             reasoning, self._buffer = self._buffer[:end], self._buffer[end + len(CLOSE):]

@@ -12,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from services.runtime.text import held_back
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes",)
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
@@ -36,14 +38,6 @@ def parse_text(text: str) -> tuple[str | None, list[tuple[str, str]]]:
         return text, []
     content = text[:text.index(OPEN)].strip()
     return content or None, calls
-
-
-def _held_back(text: str) -> int:
-    """How many trailing characters of text could begin OPEN."""
-    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-n:]):
-            return n
-    return 0
 
 
 @dataclass(slots=True)
@@ -80,7 +74,7 @@ class StreamParser:
                 self._buffer = self._buffer[start + len(OPEN):]
                 self._in_call = True
                 continue
-            keep = _held_back(self._buffer)
+            keep = held_back(self._buffer, (OPEN,))
             content.append(self._content(self._buffer[:len(self._buffer) - keep]))
             self._buffer = self._buffer[len(self._buffer) - keep:]
             break

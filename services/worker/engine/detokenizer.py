@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from services.runtime.text import held_back
+
 
 class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
@@ -45,18 +47,8 @@ class IncrementalDetokenizer:
                 self._sent = max(self._sent, end)
                 return out
             if not final:
-                text = text[: len(text) - _held_back(text, self._stop)]
+                text = text[: len(text) - held_back(text, self._stop)]
         out = text[self._sent :] if len(text) > self._sent else ""
         self._sent = max(self._sent, len(text))
         return out
 
-
-def _held_back(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of some stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
