@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 
 import aiohttp
+
+from services.runtime.auth import API_KEY_ENV
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--prompt", default=None, help="ask once and exit")
-    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--api-key", default=None,
+                        help="sent as 'Authorization: Bearer KEY' (default: the first of $KVMESH_API_KEY)")
 
 
 def _base(config: ChatConfig) -> str:
@@ -57,6 +61,8 @@ def _base(config: ChatConfig) -> str:
 async def _first_model(session: aiohttp.ClientSession, config: ChatConfig) -> str:
     async with session.get(_base(config) + "/models") as resp:
         body = await resp.json()
+        if resp.status == 401:
+            raise RuntimeError(f"{_base(config)} wants an API key: pass --api-key or set {API_KEY_ENV}")
         if resp.status != 200 or not body.get("data"):
             raise RuntimeError(f"no model listed at {_base(config)}/models: {body}")
         return body["data"][0]["id"]
@@ -121,7 +127,8 @@ def _session(config: ChatConfig) -> aiohttp.ClientSession:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = ChatConfig(args.url, args.model, args.max_tokens, args.temperature, args.api_key)
+    api_key = args.api_key or next(iter(os.environ.get(API_KEY_ENV, "").split(",")), "").strip() or None
+    config = ChatConfig(args.url, args.model, args.max_tokens, args.temperature, api_key)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     with asyncio.Runner() as runner:  # Runner turns Ctrl-C into cancelling the running turn
         session = runner.run(_make_session(config))

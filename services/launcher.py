@@ -27,7 +27,7 @@ from services.launch.supervisor import RestartBudget
 from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS
 from services.runtime.sizes import format_size, size_arg
-from services.runtime.auth import CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN
+from services.runtime.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN, resolve_api_keys
 
 LOG_DIR_ENV = "KVMESH_LOG_DIR"
 
@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the router's: lets chat requests use tool_choice 'auto' (see kvmesh router --help)")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="the router's: chat answers' <think> reasoning as reasoning_content")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help=f"the router's --api-key: clients send 'Authorization: Bearer KEY' (repeatable; "
+                             f"default: ${API_KEY_ENV}); --chat uses the first")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help=f"per-run log dir (default ${LOG_DIR_ENV}/<timestamp>, else ./.kvmesh/logs/<timestamp>)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
@@ -79,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
         block_size=args.block_size, dtype=args.dtype, worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
+        reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
         ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,
@@ -106,13 +109,14 @@ def summary(cluster: LocalCluster, elapsed_s: float) -> str:
     return "\n".join(lines)
 
 
-def _run_chat(url: str, max_tokens: int | None) -> int:
+def _run_chat(url: str, max_tokens: int | None, api_key: str | None) -> int:
     from services import chat
 
     parser = argparse.ArgumentParser()
     chat.add_arguments(parser)
     chat_args = parser.parse_args(["--url", url])
     chat_args.max_tokens = max_tokens
+    chat_args.api_key = api_key
     # the chat's own Ctrl-C handling: stop the current answer; Ctrl-D, /exit (or end of stdin) quits
     signal.signal(signal.SIGINT, signal.default_int_handler)
     return chat.main(chat_args)
@@ -151,7 +155,7 @@ def _chat_tended(cluster: LocalCluster, budget: RestartBudget, max_tokens: int |
     tender = threading.Thread(target=tend, name="kvmesh-up-tender", daemon=True)
     tender.start()
     try:
-        rc = _run_chat(cluster.url, max_tokens)
+        rc = _run_chat(cluster.url, max_tokens, cluster.config.api_keys[0] if cluster.config.api_keys else None)
     finally:
         stop.set()
         tender.join()  # before the cluster stops: nothing is replaced while it stops

@@ -3,9 +3,10 @@
 import io
 import json
 
+import pytest
 from aiohttp import web
 
-from services.chat import ChatConfig, TurnStats, _session, stream_answer
+from services.chat import ChatConfig, TurnStats, _first_model, _session, stream_answer
 
 
 def _sse(*deltas) -> bytes:
@@ -42,3 +43,27 @@ async def test_reasoning_is_shown_apart_and_kept_out_of_the_history():
     assert stats.num_tokens == 5 and stats.ttft_s is not None and not stats.thinking
     shown, parts, _ = await _answer(_sse({"reasoning_content": "still going"}))  # cut short while thinking
     assert shown == "[thinking: still going]\n" and parts == []
+
+
+async def test_a_server_that_wants_an_api_key_gets_a_hint():
+    async def models(request):
+        if request.headers.get("Authorization") != "Bearer sk-right":
+            return web.json_response({"error": {"message": "missing or incorrect API key"}}, status=401)
+        return web.json_response({"data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with _session(ChatConfig(url, None, None, 0.0, None)) as session:
+            with pytest.raises(RuntimeError, match="wants an API key: pass --api-key or set KVMESH_API_KEY"):
+                await _first_model(session, ChatConfig(url, None, None, 0.0, None))
+        config = ChatConfig(url, None, None, 0.0, "sk-right")
+        async with _session(config) as session:
+            assert await _first_model(session, config) == "m"
+    finally:
+        await runner.cleanup()

@@ -15,6 +15,7 @@ from services.launch.config import LaunchConfig
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
+from services.runtime.auth import API_KEY_ENV
 from services.runtime.host import default_logits_threads, default_num_threads
 from services.launch.view import ClusterView
 
@@ -65,7 +66,9 @@ class LocalCluster:
         # Co-located processes share the cores: OpenMP threads that spin after each parallel region
         # would steal them from each other (a per-layer worker <-> memserver round trip paid ~50 ms).
         env = {"KVMESH_CLUSTER_TOKEN": self.config.cluster_token,
-               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               # The keys reach the router through its environment: argv is visible to every local user.
+               API_KEY_ENV: ",".join(self.config.api_keys)}
         child = spawn(name, kind, kvmesh_argv(*cli_args), self.log_dir, port, self.config.host, env)
         return child
 

@@ -24,6 +24,7 @@ class LaunchConfig:
     enable_prefix_caching: bool = True  # the workers' --[no-]enable-prefix-caching
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
+    api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
     log_dir: Path = Path(".kvmesh/logs")

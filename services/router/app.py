@@ -15,7 +15,7 @@ from services.router.metrics import RouterMetrics
 from services.router.policy import PrefixAffinity, RoutingPolicy
 from services.router.registry import WorkerRegistry
 from services.router.worker_client import WorkerPool
-from services.runtime.auth import cluster_token_middleware
+from services.runtime.auth import api_key_middleware, cluster_token_middleware
 from services.runtime.errors import error_middleware
 
 log = structlog.get_logger()
@@ -37,7 +37,8 @@ def create_app(config: RouterConfig, policy: RoutingPolicy | None = None) -> web
     """policy: None routes by prefix affinity within a load bound (a PrefixAffinity of this app's own)."""
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[error_middleware, cluster_token_middleware(config.cluster_token)],
+        middlewares=[error_middleware, cluster_token_middleware(config.cluster_token),
+                     api_key_middleware(config.api_keys)],
     )
     registry = WorkerRegistry(config.heartbeat_timeout_s)
     app[CONFIG] = config

@@ -9,7 +9,7 @@ from services.router.app import create_app, drain
 from services.router.config import RouterConfig
 from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS
-from services.runtime.auth import resolve_cluster_token
+from services.runtime.auth import API_KEY_ENV, resolve_api_keys, resolve_cluster_token
 from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
 
@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-token", default=None,
                         help="shared secret for /internal/ endpoints (default: $KVMESH_CLUSTER_TOKEN, else a "
                              "loopback-only dev token)")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help=f"clients of the OpenAI routes must send 'Authorization: Bearer KEY' (repeat for "
+                             f"several keys; default: ${API_KEY_ENV}, comma-separated; none: the API is open)")
     parser.add_argument("--heartbeat-timeout", type=float, default=3.0, help="seconds without heartbeat before "
                         "a worker leaves rotation")
     parser.add_argument("--max-inflight-requests", type=int, default=256, help="beyond it: 429 + Retry-After")
@@ -39,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         host=args.host, port=args.port, cluster_token=resolve_cluster_token(args.cluster_token, args.host),
+        api_keys=resolve_api_keys(args.api_key),
         heartbeat_timeout_s=args.heartbeat_timeout, max_inflight_requests=args.max_inflight_requests,
         max_n=args.max_n, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,

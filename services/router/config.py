@@ -13,6 +13,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     cluster_token: str = ""
+    api_keys: tuple[str, ...] = ()  # clients of the OpenAI routes present one (Bearer); empty: open
     heartbeat_timeout_s: float = 3.0  # a worker silent this long is out of rotation
     max_inflight_requests: int = 256  # client requests in flight; beyond it: 429 + Retry-After
     default_max_tokens: int = 1024  # chat requests without max_tokens (the router cannot count prompt tokens)
@@ -27,6 +28,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not self.cluster_token:
             raise ValueError("cluster_token must be set (see services.runtime.auth.resolve_cluster_token)")
+        if any(not key or key != key.strip() for key in self.api_keys):
+            raise ValueError("api_keys must be non-empty strings without surrounding spaces")
         for name in ("heartbeat_timeout_s", "drain_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -99,3 +99,14 @@ def test_up_passes_the_parsers_to_the_router(tmp_path, parsers, expected):
         cluster.start()
     args = e.value.args[0]
     assert args[0] == "router" and args[5:] == expected
+
+
+@pytest.mark.parametrize("keys", [[""], [" sk-padded"]])
+def test_up_refuses_an_empty_or_padded_api_key(keys, capsys):
+    from services import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    args = parser.parse_args([arg for key in keys for arg in ("--api-key", key)])
+    assert launcher.main(args) == 2
+    assert "API key must be non-empty, without surrounding spaces" in capsys.readouterr().err

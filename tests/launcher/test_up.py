@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import openai
+import pytest
 
 from services.launch import probe
 from services.runtime.auth import DEV_CLUSTER_TOKEN
@@ -22,13 +23,19 @@ from tests.launcher.up_process import (
 
 def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
     port = free_port()
-    proc = start_up(tmp_path, *SMALL, "--port", str(port), "--served-model-name", "kvmesh-tiny")
+    proc = start_up(tmp_path, *SMALL, "--port", str(port), "--served-model-name", "kvmesh-tiny",
+                    "--api-key", "sk-first", "--api-key", "sk-second")
     with cleanup(proc, tmp_path):
         manifest = wait_manifest(proc, tmp_path)
         assert manifest["url"] == f"http://127.0.0.1:{port}"
         kinds = sorted(p["kind"] for p in manifest["processes"])
         assert kinds == ["router", "worker"]
-        with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="unused", max_retries=0) as client:
+        router = next(p for p in manifest["processes"] if p["kind"] == "router")
+        assert "sk-first" not in " ".join(open(f"/proc/{router['pid']}/cmdline").read().split("\0"))
+        with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="sk-wrong", max_retries=0) as client:
+            with pytest.raises(openai.AuthenticationError, match="API key"):
+                client.models.list()
+        with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="sk-second", max_retries=0) as client:
             assert [m.id for m in client.models.list()] == ["kvmesh-tiny"]
             stream = client.chat.completions.create(
                 model="kvmesh-tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True)
@@ -51,7 +58,8 @@ def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
 
 
 def test_up_chat_reads_stdin_and_stops_the_cluster_when_chat_ends(tmp_path):
-    proc = start_up(tmp_path, *SMALL, "--port", "0", "--chat", "--chat-max-tokens", "8", stdin=subprocess.PIPE)
+    proc = start_up(tmp_path, *SMALL, "--port", "0", "--chat", "--chat-max-tokens", "8", "--api-key", "sk-chat",
+                    stdin=subprocess.PIPE)
     with cleanup(proc, tmp_path):
         out, err = proc.communicate("hello there\nand again\n", timeout=240)
         assert proc.returncode == 0, err

@@ -104,6 +104,30 @@ async def test_internal_endpoints_need_the_cluster_token():
             assert resp.status == 401
 
 
+async def test_with_api_keys_the_openai_routes_need_one_and_the_probes_do_not():
+    async with running_stack(api_keys=("sk-one", "sk-two")) as s:
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-one"},
+                        {"Authorization": "Basic sk-one"}):
+            async with s.client.post(s.url("/v1/chat/completions"), json=CHAT, headers=headers) as resp:
+                assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+                error = (await resp.json())["error"]
+                assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
+        for path in ("/v1/models", "/tokenize", "/detokenize"):
+            method = s.client.get if path == "/v1/models" else s.client.post
+            async with method(s.url(path), json={}) as resp:
+                assert resp.status == 401, path
+        for key in ("sk-one", "sk-two"):
+            headers = {"Authorization": f"Bearer {key}"}
+            async with s.client.post(s.url("/v1/chat/completions"), json=CHAT, headers=headers) as resp:
+                assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"]
+        for path in ("/health", "/ready", "/metrics"):
+            async with s.client.get(s.url(path)) as resp:
+                assert resp.status == 200, path
+        async with s.client.get(s.url("/internal/workers"), headers=internal_headers()) as resp:
+            assert resp.status == 200  # cluster members present the cluster token, not an API key
+        await s.wait_blocks_free()
+
+
 async def test_no_worker_and_unreachable_worker_give_503():
     async with running_stack(num_workers=0) as s:
         resp = await s.post("/v1/completions", {"prompt": "x"})
