@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-kv-blocks", type=int, default=None, metavar="N",
                         help="cap on each worker's local KV blocks (default: what memory allows)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help="the workers' --max-model-len: longest prompt + output served (default: the model's)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one (default 8000)")
     parser.add_argument("--worker-threads", type=int, default=None, metavar="N",
@@ -80,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
         model=args.model, served_model_name=args.served_model_name, num_workers=args.workers, num_memservers=args.memservers,
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
-        block_size=args.block_size, dtype=args.dtype, worker_threads=args.worker_threads, port=args.port,
+        block_size=args.block_size, max_model_len=args.max_model_len, dtype=args.dtype,
+        worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),

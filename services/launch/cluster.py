@@ -120,6 +120,8 @@ class LocalCluster:
             args += ["--served-model-name", c.served_model_name]
         if c.worker_kv_blocks is not None:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
+        if c.max_model_len is not None:
+            args += ["--max-model-len", str(c.max_model_len)]
         if not c.enable_prefix_caching:
             args += ["--no-enable-prefix-caching"]
         # Workers of one host share its cores (default_num_threads leaves one spare).

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                         help="tokens per engine step (chunked-prefill budget): larger prefills prompts "
                         "faster, smaller keeps running streams' inter-token gaps short")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help="longest prompt + output served (default: the model's max_position_embeddings); "
+                        "longer requests get 400 context_length_exceeded")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch intra-op threads (default: all usable cores but one)")
     parser.add_argument("--logits-threads", type=int, default=None,
@@ -52,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         cluster_token=resolve_cluster_token(args.cluster_token, args.host), advertise_url=args.advertise_url,
         worker_id=args.worker_id, served_model_name=args.served_model_name, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_threads=args.num_threads, logits_threads=args.logits_threads, heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
         enable_prefix_caching=args.enable_prefix_caching,

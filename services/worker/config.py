@@ -23,6 +23,7 @@ class WorkerConfig:
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None: default_num_threads()
     logits_threads: int | None = None  # for the lm_head; None: default_logits_threads(num_threads)
     heartbeat_interval_s: float = 1.0
@@ -55,4 +56,4 @@ class WorkerConfig:
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
                             logits_threads=self.logits_threads or default_logits_threads(threads),
-                            enable_prefix_caching=self.enable_prefix_caching)
+                            enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len)

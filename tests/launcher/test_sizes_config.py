@@ -46,6 +46,7 @@ def test_format_size_round_trips():
     ({"block_size": 12}, "power of two"), ({"dtype": "float16"}, "--dtype"), ({"port": 70000}, "--port"),
     ({"memserver_capacity": "lots"}, "invalid size"), ({"model": "/no/such/dir"}, "--model"),
     ({"worker_kv_blocks": 0}, "--worker-kv-blocks"), ({"served_model_name": " "}, "--served-model-name"),
+    ({"max_model_len": 0}, "--max-model-len must be >= 1"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):

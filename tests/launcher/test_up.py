@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -24,19 +25,22 @@ from tests.launcher.up_process import (
 def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
     port = free_port()
     proc = start_up(tmp_path, *SMALL, "--port", str(port), "--served-model-name", "kvmesh-tiny",
-                    "--api-key", "sk-first", "--api-key", "sk-second")
+                    "--api-key", "sk-first", "--api-key", "sk-second", "--max-model-len", "2048")
     with cleanup(proc, tmp_path):
         manifest = wait_manifest(proc, tmp_path)
         assert manifest["url"] == f"http://127.0.0.1:{port}"
         kinds = sorted(p["kind"] for p in manifest["processes"])
         assert kinds == ["router", "worker"]
         router = next(p for p in manifest["processes"] if p["kind"] == "router")
-        assert "sk-first" not in " ".join(open(f"/proc/{router['pid']}/cmdline").read().split("\0"))
+        assert "sk-first" not in Path(f"/proc/{router['pid']}/cmdline").read_text()  # keys stay out of ps
         with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="sk-wrong", max_retries=0) as client:
             with pytest.raises(openai.AuthenticationError, match="API key"):
                 client.models.list()
         with openai.OpenAI(base_url=manifest["url"] + "/v1", api_key="sk-second", max_retries=0) as client:
-            assert [m.id for m in client.models.list()] == ["kvmesh-tiny"]
+            models = client.models.list().data
+            assert [(m.id, m.max_model_len) for m in models] == [("kvmesh-tiny", 2048)]
+            with pytest.raises(openai.BadRequestError, match="maximum context length is 2048 tokens"):
+                client.completions.create(model="kvmesh-tiny", prompt="hello", max_tokens=2048)
             stream = client.chat.completions.create(
                 model="kvmesh-tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True)
             text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)

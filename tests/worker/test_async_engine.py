@@ -160,3 +160,22 @@ async def test_duplicate_request_id_is_refused(engine):
     with pytest.raises(InvalidRequest, match="already in use"):
         await collect(engine, GenerateRequest("dup", SamplingParams(max_tokens=2), prompt="y"))
     await gen.aclose()
+
+
+async def test_max_model_len_caps_the_context_below_the_models_own(llm):
+    capped = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=64, max_num_batched_tokens=128, max_model_len=40))
+    engine = AsyncEngine(capped.config, engine=capped)
+    await engine.start()
+    try:
+        with pytest.raises(ContextLengthExceeded, match="maximum context length is 40 tokens"):
+            await collect(engine, GenerateRequest("long", SamplingParams(max_tokens=38), prompt="one two three"))
+        prompt_len = len(capped.tokenizer.encode("one two three"))
+        deltas, _, ids = await collect(engine, GenerateRequest(
+            "fits", SamplingParams(max_tokens=40 - prompt_len, temperature=0, ignore_eos=True), prompt="one two three"))
+        assert len(ids) == 40 - prompt_len and deltas[-1].finish_reason is FinishReason.LENGTH
+        assert capped.tokenize({"prompt": "one two three"})["max_model_len"] == 40
+    finally:
+        await engine.stop()
+    assert capped.blocks.num_used_blocks == 0
+    with pytest.raises(ValueError, match="max_model_len=40000 exceeds this model's max_position_embeddings=32768"):
+        LLMEngine(EngineConfig(model="tiny", num_kv_blocks=8, max_model_len=40000))

@@ -62,3 +62,17 @@ def test_worker_cli_refuses_a_zero_step_budget_before_loading_anything(capfd):
         structlog.reset_defaults()  # main() bound the logger to this test's captured stderr
     captured = capfd.readouterr()
     assert "max_num_batched_tokens must be >= 1" in captured.out + captured.err
+
+
+def test_max_model_len_reaches_the_engine_and_a_bad_one_is_refused():
+    import argparse
+
+    from services.worker.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-model-len", "4096", "--cluster-token", "t"])
+    assert config_from_args(args).engine_config().max_model_len == 4096
+    bad = config_from_args(parser.parse_args(["--max-model-len", "0", "--cluster-token", "t"]))
+    with pytest.raises(ValueError, match="max_model_len must be >= 1, got 0"):
+        bad.engine_config()

@@ -32,6 +32,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     logits_threads: int | None = None  # torch threads for the lm_head (CPU); None: as the rest
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier prompts (block_manager)
+    max_model_len: int | None = None  # cap on prompt + output tokens; None: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -41,5 +42,18 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check_thread_counts(self.num_threads, self.logits_threads)
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+def resolve_max_model_len(requested: int | None, model_max: int) -> int:
+    """The context length served: ``requested`` (vLLM's --max-model-len) or the model's own. Past the
+    positions the model was built for (its RoPE never saw them) is refused, as vLLM does."""
+    if requested is None:
+        return model_max
+    if requested > model_max:
+        raise ValueError(f"max_model_len={requested} exceeds this model's max_position_embeddings={model_max}: "
+                         f"pass at most {model_max}")
+    return requested

@@ -25,7 +25,7 @@ from services.worker.engine.api import (
     TokenLogprob,
 )
 from services.worker.engine.block_manager import BlockManager
-from services.worker.engine.config import EngineConfig
+from services.worker.engine.config import EngineConfig, resolve_max_model_len
 from services.worker.engine.detokenizer import IncrementalDetokenizer
 from services.worker.engine.logits_processors import TokenHistory
 from services.worker.engine.model_runner import ModelRunner
@@ -67,7 +67,7 @@ class LLMEngine:
             remote_free_blocks=remote.free_blocks if remote is not None else None,
             spill_batch=max(4, self.blocks.num_blocks // 8),
         )
-        self.max_model_len = self.model_config.max_model_len
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_model_len)
         self.model_name = config.model
         self._active: dict[str, _Active] = {}
         self._arrivals = itertools.count()
