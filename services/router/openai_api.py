@@ -1,9 +1,10 @@
 """Public routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
-/health, /ready, /metrics."""
+/health, /ready, /metrics, /version."""
 
 from __future__ import annotations
 
 import time
+from importlib import metadata
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -65,6 +66,16 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
+
+
+@routes.get("/version")
+async def version(request: web.Request) -> web.Response:
+    """vLLM's: the server's version (kvmesh's package version)."""
+    try:
+        number = metadata.version("kvmesh")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        number = "0+unknown"
+    return json_response({"version": number})
 
 
 @routes.get("/ready")

@@ -1,6 +1,7 @@
 """Router + worker apps in one process over loopback, FakeEngine behind the worker."""
 
 import asyncio
+from importlib import metadata
 
 import pytest
 
@@ -120,9 +121,11 @@ async def test_with_api_keys_the_openai_routes_need_one_and_the_probes_do_not():
             headers = {"Authorization": f"Bearer {key}"}
             async with s.client.post(s.url("/v1/chat/completions"), json=CHAT, headers=headers) as resp:
                 assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"]
-        for path in ("/health", "/ready", "/metrics"):
+        for path in ("/health", "/ready", "/metrics", "/version"):
             async with s.client.get(s.url(path)) as resp:
                 assert resp.status == 200, path
+        async with s.client.get(s.url("/version")) as resp:
+            assert (await resp.json()) == {"version": metadata.version("kvmesh")}
         async with s.client.get(s.url("/internal/workers"), headers=internal_headers()) as resp:
             assert resp.status == 200  # cluster members present the cluster token, not an API key
         await s.wait_blocks_free()
