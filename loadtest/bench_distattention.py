@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench-out/distattention"))
     p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker (default: the worker's, usable cores but one)")
     p.add_argument("--memserver-threads", type=int, default=None,
-                   help="torch threads per memserver (default: the memserver's, usable cores but one)")
+                   help="torch threads per memserver (default: the memserver's, every usable core)")
     p.add_argument("--child-env", action="append", type=_env_pair, default=[], metavar="KEY=VALUE",
                    help="environment of every cluster process, repeatable (OMP_WAIT_POLICY is PASSIVE unless set, "
                         "as under `kvmesh up`)")

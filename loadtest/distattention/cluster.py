@@ -31,7 +31,7 @@ class ClusterSpec:
     memserver_capacity: str = "64MiB"
     block_size: int = 16
     worker_threads: int | None = None
-    memserver_threads: int | None = None  # None: the memserver's default (usable cores but one)
+    memserver_threads: int | None = None  # None: the memserver's default (every usable core)
     heartbeat_timeout_s: float = 15.0  # generous: 2 shared cores, long synchronous prefill steps
     env: tuple[tuple[str, str], ...] = ()  # extra environment of every process (e.g. OMP_WAIT_POLICY)
 

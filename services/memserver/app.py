@@ -4,10 +4,12 @@ plus a small HTTP app for probes (/health) and block accounting (/internal/stats
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import aiohttp
 import structlog
+import torch
 from aiohttp import web
 
 from services.memserver.config import MemserverConfig
@@ -77,7 +79,8 @@ async def serving_ctx(app: web.Application):
         await link.register(MemserverRegistration(ident["memserver_id"], server.address, config.device,
                                                   num_blocks, pool.num_free))
         log.info("memserver_started", memserver=ident["memserver_id"], address=server.address, num_blocks=num_blocks,
-                 block_bytes=geometry.block_bytes, capacity_tokens=num_blocks * geometry.block_size)
+                 block_bytes=geometry.block_bytes, capacity_tokens=num_blocks * geometry.block_size,
+                 attention_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
         heartbeats = asyncio.create_task(_heartbeats(app), name="memserver-heartbeats")
         try:
             yield

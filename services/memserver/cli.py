@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from services.runtime.auth import resolve_cluster_token
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds owners get to move their blocks off on SIGTERM")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch intra-op threads for attention (default: usable cores but one)")
+                        help="torch intra-op threads for attention (default: every usable core)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -47,12 +48,15 @@ def main(args: argparse.Namespace) -> int:
     if args.num_threads is not None and args.num_threads < 1:
         print(f"kvmesh memserver: --num-threads must be >= 1, got {args.num_threads}", file=sys.stderr)
         return 2
+    # Before torch loads OpenMP: its threads sleep between attention calls instead of spinning on
+    # cores that co-located workers step on (kvmesh up sets the same for every process).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from services.runtime.host import default_num_threads, keep_freed_memory
+    from services.runtime.host import default_attention_threads, keep_freed_memory
 
     keep_freed_memory()
-    torch.set_num_threads(args.num_threads or default_num_threads())
+    torch.set_num_threads(args.num_threads or default_attention_threads())
     from services.memserver.app import create_app, drain
     from services.runtime.serve import run_service
 

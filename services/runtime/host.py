@@ -15,9 +15,20 @@ def default_num_threads(num_workers: int = 1) -> int:
     laptop-sized host, the router). An OpenMP team larger than the cores free at that moment stalls
     every parallel region until its last thread is scheduled. On 2 cores, 1 thread instead of 2
     served 1.3x the tokens/s at 16 concurrent streams and cut a single stream's inter-token latency
-    by 20%; beside a worker, a memory server's decode attention over 6K tokens had a p90 of ~25 ms
-    with 2 threads and ~2 ms with 1."""
+    by 20%."""
     return max(1, (len(os.sched_getaffinity(0)) - 1) // num_workers)
+
+
+def default_attention_threads() -> int:
+    """Torch threads for a memory server's attention: every usable core. It computes while the
+    workers whose queries it answers wait for it, so the core a co-located worker steps on is idle
+    then. Threads sleep between calls (OMP_WAIT_POLICY=PASSIVE, set by the memory server unless
+    given): a team that spun would take that core from the worker's next layer. On 2 cores beside
+    a worker (`python -m loadtest.bench_distattention longctx --local-blocks 128 --multiples 8`,
+    a 16K context, 88% of it on the memory server), 2 threads instead of 1 gave 0.77-0.97x of
+    all-local decode speed against 0.73-0.87x, 5 of 5 alternated pairs; at 4K contexts and with two
+    memory servers answering each layer at once it changed nothing."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def default_logits_threads(num_threads: int, num_workers: int = 1) -> int:

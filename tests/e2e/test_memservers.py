@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 
 import aiohttp
@@ -82,6 +83,10 @@ async def test_context_8x_beyond_the_worker_matches_all_local_and_transformers(c
     hf = await asyncio.to_thread(_transformers_text, prompt, 16)
     assert text == hf
     cluster.wait_zero_used_blocks()
+    # Their attention takes every core (the worker waits meanwhile), its threads sleeping between calls.
+    for memserver in cluster.memservers:
+        started = next(line for line in memserver.log_text().splitlines() if "memserver_started" in line)
+        assert f"attention_threads={len(os.sched_getaffinity(0))}" in started and "omp_wait_policy='PASSIVE'" in started
 
 
 def _transformers_text(prompt: list[int], max_tokens: int) -> str:
