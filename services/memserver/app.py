@@ -71,7 +71,7 @@ async def serving_ctx(app: web.Application):
             raise
         num_blocks = config.capacity_bytes // geometry.block_bytes
         pool = BlockPool(geometry, num_blocks, config.device, config.per_owner_cap)
-        service = MemoryService(pool)
+        service = MemoryService(pool, num_threads=torch.get_num_threads())
         server = await node.listen(service.handlers, port=config.port, host=config.host,
                                    on_session_closed=service.session_closed)
         ident = {"memserver_id": config.id_for(server.address), "address": server.address}

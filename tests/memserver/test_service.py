@@ -1,0 +1,69 @@
+"""The memory server's request handlers, without a transport: what an Attend runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import paged_attention_partial_ref
+from services.memserver.messages import Attend, attend_layout
+from services.memserver.pool import BlockPool, Geometry
+from services.memserver.service import PARALLEL_MIN_KV_TOKENS, MemoryService
+
+GEO = Geometry(num_layers=1, num_kv_heads=2, head_dim=8, block_size=16, dtype="float32")
+
+
+@dataclass
+class _Request:
+    """What a handler reads of transport.server.Request; frames arrive whole."""
+
+    message: Attend
+    frames: list[torch.Tensor]
+    peer: str = "peer-1"
+
+    @property
+    def frame_sizes(self) -> tuple[int, ...]:
+        return tuple(f.numel() * f.element_size() for f in self.frames)
+
+    async def recv_frames(self, into):
+        for target, frame in zip(into, self.frames):
+            target.copy_(frame)
+        return into
+
+
+async def test_small_decode_calls_run_on_one_thread_and_big_ones_on_all():
+    num_blocks = PARALLEL_MIN_KV_TOKENS // GEO.block_size
+    pool = BlockPool(GEO, num_blocks=num_blocks)
+    service = MemoryService(pool, num_threads=2)
+    ids = pool.allocate("w", num_blocks)
+    torch.manual_seed(0)
+    pool.kv.normal_()
+    threads_seen = []
+    attention = pool.attention
+
+    def spy(*args):
+        threads_seen.append(torch.get_num_threads())
+        return attention(*args)
+
+    pool.attention = spy
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for num_tokens in (PARALLEL_MIN_KV_TOKENS // 2, PARALLEL_MIN_KV_TOKENS):
+            table = ids[: num_tokens // GEO.block_size]
+            q = torch.randn(1, 4, GEO.head_dim)
+            tables, seq_lens = attend_layout([table], [num_tokens], [1])
+            msg = Attend("w", 0, 4, 0.35, "float32", 1, 1, tables.shape[1])
+            reply = await service.attend(_Request(msg, [q, tables, seq_lens]))
+            out, lse = reply.frames
+            ref_out, ref_lse = paged_attention_partial_ref(q, pool.kv[0, 0], pool.kv[0, 1], tables,
+                                                           torch.tensor([num_tokens], dtype=torch.int32),
+                                                           torch.tensor([0, 1], dtype=torch.int32), 0.35, causal=False)
+            torch.testing.assert_close(out, ref_out)
+            torch.testing.assert_close(lse, ref_lse)
+            assert torch.get_num_threads() == 2  # restored after a small call
+    finally:
+        torch.set_num_threads(before)
+        service.close()
+    assert threads_seen == [1, 2]
