@@ -1,5 +1,6 @@
 """`kvmesh chat`'s streaming client against a canned SSE answer."""
 
+import contextlib
 import io
 import json
 
@@ -15,24 +16,30 @@ def _sse(*deltas) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
-async def _answer(body: bytes) -> tuple[str, list[str], TurnStats]:
-    async def handler(request):
-        return web.Response(body=body, content_type="text/event-stream")
-
+@contextlib.asynccontextmanager
+async def _serving(method: str, path: str, handler):
+    """A one-route server on a free loopback port; yields its base URL."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_route(method, path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    config = ChatConfig(f"http://127.0.0.1:{port}", "m", None, 0.0, None)
-    out, parts, stats = io.StringIO(), [], TurnStats()
     try:
-        async with _session(config) as session:
-            await stream_answer(session, config, "m", [{"role": "user", "content": "hi"}], out, stats, parts)
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def _answer(body: bytes) -> tuple[str, list[str], TurnStats]:
+    async def handler(request):
+        return web.Response(body=body, content_type="text/event-stream")
+
+    out, parts, stats = io.StringIO(), [], TurnStats()
+    async with _serving("POST", "/v1/chat/completions", handler) as url:
+        config = ChatConfig(url, "m", None, 0.0, None)
+        async with _session(config) as session:
+            await stream_answer(session, config, "m", [{"role": "user", "content": "hi"}], out, stats, parts)
     return out.getvalue(), parts, stats
 
 
@@ -51,19 +58,10 @@ async def test_a_server_that_wants_an_api_key_gets_a_hint():
             return web.json_response({"error": {"message": "missing or incorrect API key"}}, status=401)
         return web.json_response({"data": [{"id": "m"}]})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with _serving("GET", "/v1/models", models) as url:
         async with _session(ChatConfig(url, None, None, 0.0, None)) as session:
             with pytest.raises(RuntimeError, match="wants an API key: pass --api-key or set KVMESH_API_KEY"):
                 await _first_model(session, ChatConfig(url, None, None, 0.0, None))
         config = ChatConfig(url, None, None, 0.0, "sk-right")
         async with _session(config) as session:
             assert await _first_model(session, config) == "m"
-    finally:
-        await runner.cleanup()

@@ -33,17 +33,19 @@ def test_bad_thread_count_is_refused(field):
         WorkerConfig(cluster_token="t", **{field: 0})
 
 
-def test_step_token_budget_reaches_the_engine_and_a_bad_one_is_refused():
+@pytest.mark.parametrize("flag, field", [("--max-num-batched-tokens", "max_num_batched_tokens"),
+                                         ("--max-model-len", "max_model_len")])
+def test_engine_flags_reach_the_engine_and_a_bad_value_is_refused(flag, field):
     import argparse
 
     from services.worker.cli import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--max-num-batched-tokens", "2048", "--cluster-token", "t"])
-    assert config_from_args(args).engine_config().max_num_batched_tokens == 2048
-    bad = config_from_args(parser.parse_args(["--max-num-batched-tokens", "0", "--cluster-token", "t"]))
-    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
+    args = parser.parse_args([flag, "2048", "--cluster-token", "t"])
+    assert getattr(config_from_args(args).engine_config(), field) == 2048
+    bad = config_from_args(parser.parse_args([flag, "0", "--cluster-token", "t"]))
+    with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
         bad.engine_config()
 
 
@@ -63,16 +65,3 @@ def test_worker_cli_refuses_a_zero_step_budget_before_loading_anything(capfd):
     captured = capfd.readouterr()
     assert "max_num_batched_tokens must be >= 1" in captured.out + captured.err
 
-
-def test_max_model_len_reaches_the_engine_and_a_bad_one_is_refused():
-    import argparse
-
-    from services.worker.cli import add_arguments, config_from_args
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--max-model-len", "4096", "--cluster-token", "t"])
-    assert config_from_args(args).engine_config().max_model_len == 4096
-    bad = config_from_args(parser.parse_args(["--max-model-len", "0", "--cluster-token", "t"]))
-    with pytest.raises(ValueError, match="max_model_len must be >= 1, got 0"):
-        bad.engine_config()
