@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="find the tool calls a model chose to make in its text, so chat requests may use "
                              "tool_choice 'auto' (hermes: <tool_call>{json}</tool_call>, as Hermes 2 Pro, Qwen2.5 "
-                             "and the embedded model write them); without it 'auto' is refused")
+                             "and the embedded model write them; llama3_json: an answer of {json} calls separated "
+                             "by ';', as Llama 3.1-3.3 write them); without it 'auto' is refused")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="return a chat answer's <think> reasoning as reasoning_content, apart from its content "
                              "(deepseek_r1: the answer starts inside <think>; qwen3: only if it opens one)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from services.router.protocol import Endpoint, ParsedRequest
 from services.router.reasoning import ReasoningStream, split_reasoning
-from services.router.tool_parsers import StreamParser, parse_text
+from services.router.tool_parsers import Llama3JsonStream, StreamParser, parse_answer, stream_parser
 from services.router.tools import ToolMode, new_call_id, new_tool_call, tool_calls
 from services.runtime.wire import DeltaFrame
 
@@ -29,7 +29,7 @@ class ChoiceState:
     text_offset: int = 0  # characters emitted so far (completions' logprobs.text_offset)
     started: bool = False  # chat: the role delta has gone out
     tool_call_id: str | None = None  # a named tool_choice's call, once its first delta has gone out
-    tool_parser: StreamParser | None = None  # tool_choice "auto", streaming: calls found in the text so far
+    tool_parser: StreamParser | Llama3JsonStream | None = None  # tool_choice "auto", streaming: calls so far
     num_tool_calls: int = 0  # tool_choice "auto", streaming: calls sent
     pending_logprobs: list = field(default_factory=list)  # "auto", streaming: of text held back
     reasoning: ReasoningStream | None = None  # --reasoning-parser, streaming: where the answer is
@@ -150,10 +150,11 @@ class Formatter:
     def _auto_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
         """Text streams as content, except what may be a call's markup; each call goes out whole."""
         if choice.tool_parser is None:
-            choice.tool_parser = StreamParser()
+            choice.tool_parser = stream_parser(self.parsed.tool_parser)
         content, calls = choice.tool_parser.feed(frame.text)
         if frame.finish_reason is not None:
-            content += choice.tool_parser.finish()
+            rest, last_calls = choice.tool_parser.finish()
+            content, calls = content + rest, calls + last_calls
         choice.pending_logprobs.extend(frame.logprobs or ())
         deltas = [{"content": content}] if content or (frame.finish_reason and choice.pending_logprobs) else []
         for name, arguments in calls:
@@ -209,7 +210,7 @@ class Formatter:
                     calls = tool_calls(self._tools, text)
                     content = None if calls is not None else text
                 elif self._auto:
-                    content, found = parse_text(text)
+                    content, found = parse_answer(self.parsed.tool_parser, text)
                     calls = [new_tool_call(name, arguments) for name, arguments in found] or None
                 message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {}),
                            **({"reasoning_content": reasoning} if reasoning is not None else {})}

@@ -18,7 +18,7 @@ from services.router.params import (
 )
 from services.router.reasoning import CLOSE as THINK_CLOSE
 from services.router.reasoning import OPEN as THINK_OPEN
-from services.router.tools import ToolPlan, parse_tools
+from services.router.tools import ToolMode, ToolPlan, parse_tools
 from services.router.tools import functions as tool_functions
 from services.runtime.errors import ApiError
 
@@ -49,6 +49,7 @@ class ParsedRequest:
     include_usage: bool
     tools: ToolPlan | None = None  # chat: the tools the template shows, and whether the answer is calls
     reasoning_parser: str | None = None  # chat: reasoning_content apart from content (services.router.reasoning)
+    tool_parser: str | None = None  # chat with tool_choice "auto": how calls are written (services.router.tool_parsers)
 
     def choice_seeds(self) -> list[int | None]:
         """One seed per choice: seed, seed+1, ... so n>1 with a seed is reproducible yet varied."""
@@ -371,7 +372,8 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
         return parsed
     prompts = ({**chat, "tools": list(tools.tools)},)
     if not tools.calls:
-        return dataclasses.replace(parsed, tools=tools, prompts=prompts)
+        auto_parser = tool_parser if tools.mode is ToolMode.AUTO else None
+        return dataclasses.replace(parsed, tools=tools, prompts=prompts, tool_parser=auto_parser)
     if "structured" in parsed.sampling:
         raise value_error("tool_choice", "a tool_choice constrains the answer to its calls: drop "
                                          "'response_format' / 'structured_outputs', or set tool_choice 'none'")

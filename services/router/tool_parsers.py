@@ -4,6 +4,11 @@
 Qwen2.5 and kvmesh's embedded model write them so), as vLLM's parser of the same name. Streaming
 holds back text that may be the start of a tag, sends each call whole once its closing tag has
 come, and sends as text a call that does not parse or was cut short.
+
+`llama3_json`: an answer that is tool calls is JSON objects `{"name": ..., "parameters": {...}}`
+separated by `;`, possibly after `<|python_tag|>` (Llama 3.1-3.3 with their JSON tool template),
+as vLLM's parser of the same name. An answer that starts otherwise is text, streamed at once; one
+that starts like a call is held back to its end and sent as calls, or as text if it does not parse.
 """
 
 from __future__ import annotations
@@ -15,16 +20,20 @@ from dataclasses import dataclass
 from services.runtime.text import held_back
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+PYTHON_TAG = "<|python_tag|>"
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 
 def _parse_call(body: str) -> tuple[str, str] | None:
     """(name, arguments as JSON text) of one call's body, or None if it is not a call."""
     try:
-        value = json.loads(body)
+        return _call_of(json.loads(body))
     except ValueError:
         return None
+
+
+def _call_of(value) -> tuple[str, str] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
@@ -80,12 +89,67 @@ class StreamParser:
             break
         return "".join(content), calls
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[tuple[str, str]]]:
         """What is left once the answer has ended: an unclosed call or a partial tag, as text."""
         rest = (OPEN if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
-        return self._content(rest)
+        return self._content(rest), []
 
     def _content(self, text: str) -> str:
         # Between and after calls only whitespace separates them: it is not content.
         return "" if self._after_call and not text.strip() else text
+
+
+def parse_llama3_json(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The whole answer -> (None, calls) when it is calls, else (text, [])."""
+    body = text.strip()
+    body = body[len(PYTHON_TAG):].lstrip() if body.startswith(PYTHON_TAG) else body
+    decoder, calls, i = json.JSONDecoder(), [], 0
+    while body.startswith("{", i):
+        try:
+            value, i = decoder.raw_decode(body, i)
+        except ValueError:
+            return text, []
+        call = _call_of(value)
+        if call is None:
+            return text, []
+        calls.append(call)
+        while i < len(body) and (body[i].isspace() or body[i] == ";"):
+            i += 1
+    return (None, calls) if calls and i == len(body) else (text, [])
+
+
+@dataclass(slots=True)
+class Llama3JsonStream:
+    """StreamParser's interface for llama3_json: text goes out at once unless the answer starts like
+    a call; then all of it waits for the end."""
+
+    _buffer: str = ""
+    _holding: bool | None = None  # None: the answer's start does not tell yet
+
+    def feed(self, text: str) -> tuple[str, list[tuple[str, str]]]:
+        if self._holding is False:
+            return text, []
+        self._buffer += text
+        start = self._buffer.lstrip()
+        if not start or PYTHON_TAG.startswith(start):
+            return "", []  # nothing yet, or what may be the start of the tag
+        self._holding = start.startswith(("{", PYTHON_TAG))
+        if self._holding:
+            return "", []
+        out, self._buffer = self._buffer, ""
+        return out, []
+
+    def finish(self) -> tuple[str, list[tuple[str, str]]]:
+        text, self._buffer = self._buffer, ""
+        content, calls = parse_llama3_json(text) if self._holding else (text, [])
+        return content or "", calls
+
+
+def stream_parser(parser: str) -> "StreamParser | Llama3JsonStream":
+    return Llama3JsonStream() if parser == "llama3_json" else StreamParser()
+
+
+def parse_answer(parser: str, text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """``parse_text`` of the named parser."""
+    return parse_llama3_json(text) if parser == "llama3_json" else parse_text(text)

@@ -89,7 +89,7 @@ def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
         if parser is None:
             raise value_error("tool_choice", "tool_choice 'auto' (the default with tools) needs a parser for the "
                                              "model's tool-call markup: start the router with --tool-call-parser "
-                                             "(e.g. hermes), or set tool_choice to 'required', 'none' or "
+                                             "(hermes or llama3_json), or set tool_choice to 'required', 'none' or "
                                              "{\"type\": \"function\", \"function\": {\"name\": ...}}")
         return ToolPlan(ToolMode.AUTO, tools, None, None)
     if choice == "none":

@@ -144,6 +144,25 @@ def test_auto_needs_a_tool_call_parser_and_then_finds_calls_in_the_text():
     assert full["message"] == {"role": "assistant", "content": "just text <tool_"} and full["finish_reason"] == "length"
 
 
+def test_auto_with_the_llama3_json_parser_finds_a_json_answers_calls():
+    p = parse_chat_request({"messages": MSG, "tools": TOOLS}, **LIMITS, tool_parser="llama3_json")
+    assert p.tool_parser == "llama3_json"
+    answer = '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "now", "parameters": {}}'
+    streamed, full = _run(p, [" ", answer[:9], answer[9:30], answer[30:]], "stop")
+    calls = [c["delta"]["tool_calls"][0] for c in streamed if "tool_calls" in c["delta"]]
+    assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        (0, "get_weather", '{"city": "Oslo"}'), (1, "now", "{}")]
+    assert not any(c["delta"].get("content") for c in streamed)  # nothing of the JSON leaks as text
+    assert streamed[-1]["finish_reason"] == "tool_calls" and full["finish_reason"] == "tool_calls"
+    assert full["message"]["content"] is None and len(full["message"]["tool_calls"]) == 2
+    streamed, full = _run(p, ["It is ", "sunny."], "stop")  # an answer in words streams as it comes
+    assert [c["delta"].get("content") for c in streamed[1:3]] == ["It is ", "sunny."]
+    assert full["message"] == {"role": "assistant", "content": "It is sunny."} and full["finish_reason"] == "stop"
+    streamed, full = _run(p, ['{"name": "get_', 'weather", "param'], "length")  # cut short: text
+    assert "".join(c["delta"].get("content") or "" for c in streamed) == '{"name": "get_weather", "param'
+    assert full["message"]["content"] == '{"name": "get_weather", "param'
+
+
 def test_the_router_refuses_an_unknown_tool_call_parser():
     from services.router.config import RouterConfig
 
