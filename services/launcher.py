@@ -98,8 +98,12 @@ def _raise_stop(signum, frame) -> None:
 
 def summary(cluster: LocalCluster, elapsed_s: float) -> str:
     c = cluster.config
+    chat_hint = f"kvmesh chat --url {cluster.url}" + (" --api-key KEY" if c.api_keys else "")
     lines = [f"kvmesh up: ready in {elapsed_s:.1f}s",
-             f"  url        {cluster.url}/v1  (OpenAI-compatible; try: kvmesh chat --url {cluster.url})"]
+             f"  url        {cluster.url}/v1  (OpenAI-compatible; try: {chat_hint})"]
+    if c.api_keys:
+        lines.append(f"  api keys   {len(c.api_keys)}: clients send 'Authorization: Bearer KEY' "
+                     "(an OpenAI client's api_key)")
     try:
         lines.append(f"  cluster    {cluster.view().describe()}")
     except RuntimeError as e:

@@ -54,7 +54,8 @@ def test_up_serves_a_streamed_chat_and_sigint_stops_every_child(tmp_path):
         pids = [p["pid"] for p in manifest["processes"]]
         assert wait_gone(pids) == []
         assert all(port_free(p["port"]) for p in manifest["processes"])
-    assert f"http://127.0.0.1:{port}/v1" in out
+    assert f"http://127.0.0.1:{port}/v1" in out and "--api-key KEY" in out and "api keys   2:" in out
+    assert "sk-first" not in out + err  # never printed
     assert "KV capacity 4,096 tokens (256 blocks x 16)" in out
     assert str(tmp_path) in out  # where the logs are
     assert {f.name for f in tmp_path.glob("*.log")} == {"router.log", "worker0.log"}
