@@ -221,6 +221,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, formatter: Format
             await response.write(b"".join(_sse(c) for c in chunks))
 
     choices = [c for c, _ in sequences]
+    formatter.track(choices)
     try:
         await drive(sequences, on_frame)
     except (UpstreamFailed, WorkerLost, ApiError) as e:

@@ -79,13 +79,20 @@ class Formatter:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self._usage_field = {"usage": None} if parsed.include_usage else {}
+        self._choices: list[ChoiceState] | None = None  # continuous usage: every choice of the request
         self._tools = parsed.tools if parsed.tools is not None and parsed.tools.calls else None  # answers are calls
         self._auto = parsed.tools is not None and parsed.tools.mode is ToolMode.AUTO  # calls parsed out of text
 
+    def track(self, choices: list[ChoiceState]) -> None:
+        """The request's choices, whose usage so far every chunk carries (continuous usage)."""
+        if self.parsed.continuous_usage:
+            self._choices = choices
+
     def _chunk(self, choices: list[dict]) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
+        usage_field = self._usage_field if self._choices is None else {"usage": usage(self._choices)}
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **self._usage_field}
+                **usage_field}
 
     def delta_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
         """Stream chunks for one delta (already applied to `choice`): role first (chat), then the text

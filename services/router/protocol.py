@@ -47,6 +47,7 @@ class ParsedRequest:
     n: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
     tools: ToolPlan | None = None  # chat: the tools the template shows, and whether the answer is calls
     reasoning_parser: str | None = None  # chat: reasoning_content apart from content (services.router.reasoning)
     tool_parser: str | None = None  # chat with tool_choice "auto": how calls are written (services.router.tool_parsers)
@@ -65,6 +66,7 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
     if stream_options is not None and not stream:
         raise ApiError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     include_usage = get_bool(stream_options or {}, "include_usage")
+    continuous_usage = include_usage and get_bool(stream_options or {}, "continuous_usage_stats")  # as vLLM
     temperature = get_float(body, "temperature", 1.0)
     if not 0 <= temperature < math.inf:  # 1e999 reads as inf
         raise value_error("temperature", f"'temperature' must be a finite number >= 0, got {temperature}")
@@ -100,6 +102,7 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         n=get_int(body, "n", 1, minimum=1, maximum=max_n),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
     )
 
 

@@ -44,6 +44,22 @@ async def test_streaming_sse_shape_and_fan_out():
         await s.wait_blocks_free()
 
 
+async def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk():
+    async with running_stack() as s:
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        events = await read_sse(await s.post("/v1/chat/completions", {**CHAT, "stream": True, "n": 2, "seed": 1,
+                                                                     "stream_options": options}))
+        usages = [e["usage"] for e in events[:-1]]
+        completion = [u["completion_tokens"] for u in usages]
+        assert completion == sorted(completion) and completion[-1] == 10 and completion[0] < 10
+        assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+        assert usages[-1]["prompt_tokens"] > 0 and events[-2]["choices"] == []  # the final usage chunk
+        plain = await read_sse(await s.post("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {
+            "include_usage": False, "continuous_usage_stats": True}}))
+        assert all("usage" not in e for e in plain[:-1])  # as vLLM: only with include_usage
+        await s.wait_blocks_free()
+
+
 async def test_client_disconnect_aborts_on_the_worker():
     async with running_stack(engine_kwargs={"step_s": 0.01}) as s:
         resp = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 400, "stream": True})
