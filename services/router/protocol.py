@@ -87,6 +87,8 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         "logprobs": logprobs,
         **_penalties(body),
     }
+    if not get_bool(body, "skip_special_tokens", True):  # vLLM's; sent only when off (older workers lack it)
+        sampling["skip_special_tokens"] = False
     structured = _structured(body)
     if structured is not None:
         sampling["structured"] = structured

@@ -214,6 +214,13 @@ def test_penalties_logit_bias_and_stop_token_ids(client, reference):
                                      logit_bias={str(FORCED): 100}, extra_body={"stop_token_ids": [FORCED]})
     assert (resp.choices[0].text, resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("", "stop", 1)
 
+    # <|im_start|> (id 1) is a special token, not an end of sequence: its text shows only on request.
+    for skip, text in ((None, ""), (False, "<|im_start|>" * 3)):
+        extra = {} if skip is None else {"skip_special_tokens": skip}
+        resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                         logit_bias={"1": 100}, extra_body=extra)
+        assert (resp.choices[0].text, resp.usage.completion_tokens) == (text, 3)
+
 
 def test_structured_outputs_follow_their_grammar_as_offline(cluster, client, reference):
     """OpenAI's response_format (json_schema), streamed and not, and vLLM's structured_outputs."""
@@ -363,6 +370,8 @@ BAD_INPUTS = [
     ("continue_final_message with add_generation_prompt", "/v1/chat/completions",
      {**CHAT, "continue_final_message": True}, 400),
     ("tokenize without prompt or messages", "/tokenize", {"model": "tiny"}, 400),
+    ("skip_special_tokens not a boolean", "/v1/completions", {"model": "tiny", "prompt": "x", "skip_special_tokens": 0},
+     400),
     ("detokenize a token past the vocabulary", "/detokenize", {"model": "tiny", "tokens": [10**6]}, 400),
     ("two structured outputs", "/v1/completions",
      {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400),

@@ -131,6 +131,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+    skip_special_tokens: bool = True  # vLLM's: False puts special tokens' text (e.g. <|im_start|>) in the output
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
     # the first token's None), as OpenAI's completions `echo`.
     echo: bool = False

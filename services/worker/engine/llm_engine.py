@@ -130,8 +130,12 @@ class LLMEngine:
         echo_text = None
         if params.echo:
             echo_text = request.prompt if request.prompt is not None else self.tokenizer.decode(ids)
-        return _Active(seq, IncrementalDetokenizer(self.tokenizer.decode, params.stop), generator, echo_text,
+        decode = self.tokenizer.decode if params.skip_special_tokens else self._decode_with_special_tokens
+        return _Active(seq, IncrementalDetokenizer(decode, params.stop), generator, echo_text,
                        grammar=grammar, grammar_waits_for=waits_for)
+
+    def _decode_with_special_tokens(self, token_ids) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def _reasoning_end(self, structured: StructuredOutput, prompt_ids: list[int]) -> int | None:
         """The id of the token ending a thinking model's reasoning, while the grammar must wait

@@ -56,10 +56,10 @@ class Tokenizer:
         ids = self._tok.encode(text, add_special_tokens=False)
         return ids[0] if len(ids) == 1 and self._tok.decode(ids) == text else None
 
-    def decode(self, token_ids) -> str:
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         if self._raw_decode is not None:
-            return self._raw_decode(token_ids, skip_special_tokens=True)
-        return self._tok.decode(token_ids, skip_special_tokens=True)
+            return self._raw_decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
