@@ -20,7 +20,8 @@ def test_chat_defaults_and_extras():
     assert p.sampling["stop"] == ("x",) and p.sampling["top_k"] is None and p.sampling["ignore_eos"]
     assert p.sampling["logprobs"] == 2 and p.include_usage
     assert p.choice_seeds() == [5, 6, 7]
-    assert "skip_special_tokens" not in p.sampling and not chat(skip_special_tokens=False).sampling["skip_special_tokens"]
+    assert "skip_special_tokens" not in p.sampling
+    assert chat(skip_special_tokens=False).sampling["skip_special_tokens"] is False
     assert "skip_special_tokens" not in chat(skip_special_tokens=True).sampling
     assert p.prompts == ({"messages": MSG},)
 
