@@ -89,6 +89,8 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
     }
     if not get_bool(body, "skip_special_tokens", True):  # vLLM's; sent only when off (older workers lack it)
         sampling["skip_special_tokens"] = False
+    if get_bool(body, "include_stop_str_in_output"):  # vLLM's; sent only when on
+        sampling["include_stop_str_in_output"] = True
     structured = _structured(body)
     if structured is not None:
         sampling["structured"] = structured

@@ -148,6 +148,9 @@ def test_n_seed_stop_and_logprobs(client, reference):
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
     assert resp.choices[0].text == text[:text.find(stop)]
     assert resp.choices[0].finish_reason == "stop"
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=[stop],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert (resp.choices[0].text, resp.choices[0].finish_reason) == (text[:text.find(stop) + len(stop)], "stop")
 
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
                                           logprobs=True, top_logprobs=2)

@@ -22,6 +22,8 @@ def test_chat_defaults_and_extras():
     assert p.choice_seeds() == [5, 6, 7]
     assert "skip_special_tokens" not in p.sampling
     assert chat(skip_special_tokens=False).sampling["skip_special_tokens"] is False
+    assert "include_stop_str_in_output" not in p.sampling
+    assert chat(include_stop_str_in_output=True).sampling["include_stop_str_in_output"] is True
     assert "skip_special_tokens" not in chat(skip_special_tokens=True).sampling
     assert p.prompts == ({"messages": MSG},)
 

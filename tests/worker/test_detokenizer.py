@@ -15,8 +15,8 @@ def tok():
     return Tokenizer(materialize_tiny(), (0,))
 
 
-def _stream(tok, ids, stop=()):
-    detok = IncrementalDetokenizer(tok.decode, stop)
+def _stream(tok, ids, stop=(), include_stop=False):
+    detok = IncrementalDetokenizer(tok.decode, stop, include_stop)
     pieces = []
     for n in range(1, len(ids) + 1):
         pieces.append(detok.step(ids[:n], final=n == len(ids)))
@@ -55,6 +55,15 @@ def test_stop_string_is_cut_and_never_sent(tok):
     assert detok.stopped
     assert "".join(pieces) == "the answer is 42. "
     assert all("S" not in p for p in pieces)
+
+
+def test_with_include_stop_the_text_ends_with_the_stop_string(tok):
+    ids = tok.encode("the answer is 42. STOP here and STOPPED more text")
+    for stop in (("STOP",), ("here", "STOP")):  # the first stop string to appear ends it
+        pieces, detok = _stream(tok, ids, stop=stop, include_stop=True)
+        assert detok.stopped and "".join(pieces) == "the answer is 42. STOP"
+    whole = IncrementalDetokenizer(tok.decode, ("STOP", "STOP here"), include_stop=True)  # both complete at once
+    assert whole.step(ids, final=True) == "the answer is 42. STOP here"
 
 
 def test_held_back_prefix_is_released_when_not_a_stop(tok):

@@ -132,6 +132,7 @@ class SamplingParams:
     min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
     skip_special_tokens: bool = True  # vLLM's: False puts special tokens' text (e.g. <|im_start|>) in the output
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string it matched
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
     # the first token's None), as OpenAI's completions `echo`.
     echo: bool = False

@@ -3,7 +3,7 @@
 Text increments never split a UTF-8 character (a trailing U+FFFD means an incomplete byte
 sequence: wait for more tokens), text that could be the start of a stop string is held back
 until it is known not to be one, and the concatenation of all increments equals the tokenizer's
-decode of all generated ids (cut before a matched stop string)."""
+decode of all generated ids (cut before a matched stop string, or right after it with include_stop)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from services.runtime.text import held_back
 
 
 class IncrementalDetokenizer:
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...], include_stop: bool = False):
         self._decode = decode
         self._stop = stop
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the text ends with the stop string
         self._text = ""  # decoded text of all ids, complete characters only
         self._sent = 0  # characters of _text already returned
         self._offset = 0  # ids before this index are fully reflected in _text
@@ -39,10 +40,12 @@ class IncrementalDetokenizer:
         text = self._text
         if self._stop:
             search_from = max(0, self._sent - max(len(s) for s in self._stop))
-            hits = [i for i in (text.find(s, search_from) for s in self._stop) if i >= 0]
+            # (where, -length): the earliest match, the longest of those that start there
+            hits = [(i, -len(s)) for i, s in ((text.find(s, search_from), s) for s in self._stop) if i >= 0]
             if hits:
                 self.stopped = True
-                end = min(hits)
+                start, minus_length = min(hits)
+                end = start - minus_length if self._include_stop else start
                 out = text[self._sent : end] if end > self._sent else ""
                 self._sent = max(self._sent, end)
                 return out

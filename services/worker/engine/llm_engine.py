@@ -131,7 +131,8 @@ class LLMEngine:
         if params.echo:
             echo_text = request.prompt if request.prompt is not None else self.tokenizer.decode(ids)
         decode = self.tokenizer.decode if params.skip_special_tokens else self._decode_with_special_tokens
-        return _Active(seq, IncrementalDetokenizer(decode, params.stop), generator, echo_text,
+        detok = IncrementalDetokenizer(decode, params.stop, params.include_stop_str_in_output)
+        return _Active(seq, detok, generator, echo_text,
                        grammar=grammar, grammar_waits_for=waits_for)
 
     def _decode_with_special_tokens(self, token_ids) -> str:
