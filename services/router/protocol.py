@@ -29,6 +29,7 @@ MAX_LOGPROBS = 20
 SEED_MODULUS = 2**63
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 MAX_STOP_TOKEN_IDS = 64
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
 
 
 class Endpoint(enum.Enum):
@@ -111,8 +112,9 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
 
 
 def _penalties(body: dict) -> dict[str, Any]:
-    """OpenAI's frequency/presence penalties and logit_bias; vLLM's repetition_penalty, min_p and
-    stop_token_ids. Only the fields a request sets (the engine's defaults are no-ops)."""
+    """OpenAI's frequency/presence penalties and logit_bias; vLLM's repetition_penalty, min_p,
+    stop_token_ids and allowed_token_ids. Only the fields a request sets (the engine's defaults are
+    no-ops)."""
     out: dict[str, Any] = {}
     for name in ("frequency_penalty", "presence_penalty"):
         value = get_float(body, name)
@@ -133,17 +135,28 @@ def _penalties(body: dict) -> dict[str, Any]:
     bias = _logit_bias(body)
     if bias:
         out["logit_bias"] = bias
-    stop_ids = body.get("stop_token_ids")
+    stop_ids = _token_ids(body, "stop_token_ids", MAX_STOP_TOKEN_IDS)
     if stop_ids is not None:
-        if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                     for t in stop_ids):
-            raise ApiError("'stop_token_ids' must be a list of non-negative integers", code="invalid_type",
-                           param="stop_token_ids")
-        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
-            raise value_error("stop_token_ids", f"'stop_token_ids' allows at most {MAX_STOP_TOKEN_IDS} ids, "
-                                                f"got {len(stop_ids)}")
-        out["stop_token_ids"] = tuple(stop_ids)
+        out["stop_token_ids"] = stop_ids
+    allowed = _token_ids(body, "allowed_token_ids", MAX_ALLOWED_TOKEN_IDS)
+    if allowed is not None:
+        if not allowed:
+            raise value_error("allowed_token_ids", "'allowed_token_ids' must not be empty (leave it out to allow "
+                                                   "every token)")
+        out["allowed_token_ids"] = allowed
     return out
+
+
+def _token_ids(body: dict, name: str, cap: int) -> tuple[int, ...] | None:
+    """A list of token ids (the worker checks them against the vocabulary), or None if absent."""
+    ids = body.get(name)
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ApiError(f"'{name}' must be a list of non-negative integers", code="invalid_type", param=name)
+    if len(ids) > cap:
+        raise value_error(name, f"'{name}' allows at most {cap} ids, got {len(ids)}")
+    return tuple(ids)
 
 
 _STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",

@@ -217,6 +217,10 @@ def test_penalties_logit_bias_and_stop_token_ids(client, reference):
                                      logit_bias={str(FORCED): 100}, extra_body={"stop_token_ids": [FORCED]})
     assert (resp.choices[0].text, resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("", "stop", 1)
 
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                     extra_body={"allowed_token_ids": [FORCED]})
+    assert resp.choices[0].text == reference["forced"].text
+
     # <|im_start|> (id 1) is a special token, not an end of sequence: its text shows only on request.
     for skip, text in ((None, ""), (False, "<|im_start|>" * 3)):
         extra = {} if skip is None else {"skip_special_tokens": skip}
@@ -373,6 +377,9 @@ BAD_INPUTS = [
     ("continue_final_message with add_generation_prompt", "/v1/chat/completions",
      {**CHAT, "continue_final_message": True}, 400),
     ("tokenize without prompt or messages", "/tokenize", {"model": "tiny"}, 400),
+    ("allowed_token_ids empty", "/v1/completions", {"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400),
+    ("allowed_token_ids past the vocabulary", "/v1/completions",
+     {"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 99999]}, 400),
     ("skip_special_tokens not a boolean", "/v1/completions", {"model": "tiny", "prompt": "x", "skip_special_tokens": 0},
      400),
     ("detokenize a token past the vocabulary", "/detokenize", {"model": "tiny", "tokens": [10**6]}, 400),

@@ -179,3 +179,10 @@ async def test_max_model_len_caps_the_context_below_the_models_own(llm):
     assert capped.blocks.num_used_blocks == 0
     with pytest.raises(ValueError, match="max_model_len=40000 exceeds this model's max_position_embeddings=32768"):
         LLMEngine(EngineConfig(model="tiny", num_kv_blocks=8, max_model_len=40000))
+
+
+async def test_allowed_token_ids_are_the_only_tokens_sampled(engine):
+    allowed = (345, 346, 1000)
+    params = SamplingParams(max_tokens=24, temperature=1.5, seed=3, ignore_eos=True, allowed_token_ids=allowed)
+    _, _, ids = await collect(engine, GenerateRequest("allowed", params, prompt="pick"))
+    assert len(ids) == 24 and set(ids) <= set(allowed) and len(set(ids)) > 1

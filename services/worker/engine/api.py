@@ -131,6 +131,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be sampled; () allows every token
     skip_special_tokens: bool = True  # vLLM's: False puts special tokens' text (e.g. <|im_start|>) in the output
     include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string it matched
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
@@ -144,9 +145,9 @@ class SamplingParams:
 
     @property
     def uses_history(self) -> bool:
-        """Its logits depend on the tokens so far (penalties) or carry a bias."""
+        """Its logits depend on the tokens so far (penalties), carry a bias or allow only some tokens."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.allowed_token_ids)
 
     def validate(self) -> None:
         """Raise InvalidRequest naming the field and its limit."""
@@ -183,7 +184,8 @@ class SamplingParams:
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids named by the request exist in the model's vocabulary."""
-        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids),
+                          ("allowed_token_ids", self.allowed_token_ids)):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise InvalidRequest(f"{name} token ids must be in [0, {vocab_size}), got {bad[:5]}", name)

@@ -1,7 +1,8 @@
-"""Per-request edits of a row of logits before sampling: logit bias, then the repetition,
-frequency and presence penalties, in vLLM's order. Rows that ask for none of them are never
-touched (the batched greedy path stays one argmax).
+"""Per-request edits of a row of logits before sampling: the allowed tokens, logit bias, then the
+repetition, frequency and presence penalties, in vLLM's order. Rows that ask for none of them are
+never touched (the batched greedy path stays one argmax).
 
+- allowed_token_ids (vLLM): every other token's logit becomes -inf.
 - logit_bias (OpenAI): ``logit[t] += bias[t]``.
 - repetition_penalty (transformers' RepetitionPenaltyLogitsProcessor, vLLM): for every token of
   the prompt and of the output so far, ``logit / p`` if it is positive, else ``logit * p``.
@@ -40,6 +41,10 @@ class TokenHistory:
 
 def apply_processors(logits: torch.Tensor, params: SamplingParams, history: TokenHistory) -> None:
     """Edit ``logits`` ([V] fp32, one row) in place."""
+    if params.allowed_token_ids:
+        ids = torch.tensor(params.allowed_token_ids)
+        kept = logits.index_select(0, ids)
+        logits.fill_(float("-inf")).index_copy_(0, ids, kept)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
         logits.index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
