@@ -92,6 +92,9 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         sampling["skip_special_tokens"] = False
     if get_bool(body, "include_stop_str_in_output"):  # vLLM's; sent only when on
         sampling["include_stop_str_in_output"] = True
+    truncate = get_int(body, "truncate_prompt_tokens", minimum=1)  # vLLM's: the prompt's last k tokens
+    if truncate is not None:
+        sampling["truncate_prompt_tokens"] = truncate
     structured = _structured(body)
     if structured is not None:
         sampling["structured"] = structured

@@ -221,6 +221,15 @@ def test_penalties_logit_bias_and_stop_token_ids(client, reference):
                                      extra_body={"allowed_token_ids": [FORCED]})
     assert resp.choices[0].text == reference["forced"].text
 
+    ids = list(range(300, 340))  # truncate_prompt_tokens keeps the last k: as if only those were sent
+    cut = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 12})
+    tail = client.completions.create(model="tiny", prompt=ids[-12:], max_tokens=5, temperature=0)
+    assert (cut.choices[0].text, cut.usage.prompt_tokens) == (tail.choices[0].text, 12)
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 7})
+    assert resp.usage.prompt_tokens == 7
+
     # <|im_start|> (id 1) is a special token, not an end of sequence: its text shows only on request.
     for skip, text in ((None, ""), (False, "<|im_start|>" * 3)):
         extra = {} if skip is None else {"skip_special_tokens": skip}
@@ -380,6 +389,8 @@ BAD_INPUTS = [
     ("allowed_token_ids empty", "/v1/completions", {"model": "tiny", "prompt": "x", "allowed_token_ids": []}, 400),
     ("allowed_token_ids past the vocabulary", "/v1/completions",
      {"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 99999]}, 400),
+    ("truncate_prompt_tokens 0", "/v1/completions", {"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0},
+     400),
     ("skip_special_tokens not a boolean", "/v1/completions", {"model": "tiny", "prompt": "x", "skip_special_tokens": 0},
      400),
     ("detokenize a token past the vocabulary", "/detokenize", {"model": "tiny", "tokens": [10**6]}, 400),

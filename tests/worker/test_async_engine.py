@@ -143,6 +143,7 @@ async def test_consumer_going_away_aborts(engine, llm):
     ({"prompt": "hi"}, SamplingParams(temperature=-0.5), InvalidRequest, "temperature must be a finite number >= 0, got -0.5"),
     ({"prompt": "hi"}, SamplingParams(top_p=1.5), InvalidRequest, r"top_p must be in \(0, 1\], got 1.5"),
     ({"prompt": "hi"}, SamplingParams(top_p=0), InvalidRequest, "top_p"),
+    ({"prompt": "hi"}, SamplingParams(truncate_prompt_tokens=0), InvalidRequest, "truncate_prompt_tokens must be >= 1"),
     ({"prompt_token_ids": (1, 99999)}, SamplingParams(), InvalidRequest, r"\[0, 32000\)"),
     ({"prompt": "hi"}, SamplingParams(max_tokens=40000), ContextLengthExceeded, "maximum context length is 32768"),
     ({"prompt": "hi"}, SamplingParams(max_tokens=2000), ContextLengthExceeded, "KV cache holds 1024 tokens"),
@@ -186,3 +187,10 @@ async def test_allowed_token_ids_are_the_only_tokens_sampled(engine):
     params = SamplingParams(max_tokens=24, temperature=1.5, seed=3, ignore_eos=True, allowed_token_ids=allowed)
     _, _, ids = await collect(engine, GenerateRequest("allowed", params, prompt="pick"))
     assert len(ids) == 24 and set(ids) <= set(allowed) and len(set(ids)) > 1
+
+
+async def test_echo_of_a_truncated_prompt_shows_what_was_kept(engine, llm):
+    ids = llm.tokenizer.encode("one two three four five six seven")
+    params = SamplingParams(max_tokens=1, temperature=0, echo=True, truncate_prompt_tokens=3)
+    deltas, text, _ = await collect(engine, GenerateRequest("echo-cut", params, prompt="one two three four five six seven"))
+    assert text.startswith(llm.tokenizer.decode(ids[-3:])) and deltas[-1].num_prompt_tokens == 3

@@ -132,6 +132,7 @@ class SamplingParams:
     min_p: float = 0.0  # sampling keeps tokens with probability >= min_p * the top token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be sampled; () allows every token
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last k tokens
     skip_special_tokens: bool = True  # vLLM's: False puts special tokens' text (e.g. <|im_start|>) in the output
     include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string it matched
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
@@ -164,6 +165,9 @@ class SamplingParams:
             raise InvalidRequest(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}", "min_tokens"
             )
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise InvalidRequest(f"truncate_prompt_tokens must be >= 1, got {self.truncate_prompt_tokens}",
+                                 "truncate_prompt_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         if any(not s for s in self.stop):

@@ -106,6 +106,9 @@ class LLMEngine:
             raise InvalidRequest("one of prompt, prompt_token_ids or messages is required", "prompt")
         if not ids:
             raise InvalidRequest("the prompt is empty", "prompt")
+        truncated = params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens
+        if truncated:  # vLLM's: keep the last k tokens (a chat's, after its template)
+            ids = ids[-params.truncate_prompt_tokens:]
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ContextLengthExceeded(
@@ -129,7 +132,7 @@ class LLMEngine:
         seq = Sequence(request.request_id, ids, params, arrival=0)
         echo_text = None
         if params.echo:
-            echo_text = request.prompt if request.prompt is not None else self.tokenizer.decode(ids)
+            echo_text = request.prompt if request.prompt is not None and not truncated else self.tokenizer.decode(ids)
         decode = self.tokenizer.decode if params.skip_special_tokens else self._decode_with_special_tokens
         detok = IncrementalDetokenizer(decode, params.stop, params.include_stop_str_in_output)
         return _Active(seq, detok, generator, echo_text,
