@@ -190,7 +190,8 @@ async def test_allowed_token_ids_are_the_only_tokens_sampled(engine):
 
 
 async def test_echo_of_a_truncated_prompt_shows_what_was_kept(engine, llm):
-    ids = llm.tokenizer.encode("one two three four five six seven")
+    prompt = "one two three four five six seven"
+    ids = llm.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=1, temperature=0, echo=True, truncate_prompt_tokens=3)
-    deltas, text, _ = await collect(engine, GenerateRequest("echo-cut", params, prompt="one two three four five six seven"))
+    deltas, text, _ = await collect(engine, GenerateRequest("echo-cut", params, prompt=prompt))
     assert text.startswith(llm.tokenizer.decode(ids[-3:])) and deltas[-1].num_prompt_tokens == 3
