@@ -30,6 +30,7 @@ SEED_MODULUS = 2**63
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 MAX_STOP_TOKEN_IDS = 64
 MAX_ALLOWED_TOKEN_IDS = 1 << 18
+MAX_BAD_WORDS = 64
 
 
 class Endpoint(enum.Enum):
@@ -92,6 +93,14 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         sampling["skip_special_tokens"] = False
     if get_bool(body, "include_stop_str_in_output"):  # vLLM's; sent only when on
         sampling["include_stop_str_in_output"] = True
+    bad_words = body.get("bad_words")  # vLLM's: words never generated
+    if bad_words is not None:
+        if not isinstance(bad_words, list) or not all(isinstance(w, str) and w.strip() for w in bad_words):
+            raise ApiError("'bad_words' must be a list of non-empty strings", code="invalid_type", param="bad_words")
+        if len(bad_words) > MAX_BAD_WORDS:
+            raise value_error("bad_words", f"'bad_words' allows at most {MAX_BAD_WORDS} words, got {len(bad_words)}")
+        if bad_words:
+            sampling["bad_words"] = tuple(bad_words)
     truncate = get_int(body, "truncate_prompt_tokens", minimum=1)  # vLLM's: the prompt's last k tokens
     if truncate is not None:
         sampling["truncate_prompt_tokens"] = truncate

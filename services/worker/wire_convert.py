@@ -6,7 +6,7 @@ from services.runtime.errors import ApiError
 from services.runtime.wire import DeltaFrame, GenerateCall
 from services.worker.engine.api import Delta, GenerateRequest, InvalidRequest, SamplingParams, StructuredOutput
 
-_TUPLE_FIELDS = ("stop", "stop_token_ids", "allowed_token_ids")
+_TUPLE_FIELDS = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words")
 
 
 def to_generate_request(call: GenerateCall) -> GenerateRequest:

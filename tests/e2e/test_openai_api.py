@@ -391,6 +391,8 @@ BAD_INPUTS = [
      {"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 99999]}, 400),
     ("truncate_prompt_tokens 0", "/v1/completions", {"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0},
      400),
+    ("bad_words with an empty word", "/v1/completions", {"model": "tiny", "prompt": "x", "bad_words": ["ok", " "]},
+     400),
     ("skip_special_tokens not a boolean", "/v1/completions", {"model": "tiny", "prompt": "x", "skip_special_tokens": 0},
      400),
     ("detokenize a token past the vocabulary", "/detokenize", {"model": "tiny", "tokens": [10**6]}, 400),

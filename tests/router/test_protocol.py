@@ -26,6 +26,8 @@ def test_chat_defaults_and_extras():
     assert chat(include_stop_str_in_output=True).sampling["include_stop_str_in_output"] is True
     assert chat(allowed_token_ids=[7, 3]).sampling["allowed_token_ids"] == (7, 3)
     assert chat(truncate_prompt_tokens=9).sampling["truncate_prompt_tokens"] == 9
+    assert chat(bad_words=["no", "never"]).sampling["bad_words"] == ("no", "never")
+    assert "bad_words" not in chat(bad_words=[]).sampling
     assert "skip_special_tokens" not in chat(skip_special_tokens=True).sampling
     assert p.prompts == ({"messages": MSG},)
 

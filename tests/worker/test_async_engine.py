@@ -195,3 +195,15 @@ async def test_echo_of_a_truncated_prompt_shows_what_was_kept(engine, llm):
     params = SamplingParams(max_tokens=1, temperature=0, echo=True, truncate_prompt_tokens=3)
     deltas, text, _ = await collect(engine, GenerateRequest("echo-cut", params, prompt=prompt))
     assert text.startswith(llm.tokenizer.decode(ids[-3:])) and deltas[-1].num_prompt_tokens == 3
+
+
+async def test_bad_words_are_never_generated(engine, llm):
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    _, _, ref = await collect(engine, GenerateRequest("words-ref", params, prompt="a story about"))
+    word_ids = {tuple(llm.tokenizer.encode(t, add_special_tokens=False)): t
+                for t in (llm.tokenizer.decode([i]) for i in ref) if t.strip()}
+    token, word = next((ids[0], text) for ids, text in word_ids.items() if len(ids) == 1)  # a one-token word
+    banned = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, bad_words=(word.strip(),))
+    _, _, out = await collect(engine, GenerateRequest("words", banned, prompt="a story about"))
+    assert token in ref and token not in out and len(out) == 16
+    assert out[:ref.index(token)] == ref[:ref.index(token)]  # the same until the banned word was due

@@ -133,6 +133,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids ascending
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be sampled; () allows every token
     truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last k tokens
+    bad_words: tuple[str, ...] = ()  # vLLM's: words never generated (engine.bad_words)
     skip_special_tokens: bool = True  # vLLM's: False puts special tokens' text (e.g. <|im_start|>) in the output
     include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string it matched
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
@@ -172,6 +173,8 @@ class SamplingParams:
             raise InvalidRequest(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
+        if any(not w.strip() for w in self.bad_words):
+            raise InvalidRequest("bad_words must be non-empty words", "bad_words")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)

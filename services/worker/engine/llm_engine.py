@@ -24,6 +24,7 @@ from services.worker.engine.api import (
     StructuredOutput,
     TokenLogprob,
 )
+from services.worker.engine.bad_words import bad_word_ids, banned_next
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig, resolve_max_model_len
 from services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -50,6 +51,7 @@ class _Active:
     history: TokenHistory | None = None  # penalties' view of its tokens, made at its first sampling
     grammar: RequestGrammar | None = None  # its structured output's state
     grammar_waits_for: int | None = None  # the token that ends the reasoning, before the grammar applies
+    bad_words: tuple[tuple[int, ...], ...] = ()  # its bad_words' spellings in tokens (engine.bad_words)
 
 
 class LLMEngine:
@@ -135,8 +137,12 @@ class LLMEngine:
             echo_text = request.prompt if request.prompt is not None and not truncated else self.tokenizer.decode(ids)
         decode = self.tokenizer.decode if params.skip_special_tokens else self._decode_with_special_tokens
         detok = IncrementalDetokenizer(decode, params.stop, params.include_stop_str_in_output)
+        bad_words = bad_word_ids(params.bad_words, self._encode_word) if params.bad_words else ()
         return _Active(seq, detok, generator, echo_text,
-                       grammar=grammar, grammar_waits_for=waits_for)
+                       grammar=grammar, grammar_waits_for=waits_for, bad_words=bad_words)
+
+    def _encode_word(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _decode_with_special_tokens(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
@@ -243,7 +249,7 @@ class LLMEngine:
             logits,
             [s.sampling for s in sampled],
             [a.generator for a in actives],
-            [self._banned(s) for s in sampled],
+            [self._banned(a) for a in actives],
             [self._history(a) if a.seq.sampling.uses_history else None for a in actives],
             constrain=(lambda x: apply_grammars(x, grammars)) if any(grammars) else None,
         )
@@ -342,10 +348,12 @@ class LLMEngine:
         return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), reason, error=error,
                      num_cached_tokens=seq.num_cached_tokens)
 
-    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+    def _banned(self, active: _Active) -> tuple[int, ...]:
+        seq = active.seq
+        banned = banned_next(active.bad_words, seq.output_token_ids) if active.bad_words else ()
         if len(seq.output_token_ids) >= seq.sampling.min_tokens:
-            return ()
-        return tuple(seq.sampling.stop_token_ids) + self.tokenizer.eos_token_ids
+            return banned
+        return banned + tuple(seq.sampling.stop_token_ids) + self.tokenizer.eos_token_ids
 
     def _advance(self, active: _Active, result: SampleResult | SampleFailed) -> Delta:
         seq, params = active.seq, active.seq.sampling
