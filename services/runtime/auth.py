@@ -7,8 +7,8 @@ hosts must set its own token.
 
 API keys (vLLM's --api-key): --api-key (repeatable), else $KVMESH_API_KEY (comma-separated); none
 means an open API. With keys, the OpenAI routes (/v1/..., /tokenize, /detokenize) need
-``Authorization: Bearer <key>``; probes (/health, /ready, /metrics) stay open, and /internal/ keeps
-its cluster token.
+``Authorization: Bearer <key>``; probes (/health, /ready, /metrics, /version) and /cluster stay
+open, and /internal/ keeps its cluster token.
 """
 
 from __future__ import annotations
