@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                         help="the workers' --max-model-len: longest prompt + output served (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                        help="the workers' --max-num-seqs: sequences a worker runs at once (default: theirs, 64)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="TOKENS",
+                        help="the workers' --max-num-batched-tokens: tokens per engine step (default: theirs)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--port", type=int, default=8000, help="router port; 0 picks a free one (default 8000)")
     parser.add_argument("--worker-threads", type=int, default=None, metavar="N",
@@ -82,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
         model=args.model, served_model_name=args.served_model_name, num_workers=args.workers, num_memservers=args.memservers,
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
-        block_size=args.block_size, max_model_len=args.max_model_len, dtype=args.dtype,
+        block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
         worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),

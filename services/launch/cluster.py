@@ -122,6 +122,10 @@ class LocalCluster:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
         if c.max_model_len is not None:
             args += ["--max-model-len", str(c.max_model_len)]
+        if c.max_num_seqs is not None:
+            args += ["--max-num-seqs", str(c.max_num_seqs)]
+        if c.max_num_batched_tokens is not None:
+            args += ["--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         if not c.enable_prefix_caching:
             args += ["--no-enable-prefix-caching"]
         # Workers of one host share its cores (default_num_threads leaves one spare).

@@ -20,6 +20,8 @@ class LaunchConfig:
     worker_kv_blocks: int | None = None
     block_size: int = 16
     max_model_len: int | None = None  # the workers' --max-model-len
+    max_num_seqs: int | None = None  # the workers' --max-num-seqs; None: theirs
+    max_num_batched_tokens: int | None = None  # the workers' --max-num-batched-tokens; None: theirs
     dtype: str = "auto"
     worker_threads: int | None = None  # torch threads per worker; None: torch's default
     enable_prefix_caching: bool = True  # the workers' --[no-]enable-prefix-caching
@@ -42,8 +44,10 @@ class LaunchConfig:
             raise ValueError(f"--worker-kv-blocks must be >= 1, got {self.worker_kv_blocks}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"--block-size must be a power of two, got {self.block_size}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        for flag, value in (("--max-model-len", self.max_model_len), ("--max-num-seqs", self.max_num_seqs),
+                            ("--max-num-batched-tokens", self.max_num_batched_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.worker_threads is not None and self.worker_threads < 1:

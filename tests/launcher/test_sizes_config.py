@@ -46,7 +46,8 @@ def test_format_size_round_trips():
     ({"block_size": 12}, "power of two"), ({"dtype": "float16"}, "--dtype"), ({"port": 70000}, "--port"),
     ({"memserver_capacity": "lots"}, "invalid size"), ({"model": "/no/such/dir"}, "--model"),
     ({"worker_kv_blocks": 0}, "--worker-kv-blocks"), ({"served_model_name": " "}, "--served-model-name"),
-    ({"max_model_len": 0}, "--max-model-len must be >= 1"),
+    ({"max_model_len": 0}, "--max-model-len must be >= 1"), ({"max_num_seqs": 0}, "--max-num-seqs must be >= 1"),
+    ({"max_num_batched_tokens": -5}, "--max-num-batched-tokens must be >= 1, got -5"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -111,3 +112,22 @@ def test_up_refuses_an_empty_or_padded_api_key(keys, capsys):
     args = parser.parse_args([arg for key in keys for arg in ("--api-key", key)])
     assert launcher.main(args) == 2
     assert "API key must be non-empty, without surrounding spaces" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, []),
+    ({"max_model_len": 2048, "max_num_seqs": 8, "max_num_batched_tokens": 512},
+     ["--max-model-len", "2048", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]),
+])
+def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected):
+    from services.launch.cluster import LocalCluster
+    from services.launch.procs import Child
+
+    cluster = LocalCluster(LaunchConfig(**options, cluster_token="t"), tmp_path)
+    cluster.router = Child("router", "router", None, tmp_path / "router.log", 1, "http://127.0.0.1:1")
+    spawned = []
+    cluster._spawn = lambda name, kind, cli_args, port: spawned.append(cli_args)
+    cluster._start_worker(0)
+    (args,) = spawned
+    limits = [a for i, a in enumerate(args) if a.startswith("--max-") or (i and args[i - 1].startswith("--max-"))]
+    assert limits == expected
