@@ -44,6 +44,16 @@ def usage(choices: list[ChoiceState]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(cached_tokens.values())}}
 
 
+def _feed(stream: ReasoningStream | StreamParser | Llama3JsonStream, frame: DeltaFrame) -> tuple:
+    """A streaming splitter's two parts for this delta's text; at the answer's end, plus what its
+    finish() still held."""
+    first, second = stream.feed(frame.text)
+    if frame.finish_reason is not None:
+        more_first, more_second = stream.finish()
+        first, second = first + more_first, second + more_second
+    return first, second
+
+
 def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", "surrogatepass"))
 
@@ -125,10 +135,7 @@ class Formatter:
         """This delta's reasoning text, and the delta with only its answer text left."""
         if choice.reasoning is None:
             choice.reasoning = ReasoningStream(self.parsed.reasoning_parser)
-        reasoning, content = choice.reasoning.feed(frame.text)
-        if frame.finish_reason is not None:
-            more_reasoning, more_content = choice.reasoning.finish()
-            reasoning, content = reasoning + more_reasoning, content + more_content
+        reasoning, content = _feed(choice.reasoning, frame)
         return reasoning, dataclasses.replace(frame, text=content)
 
     def _tool_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
@@ -158,10 +165,7 @@ class Formatter:
         """Text streams as content, except what may be a call's markup; each call goes out whole."""
         if choice.tool_parser is None:
             choice.tool_parser = stream_parser(self.parsed.tool_parser)
-        content, calls = choice.tool_parser.feed(frame.text)
-        if frame.finish_reason is not None:
-            rest, last_calls = choice.tool_parser.finish()
-            content, calls = content + rest, calls + last_calls
+        content, calls = _feed(choice.tool_parser, frame)
         choice.pending_logprobs.extend(frame.logprobs or ())
         deltas = [{"content": content}] if content or (frame.finish_reason and choice.pending_logprobs) else []
         for name, arguments in calls:
