@@ -40,15 +40,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/tokenize")
 async def tokenize(request: web.Request) -> web.Response:
     """vLLM's: the token ids of a prompt, or of chat messages as the chat template renders them."""
-    model, body = parse_tokenize_request(await read_json_object(request))
-    name, _ = resolve_model(request.app[REGISTRY], model)
-    return json_response(await call_worker_json(request.app[POOL], name, "/internal/tokenize", body))
+    return await _worker_tokenizer(request, parse_tokenize_request)
 
 
 @routes.post("/detokenize")
 async def detokenize(request: web.Request) -> web.Response:
     """vLLM's: the text of token ids."""
-    model, body = parse_detokenize_request(await read_json_object(request))
+    return await _worker_tokenizer(request, parse_detokenize_request)
+
+
+async def _worker_tokenizer(request: web.Request, parse) -> web.Response:
+    """The request, checked by ``parse``, answered by a worker serving its model (/internal/tokenize)."""
+    model, body = parse(await read_json_object(request))
     name, _ = resolve_model(request.app[REGISTRY], model)
     return json_response(await call_worker_json(request.app[POOL], name, "/internal/tokenize", body))
 
