@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
-from services.runtime.auth import API_KEY_ENV
+from services.runtime.auth import API_KEY_ENV, resolve_api_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +126,8 @@ def _session(config: ChatConfig) -> aiohttp.ClientSession:
 
 
 def main(args: argparse.Namespace) -> int:
-    api_key = args.api_key or next(iter(os.environ.get(API_KEY_ENV, "").split(",")), "").strip() or None
+    env_keys = resolve_api_keys(None)  # $KVMESH_API_KEY, read as the router reads it
+    api_key = args.api_key or (env_keys[0] if env_keys else None)
     config = ChatConfig(args.url, args.model, args.max_tokens, args.temperature, api_key)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     with asyncio.Runner() as runner:  # Runner turns Ctrl-C into cancelling the running turn
