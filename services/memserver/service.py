@@ -12,6 +12,7 @@ import torch
 
 from services.memserver.messages import Attend, Attended, BlocksStored, FreeBlocks, Freed, FreeOwner, StoreBlocks
 from services.memserver.pool import BlockPool, NotOwner, PoolError
+from services.runtime.host import run_on_threads
 from transport.client import Reply
 from transport.server import Request
 
@@ -131,20 +132,11 @@ class MemoryService:
         kv_tokens = msg.num_seqs * msg.table_width * geo.block_size
         if msg.num_tokens == msg.num_seqs and kv_tokens <= INLINE_MAX_KV_TOKENS:
             # Small decode work (one query per sequence): milliseconds; a thread hop would only add latency.
-            out, lse = self._decode_attention(args, threads=self.num_threads if kv_tokens >= PARALLEL_MIN_KV_TOKENS
-                                              else 1)
+            threads = self.num_threads if kv_tokens >= PARALLEL_MIN_KV_TOKENS else 1
+            out, lse = run_on_threads(threads, self.num_threads, self.pool.attention, *args)
         else:
             out, lse = await asyncio.get_running_loop().run_in_executor(self._compute, self.pool.attention, *args)
         return Reply(Attended(), [out.contiguous(), lse.contiguous()])
-
-    def _decode_attention(self, args: tuple, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if threads == self.num_threads:
-            return self.pool.attention(*args)
-        torch.set_num_threads(threads)
-        try:
-            return self.pool.attention(*args)
-        finally:
-            torch.set_num_threads(self.num_threads)
 
     async def free(self, request: Request) -> Freed:
         msg: FreeBlocks = request.message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any, Callable
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -40,6 +41,20 @@ def default_logits_threads(num_threads: int, num_workers: int = 1) -> int:
     pairs)."""
     return max(num_threads, len(os.sched_getaffinity(0)) // num_workers, 1)
 
+
+
+def run_on_threads(num_threads: int, restore: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on ``num_threads`` torch threads, then ``restore`` them (nothing to switch when
+    equal): an engine's lm_head on every core, a memory server's short calls on one."""
+    if num_threads == restore:
+        return fn(*args)
+    import torch  # here: the launcher imports this module and never needs torch
+
+    torch.set_num_threads(num_threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(restore)
 
 def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
     """glibc malloc: serve buffers under ``mmap_threshold`` from the heap and keep up to

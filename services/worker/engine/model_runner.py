@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels import plan_paged_attention
+from services.runtime.host import run_on_threads
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.remote import RemoteKV
 from services.worker.engine.remote_attention import StepRemoteAttention
@@ -115,11 +116,6 @@ class ModelRunner:
 
     def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # The lm_head, the step's largest read (memory-bound), may take the host's spare core.
-        if not self.logits_threads or self.logits_threads == self.num_threads:
-            return self.model.compute_logits(hidden)
-        torch.set_num_threads(self.logits_threads)
-        try:
-            return self.model.compute_logits(hidden)
-        finally:
-            torch.set_num_threads(self.num_threads)
+        return run_on_threads(self.logits_threads or self.num_threads, self.num_threads, self.model.compute_logits,
+                              hidden)
 
