@@ -33,6 +33,11 @@ class ChoiceState:
     num_tool_calls: int = 0  # tool_choice "auto", streaming: calls sent
     pending_logprobs: list = field(default_factory=list)  # "auto", streaming: of text held back
     reasoning: ReasoningStream | None = None  # --reasoning-parser, streaming: where the answer is
+    # vLLM's return_token_ids / prompt_logprobs: what the first delta said of the prompt; the ids generated
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list | None = None
+    token_ids: list[int] = field(default_factory=list)
+    unsent_token_ids: list[int] = field(default_factory=list)  # streaming: not in a chunk yet
 
 
 def usage(choices: list[ChoiceState]) -> dict:
@@ -66,6 +71,26 @@ def chat_logprobs(entries: list) -> dict:
     ]}
 
 
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -inf; vLLM's floor
+
+
+def prompt_logprobs_json(entries: list) -> list:
+    """vLLM's prompt_logprobs: None for the first token (nothing predicts it), then per token
+    {token id: {logprob, rank, decoded_token}}: the prompt's own token first, then the top
+    alternatives not already there (ranks 1..k)."""
+    out: list = []
+    for token_id, token, logprob, rank, top in entries:
+        if logprob is None:
+            out.append(None)
+            continue
+        ranked = {str(token_id): {"logprob": _finite(logprob), "rank": rank, "decoded_token": token}}
+        for r, (alt_id, alt, alt_logprob) in enumerate(top, 1):
+            ranked.setdefault(str(alt_id), {"logprob": _finite(alt_logprob), "rank": r, "decoded_token": alt})
+        out.append(ranked)
+    return out
+
+
 def completion_logprobs(entries: list, start_offset: int) -> dict:
     offsets, offset = [], start_offset
     for _, tok, _, _ in entries:
@@ -92,6 +117,8 @@ class Formatter:
         self._choices: list[ChoiceState] | None = None  # continuous usage: every choice of the request
         self._tools = parsed.tools if parsed.tools is not None and parsed.tools.calls else None  # answers are calls
         self._auto = parsed.tools is not None and parsed.tools.mode is ToolMode.AUTO  # calls parsed out of text
+        self._return_token_ids = bool(parsed.sampling.get("return_token_ids"))
+        self._prompt_logprobs = parsed.sampling.get("prompt_logprobs") is not None
 
     def track(self, choices: list[ChoiceState]) -> None:
         """The request's choices, whose usage so far every chunk carries (continuous usage)."""
@@ -112,6 +139,7 @@ class Formatter:
             choice.started = True
             chunks.append(self._chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
+        num_lead = len(chunks)
         if self.chat and self.parsed.reasoning_parser is not None:
             reasoning, frame = self._split_reasoning(choice, frame)
             if reasoning:
@@ -123,13 +151,32 @@ class Formatter:
             chunks.extend(self._auto_chunks(choice, frame))
         elif frame.text or frame.logprobs:
             chunks.append(self._chunk([self._content_choice(choice, frame)]))
+        num_output = len(chunks) - num_lead
         if frame.finish_reason in ("stop", "length"):
             if self.chat:
                 body = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": self._finish(choice)}
             else:
                 body = {"index": choice.index, "text": "", "logprobs": None, "finish_reason": frame.finish_reason}
             chunks.append(self._chunk([body]))
+        if self._return_token_ids:
+            last_output = num_lead + num_output - 1 if num_output else len(chunks) - 1
+            self._add_token_ids(choice, frame, chunks, last_output if last_output >= num_lead else None)
         return chunks
+
+    def _add_token_ids(self, choice: ChoiceState, frame: DeltaFrame, chunks: list[dict], carrier: int | None) -> None:
+        """vLLM's return_token_ids, streaming: the prompt's ids on a choice's first chunk (completions:
+        in its choice), and every chunk's choice a list of ids: the ids generated since they last went
+        out, on this delta's last output chunk (else its finish chunk); text held back, e.g. what may
+        be a tool call, keeps its ids until it goes out."""
+        choice.unsent_token_ids.extend(frame.token_ids)
+        if chunks and choice.prompt_token_ids is not None:
+            (chunks[0] if self.chat else chunks[0]["choices"][0])["prompt_token_ids"] = choice.prompt_token_ids
+            choice.prompt_token_ids = None  # sent
+        for chunk in chunks:
+            chunk["choices"][0]["token_ids"] = []
+        if carrier is not None:
+            chunks[carrier]["choices"][0]["token_ids"] = choice.unsent_token_ids
+            choice.unsent_token_ids = []
 
     def _split_reasoning(self, choice: ChoiceState, frame: DeltaFrame) -> tuple[str, DeltaFrame]:
         """This delta's reasoning text, and the delta with only its answer text left."""
@@ -226,17 +273,38 @@ class Formatter:
                 message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {}),
                            **({"reasoning_content": reasoning} if reasoning is not None else {})}
                 finish = self._finish(c, made_calls=bool(calls)) if calls is not None else c.finish_reason
-                out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
+                out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish,
+                            **self._token_ids(c)})
             else:
                 lp = completion_logprobs(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None
-                out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": out, "usage": usage(choices)}
+                out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                            **self._prompt_fields(c), **self._token_ids(c)})
+        response = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                    "created": self.created, "model": self.model, "choices": out, "usage": usage(choices)}
+        if self.chat:  # one prompt: its fields go on the response, as vLLM's
+            response.update(self._prompt_fields(min(choices, key=lambda c: c.index)))
+        return response
+
+    def _prompt_fields(self, choice: ChoiceState) -> dict:
+        out: dict = {}
+        if self._prompt_logprobs:
+            out["prompt_logprobs"] = prompt_logprobs_json(choice.prompt_logprobs or [])
+        if self._return_token_ids:
+            out["prompt_token_ids"] = choice.prompt_token_ids
+        return out
+
+    def _token_ids(self, choice: ChoiceState) -> dict:
+        return {"token_ids": choice.token_ids} if self._return_token_ids else {}
 
 
 def apply_delta(choice: ChoiceState, frame: DeltaFrame) -> None:
     choice.text_parts.append(frame.text)
     choice.text_offset += len(frame.text)
+    choice.token_ids.extend(frame.token_ids)
+    if frame.prompt_token_ids is not None:
+        choice.prompt_token_ids = frame.prompt_token_ids
+    if frame.prompt_logprobs is not None:
+        choice.prompt_logprobs = frame.prompt_logprobs
     if frame.logprobs:
         choice.logprob_entries.extend(frame.logprobs)
     choice.num_prompt_tokens = frame.num_prompt_tokens

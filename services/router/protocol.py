@@ -101,6 +101,7 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
             raise value_error("bad_words", f"'bad_words' allows at most {MAX_BAD_WORDS} words, got {len(bad_words)}")
         if bad_words:
             sampling["bad_words"] = tuple(bad_words)
+    sampling.update(_prompt_outputs(body, stream))
     truncate = get_int(body, "truncate_prompt_tokens", minimum=1)  # vLLM's: the prompt's last k tokens
     if truncate is not None:
         sampling["truncate_prompt_tokens"] = truncate
@@ -121,6 +122,26 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         include_usage=include_usage,
         continuous_usage=continuous_usage,
     )
+
+
+def _prompt_outputs(body: dict, stream: bool) -> dict[str, Any]:
+    """vLLM's prompt_logprobs (each prompt token's logprob, rank and top-k alternatives; not with
+    streaming, as vLLM) and return_token_ids (the prompt's and the output's token ids). Sent only
+    when set."""
+    out: dict[str, Any] = {}
+    k = body.get("prompt_logprobs")
+    if k == -1:
+        raise value_error("prompt_logprobs", f"'prompt_logprobs' -1 (the whole vocabulary) is not served; "
+                                             f"ask for at most {MAX_LOGPROBS}")
+    k = get_int(body, "prompt_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    if k is not None and stream:
+        if k > 0:
+            raise value_error("prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is true")
+    elif k is not None:
+        out["prompt_logprobs"] = k
+    if get_bool(body, "return_token_ids"):
+        out["return_token_ids"] = True
+    return out
 
 
 def _penalties(body: dict) -> dict[str, Any]:

@@ -38,7 +38,9 @@ class GenerateCall:
 
 @dataclass(frozen=True, slots=True)
 class DeltaFrame:
-    """Worker -> router: one engine Delta. logprobs: [[token_id, token, logprob, [[id, tok, lp]...]]...]."""
+    """Worker -> router: one engine Delta. logprobs: [[token_id, token, logprob, [[id, tok, lp]...]]...].
+    The first delta, when asked: prompt_token_ids, and prompt_logprobs [[token_id, token, logprob,
+    rank, [[id, tok, lp]...]]...] (the first token's logprob and rank None)."""
 
     token_ids: list[int]
     text: str
@@ -48,6 +50,8 @@ class DeltaFrame:
     logprobs: list | None = None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list | None = None
     v: int = WIRE_VERSION
 
 

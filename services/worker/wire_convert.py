@@ -40,12 +40,17 @@ def to_generate_request(call: GenerateCall) -> GenerateRequest:
 
 
 def to_frame(delta: Delta) -> DeltaFrame:
-    logprobs = None
+    logprobs = prompt_logprobs = None
     if delta.logprobs is not None:
         logprobs = [[lp.token_id, lp.token, lp.logprob, [list(t) for t in lp.top]] for lp in delta.logprobs]
+    if delta.prompt_logprobs is not None:
+        prompt_logprobs = [[lp.token_id, lp.token, lp.logprob, lp.rank, [list(t) for t in lp.top]]
+                           for lp in delta.prompt_logprobs]
     return DeltaFrame(
         token_ids=list(delta.token_ids), text=delta.text, num_prompt_tokens=delta.num_prompt_tokens,
         num_generated_tokens=delta.num_generated_tokens,
         finish_reason=delta.finish_reason.value if delta.finish_reason is not None else None,
         logprobs=logprobs, error=delta.error, num_cached_tokens=delta.num_cached_tokens,
+        prompt_token_ids=list(delta.prompt_token_ids) if delta.prompt_token_ids is not None else None,
+        prompt_logprobs=prompt_logprobs,
     )

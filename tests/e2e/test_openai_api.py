@@ -350,6 +350,59 @@ def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
     assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-3]
 
 
+async def test_prompt_logprobs_and_token_ids_as_vllm(cluster, client, reference):
+    """vLLM's prompt_logprobs (each prompt token's logprob, rank and top alternatives, as echo
+    scores them) and return_token_ids (the prompt's ids as /tokenize gives them; the output's, which
+    /detokenize turns into the text), on completions and chat, whole and streamed."""
+    async with aiohttp.ClientSession(cluster.router.url) as session:
+        async def post(path, body):
+            async with session.post(path, json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                return await resp.json()
+
+        prompt_ids = (await post("/tokenize", {"model": "tiny", "prompt": PROMPT}))["tokens"]
+        chat_ids = (await post("/tokenize", {"model": "tiny", "messages": MESSAGES}))["tokens"]
+        extra = {"prompt_logprobs": 2, "return_token_ids": True}
+        kwargs = dict(model="tiny", max_tokens=MAX_TOKENS, temperature=0)
+        got = client.completions.create(prompt=PROMPT, **kwargs, extra_body=extra).model_dump()["choices"][0]
+        assert got["text"] == reference["completion"].text and got["prompt_token_ids"] == prompt_ids
+        assert len(got["token_ids"]) == MAX_TOKENS
+        assert (await post("/detokenize", {"model": "tiny", "tokens": got["token_ids"]}))["prompt"] == got["text"]
+        scored = got["prompt_logprobs"]
+        assert len(scored) == len(prompt_ids) and scored[0] is None
+        echoed = client.completions.create(prompt=PROMPT, **{**kwargs, "max_tokens": 0}, echo=True, logprobs=0)
+        for token_id, entry, expected in zip(prompt_ids[1:], scored[1:], echoed.choices[0].logprobs.token_logprobs[1:]):
+            own = entry[str(token_id)]
+            assert own["logprob"] == pytest.approx(expected, abs=1e-5) and own["rank"] >= 1
+            top = sorted(entry.values(), key=lambda e: e["rank"])[:2]
+            assert [e["rank"] for e in top] == [1, 2] and top[0]["logprob"] >= top[1]["logprob"] >= own["logprob"]
+            assert own["rank"] > 2 or own in top
+            assert all(isinstance(e["decoded_token"], str) for e in entry.values())
+
+        chat = client.chat.completions.create(messages=MESSAGES, **kwargs, extra_body=extra).model_dump()
+        assert chat["choices"][0]["message"]["content"] == reference["chat"].text
+        assert chat["prompt_token_ids"] == chat_ids and len(chat["prompt_logprobs"]) == len(chat_ids)
+        assert (await post("/detokenize", {"model": "tiny", "tokens": chat["choices"][0]["token_ids"]}))["prompt"] \
+            == reference["chat"].text
+
+    # Streamed: the prompt's ids once, on the first chunk; the output's ids spread over the chunks.
+    stream = {"return_token_ids": True}
+    chunks = [c.model_dump() for c in client.completions.create(prompt=PROMPT, **kwargs, stream=True, extra_body=stream)]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in c["choices"][0] or c["choices"][0]["prompt_token_ids"] is None
+               for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == got["token_ids"]
+    chunks = [c.model_dump() for c in client.chat.completions.create(messages=MESSAGES, **kwargs, stream=True,
+                                                                      extra_body=stream)]
+    assert chunks[0]["prompt_token_ids"] == chat_ids
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == chat["choices"][0]["token_ids"]
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(prompt=PROMPT, **kwargs, stream=True, extra_body={"prompt_logprobs": 1})
+    for bad in (-1, 21, "2"):
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+            client.completions.create(prompt=PROMPT, **kwargs, extra_body={"prompt_logprobs": bad})
+
+
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 BAD_INPUTS = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),

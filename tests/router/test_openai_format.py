@@ -55,3 +55,42 @@ def test_completion_full_response_with_logprobs():
     assert c["text"] == "abc" and c["finish_reason"] == "length"
     assert c["logprobs"] == {"tokens": ["ab", "c"], "token_logprobs": [-0.1, -0.2],
                              "top_logprobs": [{"ab": -0.1}, {"c": -0.2}], "text_offset": [0, 2]}
+
+
+def _stream(parsed, frames):
+    fmt, choice, chunks = Formatter(parsed, "m"), ChoiceState(0, 0), []
+    for f in frames:
+        apply_delta(choice, f)
+        chunks += fmt.delta_chunks(choice, f)
+    return chunks
+
+
+def test_streamed_token_ids_survive_text_held_back_for_a_tool_call():
+    """return_token_ids, streaming: every generated id reaches some chunk, in order, also the ids of
+    text the tool-call parser held back; the prompt's ids go out once, on the first chunk."""
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    parsed = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "stream": True, "tools": tools,
+                                 "return_token_ids": True}, **LIMITS, tool_parser="hermes")
+    texts = ["Hi ", "<tool_", 'call>{"name": "now", "arguments": {}}', "</tool_call>"]
+    frames = [DeltaFrame([10 + i, 20 + i], t, 5, 2 * (i + 1), "stop" if i == 3 else None,
+                         prompt_token_ids=[7, 8, 9] if i == 0 else None) for i, t in enumerate(texts)]
+    chunks = _stream(parsed, frames)
+    assert chunks[0]["prompt_token_ids"] == [7, 8, 9] and all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == [10, 20, 11, 21, 12, 22, 13, 23]
+    call = next(c for c in chunks if "tool_calls" in c["choices"][0]["delta"])
+    assert call["choices"][0]["token_ids"] == [11, 21, 12, 22, 13, 23]  # the held-back text's ids go with the call
+
+
+def test_prompt_logprobs_render_as_vllm_with_the_prompt_token_first():
+    parsed = parse_completion_request({"prompt": "ab", "prompt_logprobs": 1, "return_token_ids": True}, **LIMITS)
+    scored = [[5, "a", None, None, []], [6, "b", -2.5, 3, [[9, "z", -0.1]]], [7, "c", float("-inf"), 2, [[7, "c", -0.5]]]]
+    choice = ChoiceState(0, 0)
+    apply_delta(choice, DeltaFrame([1], "x", 3, 1, "length", prompt_token_ids=[5, 6, 7], prompt_logprobs=scored))
+    got = Formatter(parsed, "m").full_response([choice])["choices"][0]
+    assert got["prompt_logprobs"] == [
+        None,
+        {"6": {"logprob": -2.5, "rank": 3, "decoded_token": "b"}, "9": {"logprob": -0.1, "rank": 1, "decoded_token": "z"}},
+        {"7": {"logprob": -9999.0, "rank": 2, "decoded_token": "c"}},  # JSON has no -inf: vLLM's floor
+    ]
+    assert (got["prompt_token_ids"], got["token_ids"]) == ([5, 6, 7], [1])
+    assert list(got["prompt_logprobs"][1]) == ["6", "9"]  # the prompt's own token first

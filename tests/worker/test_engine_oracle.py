@@ -3,6 +3,7 @@ together under continuous batching, chunked prefill and preemption."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -211,6 +212,61 @@ def test_echo_scores_the_prompt_as_transformers_does(checkpoints):
         for pos, entry in enumerate(entries[1:len(ids)]):  # position pos predicts token pos + 1
             assert entry.logprob == pytest.approx(expected[pos, ids[pos + 1]].item(), abs=1e-4)
             assert [t for t, _, _ in entry.top] == torch.topk(expected[pos], 2).indices.tolist()
+
+
+def _first_deltas(engine: LLMEngine, jobs: list[tuple[list[int], SamplingParams]]) -> tuple[list, list, set]:
+    """Run every job together: (first delta, generated ids) per job, and the ids of those preempted."""
+    start = len(engine._active) + next(engine._arrivals)
+    ids = [f"p{start}-{i}" for i in range(len(jobs))]
+    for rid, (prompt, params) in zip(ids, jobs):
+        engine.submit(engine.prepare(GenerateRequest(rid, params, prompt_token_ids=tuple(prompt))))
+    first, got, preempted = {}, {rid: [] for rid in ids}, set()
+    while engine.has_work():
+        preempted |= {s.request_id for s in engine.scheduler.waiting if s.num_preemptions}
+        for delta in engine.step():
+            first.setdefault(delta.request_id, delta)
+            got[delta.request_id].extend(delta.token_ids)
+    return [first[rid] for rid in ids], [got[rid] for rid in ids], preempted
+
+
+def test_prompt_logprobs_and_ranks_match_transformers(checkpoints):
+    """vLLM's prompt_logprobs: the first delta carries every prompt token with the logprob, rank and
+    top-k alternatives transformers gives it after the tokens before it (the first token none),
+    under chunked prefill and preemption, and for a prompt whose blocks are in the prefix cache
+    (scoring computes every position). return_token_ids adds the prompt's ids."""
+    import transformers
+
+    made, prompts = checkpoints
+    path, expected_tokens = made["llama"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    k = 3
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, prompt_logprobs=k,
+                            return_token_ids=True)
+    small = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=14, max_num_batched_tokens=48))
+    deltas, got, preempted = _first_deltas(small, [(ids, params) for ids in prompts])
+    assert preempted and got == expected_tokens and small.blocks.num_used_blocks == 0
+    # A prompt whose first three blocks are cached: a plain request reuses them, a scored one not.
+    big = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=4096))
+    plain = dataclasses.replace(params, prompt_logprobs=None, return_token_ids=False)
+    repeat = prompts[4]  # 64 tokens
+    (cached,), _, _ = _first_deltas(big, [(repeat, plain)])
+    (plain_again, scored), _, _ = _first_deltas(big, [(repeat, plain), (repeat, params)])
+    assert (cached.num_cached_tokens, plain_again.num_cached_tokens, scored.num_cached_tokens) == (0, 48, 0)
+    assert plain_again.prompt_logprobs is None and plain_again.prompt_token_ids is None
+    for ids, delta in [*zip(prompts, deltas), (repeat, scored)]:
+        assert delta.prompt_token_ids == tuple(ids) and delta.num_generated_tokens == 1
+        entries = delta.prompt_logprobs
+        assert [e.token_id for e in entries] == ids
+        assert (entries[0].logprob, entries[0].rank, entries[0].top) == (None, None, ())
+        with torch.inference_mode():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        for pos, entry in enumerate(entries[1:]):  # position pos predicts token pos + 1
+            row, token = expected[pos], ids[pos + 1]
+            assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+            assert entry.rank == 1 + int((row > row[token]).sum())
+            assert [t for t, _, _ in entry.top] == torch.topk(row, k).indices.tolist()
+            assert [text for _, text, _ in entry.top] == [small.tokenizer.token_text(t) for t, _, _ in entry.top]
+        assert delta.logprobs is None  # logprobs of the output were not asked for
 
 
 def _cached_tokens(engine: LLMEngine, prompts, max_tokens=MAX_TOKENS) -> tuple[list[list[int]], list[int]]:

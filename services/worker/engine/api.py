@@ -110,6 +110,7 @@ class StructuredOutput:
 # Temperatures below this sample greedily (as vLLM): logits / 1e-300 overflow to inf, whose
 # softmax is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default --max-logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +140,25 @@ class SamplingParams:
     # The first delta starts with the prompt (its text, and with logprobs set its tokens' logprobs,
     # the first token's None), as OpenAI's completions `echo`.
     echo: bool = False
+    # vLLM's: the first delta carries each prompt token's logprob given the ones before it, its
+    # rank, and the top-k alternatives (k >= 0; None: off)
+    prompt_logprobs: int | None = None
+    return_token_ids: bool = False  # vLLM's: the first delta carries the prompt's token ids
     structured: StructuredOutput | None = None  # None: free text
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Every prompt position's logits are needed (no prefix-cache hit may skip one)."""
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
+
+    @property
+    def prompt_top_k(self) -> int:
+        """Alternatives kept per scored prompt token: enough for echo's logprobs and prompt_logprobs."""
+        return max(self.prompt_logprobs or 0, (self.logprobs or 0) if self.echo else 0)
 
     @property
     def uses_history(self) -> bool:
@@ -169,8 +184,10 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise InvalidRequest(f"truncate_prompt_tokens must be >= 1, got {self.truncate_prompt_tokens}",
                                  "truncate_prompt_tokens")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", name)
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
         if any(not w.strip() for w in self.bad_words):
@@ -220,6 +237,7 @@ class TokenLogprob:
     token: str
     logprob: float | None  # None: the prompt's first token (nothing before it to predict it)
     top: tuple[tuple[int, str, float], ...] = ()  # (token_id, token text, logprob), best first
+    rank: int | None = None  # scored prompt tokens: 1 + how many tokens were more likely
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +254,10 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     error: str | None = None  # set with FinishReason.ERROR
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # The first delta, when the request asked: the prompt's ids (return_token_ids), and its tokens'
+    # logprobs (prompt_logprobs; the first token's is None, tops cut to prompt_logprobs)
+    prompt_token_ids: tuple[int, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,18 +52,29 @@ def request_from_obj(obj: dict) -> GenerateRequest:
 
 
 def delta_to_obj(d: Delta) -> list:
-    logprobs = None if d.logprobs is None else [[lp.token_id, lp.token, lp.logprob, lp.top] for lp in d.logprobs]
     finish = d.finish_reason.value if d.finish_reason is not None else None
-    return [d.request_id, d.token_ids, d.text, d.num_prompt_tokens, d.num_generated_tokens, finish, logprobs, d.error,
-            d.num_cached_tokens]
+    return [d.request_id, d.token_ids, d.text, d.num_prompt_tokens, d.num_generated_tokens, finish,
+            _logprobs_to_obj(d.logprobs), d.error, d.num_cached_tokens, d.prompt_token_ids,
+            _logprobs_to_obj(d.prompt_logprobs)]
 
 
 def delta_from_obj(obj: list) -> Delta:
-    request_id, token_ids, text, num_prompt, num_generated, finish, logprobs, error, num_cached = obj
-    if logprobs is not None:
-        logprobs = tuple(TokenLogprob(i, t, lp, tuple(tuple(x) for x in top)) for i, t, lp, top in logprobs)
+    (request_id, token_ids, text, num_prompt, num_generated, finish, logprobs, error, num_cached,
+     prompt_token_ids, prompt_logprobs) = obj
     return Delta(request_id, tuple(token_ids), text, num_prompt, num_generated,
-                 FinishReason(finish) if finish is not None else None, logprobs, error, num_cached)
+                 FinishReason(finish) if finish is not None else None, _logprobs_from_obj(logprobs), error,
+                 num_cached, tuple(prompt_token_ids) if prompt_token_ids is not None else None,
+                 _logprobs_from_obj(prompt_logprobs))
+
+
+def _logprobs_to_obj(entries: tuple[TokenLogprob, ...] | None) -> list | None:
+    return None if entries is None else [[lp.token_id, lp.token, lp.logprob, lp.top, lp.rank] for lp in entries]
+
+
+def _logprobs_from_obj(obj: list | None) -> tuple[TokenLogprob, ...] | None:
+    if obj is None:
+        return None
+    return tuple(TokenLogprob(i, t, lp, tuple(tuple(x) for x in top), rank) for i, t, lp, top, rank in obj)
 
 
 def stats_to_obj(s: EngineStats) -> list:

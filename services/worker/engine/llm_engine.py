@@ -267,13 +267,23 @@ class LLMEngine:
         text, logprobs = self._echo(active, "", None)
         self._retire(seq)
         return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs,
-                     num_cached_tokens=seq.num_cached_tokens)
+                     num_cached_tokens=seq.num_cached_tokens, **self._prompt_fields(seq))
 
     def _echo(self, active: _Active, text: str, logprobs):
         """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
-        if active.seq.sampling.logprobs is not None:
-            logprobs = (*prompt_entries(active.seq, self.tokenizer.token_text), *(logprobs or ()))
+        k = active.seq.sampling.logprobs
+        if k is not None:
+            logprobs = (*prompt_entries(active.seq, self.tokenizer.token_text, k), *(logprobs or ()))
         return active.echo_text + text, logprobs
+
+    def _prompt_fields(self, seq: Sequence) -> dict:
+        """What the first delta says of the prompt, when asked: its ids, its tokens' logprobs."""
+        params, out = seq.sampling, {}
+        if params.return_token_ids:
+            out["prompt_token_ids"] = tuple(seq.prompt_token_ids)
+        if params.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_entries(seq, self.tokenizer.token_text, params.prompt_logprobs)
+        return out
 
     def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
         # Runs before the forward pass reuses the freed blocks: the gather copies them first.
@@ -386,13 +396,16 @@ class LLMEngine:
             tok = self.tokenizer.token_text
             top = tuple((i, tok(i), lp) for i, lp in result.top)
             logprobs = (TokenLogprob(token, tok(token), result.logprob, top),)
-        if params.echo and len(seq.output_token_ids) == 1:
-            text, logprobs = self._echo(active, text, logprobs)
+        first = {}
+        if len(seq.output_token_ids) == 1:
+            if params.echo:
+                text, logprobs = self._echo(active, text, logprobs)
+            first = self._prompt_fields(seq)
         if finish is not None:
             self._retire(seq)
         return Delta(
             seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs,
-            num_cached_tokens=seq.num_cached_tokens,
+            num_cached_tokens=seq.num_cached_tokens, **first,
         )
 
     def fail_all(self, reason: str) -> list[Delta]:

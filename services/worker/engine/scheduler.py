@@ -119,8 +119,8 @@ class Scheduler:
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """A sequence about to join (holding no KV) starts from the cached blocks of its prefix. Not
-        one whose prompt is scored (echo with logprobs): every prompt position must be computed."""
-        if not self.blocks.enable_caching or (seq.sampling.echo and seq.sampling.logprobs is not None):
+        one whose prompt is scored (echo with logprobs, prompt_logprobs): every prompt position must be computed."""
+        if not self.blocks.enable_caching or seq.sampling.scores_prompt:
             return
         bs = self.blocks.block_size
         num_blocks = (seq.num_tokens - 1) // bs  # the last token stays to compute

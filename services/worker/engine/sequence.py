@@ -30,8 +30,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
-    # echo with logprobs: per prompt token from the second on, (logprob, top) as scored so far;
-    # kept across preemption, so a recomputed prompt is not scored twice
+    # echo with logprobs, prompt_logprobs: per prompt token from the second on, (logprob, top, rank)
+    # as scored so far; kept across preemption, so a recomputed prompt is not scored twice
     prompt_logprobs: list = field(default_factory=list)
     # Prefix caching: hashes of its first full blocks (prefix_hash), the blocks registered so far
     # (counted from its first token), and the prompt tokens its first admission found cached.
