@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from services.router.chat_messages import chat_messages, template_options
 from services.router.params import (
     get_bool, get_dict, get_float, get_int, get_stop, get_str, reject_unsupported, value_error,
 )
 from services.router.reasoning import CLOSE as THINK_CLOSE
 from services.router.reasoning import OPEN as THINK_OPEN
+from services.router.structured_params import structured_output
 from services.router.tools import ToolMode, ToolPlan, parse_tools
 from services.router.tools import functions as tool_functions
 from services.runtime.errors import ApiError
 
 # With a reasoning parser, a structured output waits for the reasoning to end (engine: StructuredOutput)
 REASONING_MARKERS = {"reasoning_start": THINK_OPEN, "reasoning_end": THINK_CLOSE}
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_LOGPROBS = 20
 SEED_MODULUS = 2**63
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
@@ -105,7 +105,7 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
     truncate = get_int(body, "truncate_prompt_tokens", minimum=1)  # vLLM's: the prompt's last k tokens
     if truncate is not None:
         sampling["truncate_prompt_tokens"] = truncate
-    structured = _structured(body)
+    structured = structured_output(body)
     if structured is not None:
         sampling["structured"] = structured
     if max_tokens is not None:
@@ -192,89 +192,6 @@ def _token_ids(body: dict, name: str, cap: int) -> tuple[int, ...] | None:
     return tuple(ids)
 
 
-_STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-                    "json_object": "json_object"}
-
-
-_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-
-
-def _structured(body: dict) -> dict | None:
-    """OpenAI's response_format or vLLM's structured_outputs (or its older guided_* fields) -> the
-    engine's StructuredOutput wire form ({kind, spec, choices, param}), or None for free text. Only
-    shapes are checked here: the worker compiles the grammar and names what does not compile."""
-    given = [name for name in ("response_format", "structured_outputs", *_GUIDED) if body.get(name) is not None]
-    if len(given) > 1:
-        raise value_error(given[1], f"set one of {given}, not several: each constrains the whole output")
-    if not given:
-        return None
-    name = given[0]
-    if name == "response_format":
-        return _response_format(body[name])
-    if name == "structured_outputs":
-        return _structured_outputs(body[name])
-    # vLLM's older spelling: guided_json: {...} is structured_outputs: {"json": {...}}
-    return _structured_outputs({_GUIDED[name]: body[name]}, param=name)
-
-
-def _response_format(fmt: Any) -> dict | None:
-    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-        raise ApiError("'response_format' must be an object with a 'type'", code="invalid_type",
-                       param="response_format")
-    kind = fmt["type"]
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"kind": "json_object", "spec": "", "choices": [], "param": "response_format"}
-    if kind != "json_schema":
-        raise value_error("response_format.type", "'response_format.type' must be one of 'text', 'json_object', "
-                                                  f"'json_schema', got {kind!r}")
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise ApiError("'response_format.json_schema' must be an object whose 'schema' is a JSON schema object",
-                       code="invalid_type", param="response_format.json_schema")
-    return {"kind": "json_schema", "spec": json.dumps(spec["schema"]), "choices": [], "param": "response_format"}
-
-
-def _structured_outputs(outputs: Any, param: str = "structured_outputs") -> dict:
-    legacy = param != "structured_outputs"  # guided_json etc.: the field itself is named in errors
-    if not isinstance(outputs, dict):
-        raise ApiError("'structured_outputs' must be an object", code="invalid_type", param=param)
-    unknown = sorted(set(outputs) - set(_STRUCTURED_KEYS))
-    if unknown:
-        raise value_error(param, f"'structured_outputs' does not support {unknown}; "
-                                 f"set one of {sorted(_STRUCTURED_KEYS)}")
-    given = [k for k in _STRUCTURED_KEYS if outputs.get(k) not in (None, False)]
-    if len(given) != 1:
-        raise value_error(param, f"'structured_outputs' must set exactly one of {sorted(_STRUCTURED_KEYS)}, "
-                                 f"got {given or 'none'}")
-    key = given[0]
-    value = outputs[key]
-    sub = param if legacy else f"{param}.{key}"  # the field named in errors
-    out = {"kind": _STRUCTURED_KEYS[key], "spec": "", "choices": [], "param": param}
-    if key == "json":  # a schema object, or its JSON text
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise value_error(sub, f"'{sub}' is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ApiError(f"'{sub}' must be a JSON schema object", code="invalid_type", param=sub)
-        out["spec"] = json.dumps(value)
-    elif key == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
-            raise ApiError(f"'{sub}' must be a non-empty list of non-empty strings", code="invalid_type", param=sub)
-        out["choices"] = value
-    elif key == "json_object":
-        if value is not True:
-            raise ApiError(f"'{sub}' must be true", code="invalid_type", param=sub)
-    else:
-        if not isinstance(value, str) or not value:
-            raise ApiError(f"'{sub}' must be a non-empty string", code="invalid_type", param=sub)
-        out["spec"] = value
-    return out
-
-
 def _logit_bias(body: dict) -> list[list] | None:
     """{"token id": bias in [-100, 100]} -> [[id, bias], ...] by id (the wire carries no int keys)."""
     bias = get_dict(body, "logit_bias")
@@ -299,110 +216,11 @@ def _logit_bias(body: dict) -> list[list] | None:
     return sorted(pairs)
 
 
-def _message_content(i: int, message: dict) -> str:
-    content = message.get("content")
-    param = f"messages[{i}].content"
-    if content is None:
-        if message["role"] == "assistant":  # e.g. one that made tool calls
-            return ""
-        raise ApiError(f"'{param}' is required", code="missing_required_parameter", param=param)
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(f"'{param}': only text content parts are supported", param=param)
-            texts.append(part["text"])
-        return "".join(texts)
-    raise ApiError(f"'{param}' must be a string or a list of text parts", code="invalid_type", param=param)
-
-
-def _messages(body: dict) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if messages is None:
-        raise ApiError("'messages' is required", code="missing_required_parameter", param="messages")
-    if not isinstance(messages, list):
-        raise ApiError("'messages' must be a list", code="invalid_type", param="messages")
-    if not messages:
-        raise value_error("messages", "'messages' must contain at least one message")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ApiError(f"'messages[{i}]' must be an object", code="invalid_type", param=f"messages[{i}]")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise value_error(
-                f"messages[{i}].role", f"'messages[{i}].role' must be one of {sorted(CHAT_ROLES)}, got {role!r}"
-            )
-        out.append({"role": role, "content": _message_content(i, message), **_tool_fields(i, message)})
-    return out
-
-
-# apply_chat_template's own arguments: set by the server, or by their own request fields
-_RESERVED_TEMPLATE_ARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-    "add_generation_prompt", "continue_final_message",
-})
-
-
-def _template_options(body: dict) -> dict:
-    """vLLM's chat-template fields: add_generation_prompt, continue_final_message (an answer that
-    continues the last assistant message) and chat_template_kwargs (the template's own variables,
-    e.g. enable_thinking). Only what the request sets, as {"chat_template_kwargs": {...}}."""
-    kwargs = dict(get_dict(body, "chat_template_kwargs") or {})
-    reserved = sorted(_RESERVED_TEMPLATE_ARGS & set(kwargs))
-    if reserved:
-        raise value_error("chat_template_kwargs", f"'chat_template_kwargs' may not set {reserved}"
-                          + ("; use the request fields of the same name" if set(reserved) & {
-                              "add_generation_prompt", "continue_final_message"} else ""))
-    for name, default in (("add_generation_prompt", True), ("continue_final_message", False)):
-        value = get_bool(body, name, default)
-        if value != default:
-            kwargs[name] = value
-    if kwargs.get("continue_final_message") and kwargs.get("add_generation_prompt", True):
-        raise value_error("continue_final_message", "'continue_final_message' continues the last message: "
-                                                    "set 'add_generation_prompt' to false with it")
-    return {"chat_template_kwargs": kwargs} if kwargs else {}
-
-
-def _tool_fields(i: int, message: dict) -> dict:
-    """An assistant's earlier tool_calls and a tool result's tool_call_id, for the chat template;
-    a call's JSON arguments become an object, as templates (and vLLM) expect."""
-    out: dict = {}
-    calls = message.get("tool_calls")
-    if calls is not None and message["role"] == "assistant":
-        param = f"messages[{i}].tool_calls"
-        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
-                                                  and isinstance(c["function"].get("name"), str) for c in calls):
-            raise ApiError(f"'{param}' must be a list of {{\"id\", \"type\": \"function\", \"function\": "
-                           "{\"name\", \"arguments\"}}", code="invalid_type", param=param)
-        out["tool_calls"] = [
-            {**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
-            for c in calls
-        ]
-    if message["role"] == "tool" and isinstance(message.get("tool_call_id"), str):
-        out["tool_call_id"] = message["tool_call_id"]
-    if isinstance(message.get("name"), str):
-        out["name"] = message["name"]
-    return out
-
-
-def _arguments(arguments: Any) -> Any:
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except ValueError:
-            return arguments
-    return arguments
-
-
 def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: str | None = None,
                        reasoning_parser: str | None = None) -> ParsedRequest:
     """tool_parser: how to find tool calls in an answer with tool_choice "auto" (None: refuse it).
     reasoning_parser: how to find the reasoning before the answer (None: all of it is content)."""
-    messages = _messages(body)
+    messages = chat_messages(body)
     reject_unsupported(body, {"audio": None})
     tools = parse_tools(body, tool_parser)
     max_tokens = get_int(body, "max_completion_tokens", minimum=1)
@@ -414,7 +232,7 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
         logprobs = top_logprobs or 0
     elif top_logprobs is not None:
         raise ApiError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    chat = {"messages": messages, **_template_options(body)}
+    chat = {"messages": messages, **template_options(body)}
     parsed = _common(body, Endpoint.CHAT, max_n=max_n, max_stop=max_stop, max_tokens=max_tokens,
                      logprobs=logprobs, prompts=(chat,))
     if reasoning_parser is not None:
@@ -473,8 +291,8 @@ def parse_tokenize_request(body: dict) -> tuple[str | None, dict]:
     (model, what the worker tokenizes)."""
     out: dict[str, Any] = {"return_token_strs": get_bool(body, "return_token_strs")}
     if body.get("messages") is not None:
-        out["messages"] = _messages(body)
-        out.update(_template_options(body))
+        out["messages"] = chat_messages(body)
+        out.update(template_options(body))
         if body.get("tools") is not None:
             out["tools"] = [{"type": "function", "function": f} for f in tool_functions(body)]
     else:
