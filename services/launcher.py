@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads per worker (default: all cores but one, shared by the workers)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="workers reuse the KV of earlier prompts' full blocks (default: on)")
+    parser.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                        help="the workers': where requests' unset sampling fields come from ('auto': the model's "
+                             "generation_config.json, as vLLM; 'vllm': OpenAI's defaults)")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="the router's: lets chat requests use tool_choice 'auto' (see kvmesh router --help)")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
@@ -89,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
         worker_threads=args.worker_threads, port=args.port,
-        enable_prefix_caching=args.enable_prefix_caching, tool_call_parser=args.tool_call_parser,
+        enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
+        tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,

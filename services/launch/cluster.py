@@ -128,6 +128,10 @@ class LocalCluster:
             args += ["--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         if not c.enable_prefix_caching:
             args += ["--no-enable-prefix-caching"]
+        if c.generation_config == "vllm":
+            args += ["--generation-config", "vllm"]
+        elif c.generation_config != "auto":  # a directory
+            args += ["--generation-config", str(Path(c.generation_config).resolve())]
         # Workers of one host share its cores (default_num_threads leaves one spare).
         threads = c.worker_threads if c.worker_threads is not None else default_num_threads(c.num_workers)
         args += ["--num-threads", str(threads),

@@ -25,6 +25,7 @@ class LaunchConfig:
     dtype: str = "auto"
     worker_threads: int | None = None  # torch threads per worker; None: torch's default
     enable_prefix_caching: bool = True  # the workers' --[no-]enable-prefix-caching
+    generation_config: str = "auto"  # the workers' --generation-config
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
@@ -56,6 +57,9 @@ class LaunchConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.model != "tiny" and not Path(self.model).is_dir():
             raise ValueError(f"--model must be 'tiny' or a model directory; {self.model!r} is not a directory")
+        if self.generation_config not in ("auto", "vllm") and not (Path(self.generation_config) / "generation_config.json").is_file():
+            raise ValueError(f"--generation-config must be 'auto', 'vllm' or a directory holding a generation_config.json; "
+                             f"{self.generation_config!r} is none of these")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("--served-model-name must not be empty")
         if not self.cluster_token:

@@ -69,20 +69,11 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         raise ApiError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     include_usage = get_bool(stream_options or {}, "include_usage")
     continuous_usage = include_usage and get_bool(stream_options or {}, "continuous_usage_stats")  # as vLLM
-    temperature = get_float(body, "temperature", 1.0)
-    if not 0 <= temperature < math.inf:  # 1e999 reads as inf
-        raise value_error("temperature", f"'temperature' must be a finite number >= 0, got {temperature}")
-    top_p = get_float(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise value_error("top_p", f"'top_p' must be in (0, 1], got {top_p}")
-    top_k = get_int(body, "top_k", minimum=-1)
     min_tokens = get_int(body, "min_tokens", 0, minimum=0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise value_error("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})")
     sampling: dict[str, Any] = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k if top_k not in (None, -1, 0) else None,
+        **_sampler(body),
         "stop": get_stop(body, max_stop),
         "ignore_eos": get_bool(body, "ignore_eos"),
         "min_tokens": min_tokens,
@@ -122,6 +113,26 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         include_usage=include_usage,
         continuous_usage=continuous_usage,
     )
+
+
+def _sampler(body: dict) -> dict[str, Any]:
+    """temperature, top_p, top_k: only those the request sets. The worker fills the others from the
+    model's generation config (vLLM's --generation-config), else OpenAI's defaults."""
+    out: dict[str, Any] = {}
+    temperature = get_float(body, "temperature")
+    if temperature is not None:
+        if not 0 <= temperature < math.inf:  # 1e999 reads as inf
+            raise value_error("temperature", f"'temperature' must be a finite number >= 0, got {temperature}")
+        out["temperature"] = temperature
+    top_p = get_float(body, "top_p")
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise value_error("top_p", f"'top_p' must be in (0, 1], got {top_p}")
+        out["top_p"] = top_p
+    top_k = get_int(body, "top_k", minimum=-1)
+    if top_k is not None:
+        out["top_k"] = top_k if top_k > 0 else None  # -1 and 0: no top-k cut, whatever the model's default
+    return out
 
 
 def _prompt_outputs(body: dict, stream: bool) -> dict[str, Any]:

@@ -52,7 +52,8 @@ def _engine_ctx(factory: EngineFactory):
         app[ENGINE] = engine
         log.info("engine_started", model=engine.model_name, max_model_len=engine.max_model_len,
                  num_blocks=engine.stats().num_total_blocks,
-                 dtype=(getattr(engine, "kv_geometry", None) or {}).get("dtype"))
+                 dtype=(getattr(engine, "kv_geometry", None) or {}).get("dtype"),
+                 sampling_defaults=engine.sampling_defaults)  # the generation config's, for unset fields
         yield
         await engine.stop()
 
@@ -108,7 +109,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         call = decode(await request.read(), GenerateCall)
     except WireDecodeError as e:
         raise ApiError(f"bad GenerateCall: {e}", code="wire_decode_error") from e
-    gen_request = to_generate_request(call)
+    gen_request = to_generate_request(call, engine.sampling_defaults)
     stream = engine.generate(gen_request)
     request_id = gen_request.request_id
     inflight.add(request_id, gen_request.sampling.max_tokens)

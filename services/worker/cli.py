@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logits-threads", type=int, default=None,
                         help="torch threads for the lm_head, which ends each step while the spare core "
                         "is idle (default: all usable cores, and at least --num-threads)")
+    parser.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                        help="where requests' unset temperature, top_p, top_k, min_p and repetition_penalty come from: 'auto' (default) the model's generation_config.json, as vLLM; 'vllm' none (OpenAI's defaults); or a directory holding a generation_config.json")
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
     parser.add_argument("--worker-id", default=None)
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_threads=args.num_threads, logits_threads=args.logits_threads, heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
     )
 
 

@@ -30,6 +30,7 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     remote_kv: bool = False  # spill to memory servers (the CLI turns it on)
     enable_prefix_caching: bool = True
+    generation_config: str = "auto"  # vLLM's --generation-config (engine.config.EngineConfig)
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -56,4 +57,5 @@ class WorkerConfig:
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
                             logits_threads=self.logits_threads or default_logits_threads(threads),
-                            enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len)
+                            enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len,
+                            generation_config=self.generation_config)

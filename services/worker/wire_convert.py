@@ -9,8 +9,9 @@ from services.worker.engine.api import Delta, GenerateRequest, InvalidRequest, S
 _TUPLE_FIELDS = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words")
 
 
-def to_generate_request(call: GenerateCall) -> GenerateRequest:
-    sampling = dict(call.sampling)
+def to_generate_request(call: GenerateCall, defaults: dict | None = None) -> GenerateRequest:
+    """defaults: SamplingParams fields for what the call leaves unset (the model's generation config)."""
+    sampling = {**(defaults or {}), **call.sampling}
     for name in _TUPLE_FIELDS:
         if name in sampling:
             sampling[name] = tuple(sampling[name])

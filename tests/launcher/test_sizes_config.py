@@ -48,6 +48,7 @@ def test_format_size_round_trips():
     ({"worker_kv_blocks": 0}, "--worker-kv-blocks"), ({"served_model_name": " "}, "--served-model-name"),
     ({"max_model_len": 0}, "--max-model-len must be >= 1"), ({"max_num_seqs": 0}, "--max-num-seqs must be >= 1"),
     ({"max_num_batched_tokens": -5}, "--max-num-batched-tokens must be >= 1, got -5"),
+    ({"generation_config": "/no/such/dir"}, "--generation-config must be 'auto', 'vllm' or a directory"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -118,6 +119,7 @@ def test_up_refuses_an_empty_or_padded_api_key(keys, capsys):
     ({}, []),
     ({"max_model_len": 2048, "max_num_seqs": 8, "max_num_batched_tokens": 512},
      ["--max-model-len", "2048", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]),
+    ({"generation_config": "vllm"}, ["--generation-config", "vllm"]),
 ])
 def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected):
     from services.launch.cluster import LocalCluster
@@ -129,5 +131,6 @@ def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected
     cluster._spawn = lambda name, kind, cli_args, port: spawned.append(cli_args)
     cluster._start_worker(0)
     (args,) = spawned
-    limits = [a for i, a in enumerate(args) if a.startswith("--max-") or (i and args[i - 1].startswith("--max-"))]
+    named = ("--max-", "--generation-config")
+    limits = [a for i, a in enumerate(args) if a.startswith(named) or (i and args[i - 1].startswith(named))]
     assert limits == expected

@@ -20,6 +20,7 @@ class FakeEngine:
     def __init__(self, num_blocks: int = 256, block_size: int = 4, step_s: float = 0.002, max_model_len: int = 512):
         self.model_name = "fake"
         self.max_model_len = max_model_len
+        self.sampling_defaults: dict = {}  # what the worker front fills unset sampling fields with
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.step_s = step_s

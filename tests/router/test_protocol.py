@@ -32,6 +32,15 @@ def test_chat_defaults_and_extras():
     assert p.prompts == ({"messages": MSG},)
 
 
+def test_unset_sampler_fields_are_left_to_the_models_generation_config():
+    """The worker fills what the request leaves out (vLLM's --generation-config); what it sets,
+    top_k -1 and 0 (no cut) included, goes as it is."""
+    assert not {"temperature", "top_p", "top_k"} & set(chat().sampling)
+    p = chat(temperature=0, top_p=0.5, top_k=0)
+    assert (p.sampling["temperature"], p.sampling["top_p"], p.sampling["top_k"]) == (0.0, 0.5, None)
+    assert chat(top_k=40).sampling["top_k"] == 40
+
+
 def test_penalties_bias_and_vllm_extras_pass_through():
     p = chat(frequency_penalty=0.5, presence_penalty=-1, repetition_penalty=1.1, min_p=0.05,
              logit_bias={"5": 10, "2": -1.5}, stop_token_ids=[3])

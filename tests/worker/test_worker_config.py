@@ -49,6 +49,24 @@ def test_engine_flags_reach_the_engine_and_a_bad_value_is_refused(flag, field):
         bad.engine_config()
 
 
+def test_generation_config_reaches_the_engine_and_a_directory_without_one_is_refused(tmp_path):
+    import argparse
+
+    from services.worker.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def parse(*flags):
+        return config_from_args(parser.parse_args([*flags, "--cluster-token", "t"])).engine_config()
+
+    assert parse().generation_config == "auto" and parse("--generation-config", "vllm").generation_config == "vllm"
+    with pytest.raises(ValueError, match="a directory holding a generation_config.json"):
+        parse("--generation-config", str(tmp_path))
+    (tmp_path / "generation_config.json").write_text("{}")
+    assert parse("--generation-config", str(tmp_path)).generation_config == str(tmp_path)
+
+
 def test_worker_cli_refuses_a_zero_step_budget_before_loading_anything(capfd):
     import argparse
 

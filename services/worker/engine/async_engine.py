@@ -21,6 +21,7 @@ class AsyncEngine:
         self.engine = engine if engine is not None else LLMEngine(config)
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
+        self.sampling_defaults = self.engine.sampling_defaults
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-step")
         self._wakeup: asyncio.Event | None = None

@@ -49,6 +49,7 @@ class EngineProcess:
         self._stopping = False
         self.model_name = engine_config.model
         self.max_model_len = 0
+        self.sampling_defaults: dict = {}
         self.kv_geometry: dict | None = None
 
     async def start(self) -> None:
@@ -72,6 +73,7 @@ class EngineProcess:
         info = ready[1]
         self.model_name, self.max_model_len = info["model_name"], info["max_model_len"]
         self.kv_geometry, self._stats = info["kv_geometry"], ipc.stats_from_obj(info["stats"])
+        self.sampling_defaults = info["sampling_defaults"]
         self._reader_task = asyncio.create_task(self._read(reader, unpacker), name="engine-reader")
         log.info("engine_process_started", pid=self._proc.pid)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 # Tokens per step (chunked-prefill budget). A step's prefill chunks stall every running stream for
 # that step. Tiny model, 2 cores, 16 streams of 128 + 128 tokens, 512 -> 256 (alternated runs):
@@ -33,6 +34,8 @@ class EngineConfig:
     logits_threads: int | None = None  # torch threads for the lm_head (CPU); None: as the rest
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier prompts (block_manager)
     max_model_len: int | None = None  # cap on prompt + output tokens; None: the model's max_position_embeddings
+    # vLLM's --generation-config: where unset sampling fields take their defaults from (model.generation_defaults)
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -44,6 +47,10 @@ class EngineConfig:
         check_thread_counts(self.num_threads, self.logits_threads)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.generation_config not in ("auto", "vllm") and not (
+                Path(self.generation_config) / "generation_config.json").is_file():
+            raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory holding a "
+                             f"generation_config.json; {self.generation_config!r} is none of these")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 

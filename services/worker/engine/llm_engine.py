@@ -36,6 +36,7 @@ from services.worker.engine.sampler import SampleFailed, SampleResult, sample
 from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
 from services.worker.engine.structured import GrammarBackend, RequestGrammar, apply_grammars
+from services.worker.model.generation_defaults import sampling_defaults
 from services.worker.model.tiny import resolve_model_dir
 from services.worker.model.tokenizer import Tokenizer
 
@@ -70,6 +71,8 @@ class LLMEngine:
             spill_batch=max(4, self.blocks.num_blocks // 8),
         )
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_model_len)
+        # What a request that leaves a sampling field unset gets (the worker front applies them)
+        self.sampling_defaults = sampling_defaults(config.generation_config, model_dir)
         self.model_name = config.model
         self._active: dict[str, _Active] = {}
         self._arrivals = itertools.count()
