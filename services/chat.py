@@ -23,7 +23,7 @@ class ChatConfig:
     url: str
     model: str | None
     max_tokens: int | None
-    temperature: float
+    temperature: float | None  # None: the server's default (the model's generation config, else 1)
     api_key: str | None
 
 
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (/v1 is appended)")
     parser.add_argument("--model", default=None, help="default: the first of /v1/models")
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: the server's (the model's generation_config.json, else 1)")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--prompt", default=None, help="ask once and exit")
     parser.add_argument("--api-key", default=None,
@@ -72,8 +73,9 @@ async def stream_answer(session: aiohttp.ClientSession, config: ChatConfig, mode
     """Stream one assistant answer to `out`, appending its text to `parts` as it arrives. Reasoning
     (a router with --reasoning-parser) is shown too, in brackets, but kept out of `parts`: the
     next turn's history holds the answer only, as thinking models expect."""
-    body = {"model": model, "messages": messages, "stream": True, "temperature": config.temperature,
-            "stream_options": {"include_usage": True}}
+    body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    if config.temperature is not None:
+        body["temperature"] = config.temperature
     if config.max_tokens is not None:
         body["max_tokens"] = config.max_tokens
     start = time.monotonic()

@@ -25,7 +25,7 @@ from services.launch.config import DTYPES, LaunchConfig
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
 from services.router.reasoning import REASONING_PARSERS
-from services.router.tool_parsers import TOOL_CALL_PARSERS
+from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choice
 from services.runtime.sizes import format_size, size_arg
 from services.runtime.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN, resolve_api_keys
 
@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generation_config.json, as vLLM; 'vllm': OpenAI's defaults)")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="the router's: lets chat requests use tool_choice 'auto' (see kvmesh router --help)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="vLLM's flag, accepted so its command lines work (needs --tool-call-parser)")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="the router's: chat answers' <think> reasoning as reasoning_content")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
@@ -86,6 +88,7 @@ def default_log_dir() -> Path:
 
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    check_auto_tool_choice(args.enable_auto_tool_choice, args.tool_call_parser)
     return LaunchConfig(
         model=args.model, served_model_name=args.served_model_name, num_workers=args.workers, num_memservers=args.memservers,
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,

@@ -65,3 +65,19 @@ async def test_a_server_that_wants_an_api_key_gets_a_hint():
         config = ChatConfig(url, None, None, 0.0, "sk-right")
         async with _session(config) as session:
             assert await _first_model(session, config) == "m"
+
+
+@pytest.mark.parametrize("temperature, sent", [(None, None), (0.0, 0.0), (0.7, 0.7)])
+async def test_temperature_is_left_to_the_server_unless_given(temperature, sent):
+    """Unset, the server's default applies (the model's generation config, as vLLM)."""
+    bodies = []
+
+    async def handler(request):
+        bodies.append(await request.json())
+        return web.Response(body=_sse({"content": "ok"}), content_type="text/event-stream")
+
+    async with _serving("POST", "/v1/chat/completions", handler) as url:
+        config = ChatConfig(url, "m", None, temperature, None)
+        async with _session(config) as session:
+            await stream_answer(session, config, "m", [{"role": "user", "content": "hi"}], io.StringIO(), TurnStats(), [])
+    assert bodies[0].get("temperature") == sent and ("temperature" in bodies[0]) == (sent is not None)

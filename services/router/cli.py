@@ -8,7 +8,7 @@ import sys
 from services.router.app import create_app, drain
 from services.router.config import RouterConfig
 from services.router.reasoning import REASONING_PARSERS
-from services.router.tool_parsers import TOOL_CALL_PARSERS
+from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choice
 from services.runtime.auth import API_KEY_ENV, resolve_api_keys, resolve_cluster_token
 from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tool_choice 'auto' (hermes: <tool_call>{json}</tool_call>, as Hermes 2 Pro, Qwen2.5 "
                              "and the embedded model write them; llama3_json: an answer of {json} calls separated "
                              "by ';', as Llama 3.1-3.3 write them); without it 'auto' is refused")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="vLLM's flag, accepted so its command lines work: here --tool-call-parser alone "
+                             "allows tool_choice 'auto'; this one needs it")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="return a chat answer's <think> reasoning as reasoning_content, apart from its content "
                              "(deepseek_r1: the answer starts inside <think>; qwen3: only if it opens one)")
@@ -41,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    check_auto_tool_choice(args.enable_auto_tool_choice, args.tool_call_parser)
     return RouterConfig(
         host=args.host, port=args.port, cluster_token=resolve_cluster_token(args.cluster_token, args.host),
         api_keys=resolve_api_keys(args.api_key),

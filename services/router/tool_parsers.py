@@ -25,6 +25,14 @@ PYTHON_TAG = "<|python_tag|>"
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 
+def check_auto_tool_choice(enabled: bool, parser: str | None) -> None:
+    """vLLM's --enable-auto-tool-choice, accepted so its command lines work: it needs a parser to
+    find the calls (as in vLLM); here the parser alone already allows tool_choice 'auto'."""
+    if enabled and parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which alone allows tool_choice "
+                         f"'auto' here): one of {', '.join(TOOL_CALL_PARSERS)}")
+
+
 def _parse_call(body: str) -> tuple[str, str] | None:
     """(name, arguments as JSON text) of one call's body, or None if it is not a call."""
     try:

@@ -168,3 +168,21 @@ def test_the_router_refuses_an_unknown_tool_call_parser():
 
     with pytest.raises(ValueError, match="tool_call_parser"):
         RouterConfig(cluster_token="t", tool_call_parser="mistral")
+
+
+@pytest.mark.parametrize("command", ["router", "up"])
+def test_vllms_enable_auto_tool_choice_is_accepted_with_a_parser_and_refused_without(command, capsys):
+    """A vLLM command line (--enable-auto-tool-choice --tool-call-parser hermes) works as it is;
+    the flag without a parser is refused, as vLLM does, naming what to add."""
+    import argparse
+
+    from services import launcher
+    from services.router import cli
+
+    module = cli if command == "router" else launcher
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    config = module.config_from_args(parser.parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
+    assert config.tool_call_parser == "hermes"
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        module.config_from_args(parser.parse_args(["--enable-auto-tool-choice"]))
