@@ -10,9 +10,9 @@ SPINNER = "|/-\\"
 
 
 class Progress:
-    def __init__(self, out: TextIO = sys.stderr, quiet: bool = False):
-        self._out = out
-        self._live = out.isatty()
+    def __init__(self, out: TextIO | None = None, quiet: bool = False):
+        self._out = out if out is not None else sys.stderr  # looked up now: it may have been replaced
+        self._live = self._out.isatty()
         self._quiet = quiet
 
     def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float,

@@ -171,7 +171,7 @@ def test_the_router_refuses_an_unknown_tool_call_parser():
 
 
 @pytest.mark.parametrize("command", ["router", "up"])
-def test_vllms_enable_auto_tool_choice_is_accepted_with_a_parser_and_refused_without(command, capsys):
+def test_vllms_enable_auto_tool_choice_is_accepted_with_a_parser_and_refused_without(command):
     """A vLLM command line (--enable-auto-tool-choice --tool-call-parser hermes) works as it is;
     the flag without a parser is refused, as vLLM does, naming what to add."""
     import argparse
