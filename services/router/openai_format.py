@@ -37,6 +37,7 @@ class ChoiceState:
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list | None = None
     token_ids: list[int] = field(default_factory=list)
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or string that ended it
     unsent_token_ids: list[int] = field(default_factory=list)  # streaming: not in a chunk yet
 
 
@@ -154,9 +155,11 @@ class Formatter:
         num_output = len(chunks) - num_lead
         if frame.finish_reason in ("stop", "length"):
             if self.chat:
-                body = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": self._finish(choice)}
+                body = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": self._finish(choice),
+                        "stop_reason": choice.stop_reason}
             else:
-                body = {"index": choice.index, "text": "", "logprobs": None, "finish_reason": frame.finish_reason}
+                body = {"index": choice.index, "text": "", "logprobs": None, "finish_reason": frame.finish_reason,
+                        "stop_reason": choice.stop_reason}
             chunks.append(self._chunk([body]))
         if self._return_token_ids:
             last_output = num_lead + num_output - 1 if num_output else len(chunks) - 1
@@ -274,11 +277,11 @@ class Formatter:
                            **({"reasoning_content": reasoning} if reasoning is not None else {})}
                 finish = self._finish(c, made_calls=bool(calls)) if calls is not None else c.finish_reason
                 out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish,
-                            **self._token_ids(c)})
+                            "stop_reason": c.stop_reason, **self._token_ids(c)})
             else:
                 lp = completion_logprobs(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
-                            **self._prompt_fields(c), **self._token_ids(c)})
+                            "stop_reason": c.stop_reason, **self._prompt_fields(c), **self._token_ids(c)})
         response = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                     "created": self.created, "model": self.model, "choices": out, "usage": usage(choices)}
         if self.chat:  # one prompt: its fields go on the response, as vLLM's
@@ -312,3 +315,4 @@ def apply_delta(choice: ChoiceState, frame: DeltaFrame) -> None:
     choice.num_cached_tokens = frame.num_cached_tokens
     if frame.finish_reason is not None:
         choice.finish_reason = frame.finish_reason
+        choice.stop_reason = frame.stop_reason

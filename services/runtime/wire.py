@@ -52,6 +52,7 @@ class DeltaFrame:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None: EOS)
     v: int = WIRE_VERSION
 
 

@@ -53,5 +53,5 @@ def to_frame(delta: Delta) -> DeltaFrame:
         finish_reason=delta.finish_reason.value if delta.finish_reason is not None else None,
         logprobs=logprobs, error=delta.error, num_cached_tokens=delta.num_cached_tokens,
         prompt_token_ids=list(delta.prompt_token_ids) if delta.prompt_token_ids is not None else None,
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, stop_reason=delta.stop_reason,
     )

@@ -147,7 +147,11 @@ def test_n_seed_stop_and_logprobs(client, reference):
     assert stop.strip(), text
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
     assert resp.choices[0].text == text[:text.find(stop)]
-    assert resp.choices[0].finish_reason == "stop"
+    # vLLM's stop_reason: the stop string that matched (None for EOS or length)
+    assert (resp.choices[0].finish_reason, resp.choices[0].model_dump()["stop_reason"]) == ("stop", stop)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                            stop=[stop], stream=True))
+    assert chunks[-1].choices[0].model_dump()["stop_reason"] == stop
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=[stop],
                                      extra_body={"include_stop_str_in_output": True})
     assert (resp.choices[0].text, resp.choices[0].finish_reason) == (text[:text.find(stop) + len(stop)], "stop")
@@ -216,6 +220,7 @@ def test_penalties_logit_bias_and_stop_token_ids(client, reference):
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
                                      logit_bias={str(FORCED): 100}, extra_body={"stop_token_ids": [FORCED]})
     assert (resp.choices[0].text, resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("", "stop", 1)
+    assert resp.choices[0].model_dump()["stop_reason"] == FORCED  # the stop token's id
 
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
                                      extra_body={"allowed_token_ids": [FORCED]})
@@ -366,6 +371,7 @@ async def test_prompt_logprobs_and_token_ids_as_vllm(cluster, client, reference)
         kwargs = dict(model="tiny", max_tokens=MAX_TOKENS, temperature=0)
         got = client.completions.create(prompt=PROMPT, **kwargs, extra_body=extra).model_dump()["choices"][0]
         assert got["text"] == reference["completion"].text and got["prompt_token_ids"] == prompt_ids
+        assert (got["finish_reason"], got["stop_reason"]) == ("length", None)
         assert len(got["token_ids"]) == MAX_TOKENS
         assert (await post("/detokenize", {"model": "tiny", "tokens": got["token_ids"]}))["prompt"] == got["text"]
         scored = got["prompt_logprobs"]

@@ -103,7 +103,7 @@ def test_a_named_call_streams_its_arguments_and_answers_with_tool_calls():
     assert first["id"].startswith("call_") and first["type"] == "function"
     assert first["function"] == {"name": "get_weather", "arguments": '{"city"'}
     assert second == {"index": 0, "function": {"arguments": ': "Paris"}'}}
-    assert streamed[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert streamed[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop", "stop_reason": None}
     message = full["message"]
     assert message["content"] is None and full["finish_reason"] == "stop"
     assert [c["function"] for c in message["tool_calls"]] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]

@@ -61,14 +61,14 @@ def test_with_include_stop_the_text_ends_with_the_stop_string(tok):
     ids = tok.encode("the answer is 42. STOP here and STOPPED more text")
     for stop in (("STOP",), ("here", "STOP")):  # the first stop string to appear ends it
         pieces, detok = _stream(tok, ids, stop=stop, include_stop=True)
-        assert detok.stopped and "".join(pieces) == "the answer is 42. STOP"
+        assert detok.matched == "STOP" and "".join(pieces) == "the answer is 42. STOP"
     whole = IncrementalDetokenizer(tok.decode, ("STOP", "STOP here"), include_stop=True)  # both complete at once
-    assert whole.step(ids, final=True) == "the answer is 42. STOP here"
+    assert whole.step(ids, final=True) == "the answer is 42. STOP here" and whole.matched == "STOP here"
 
 
 def test_held_back_prefix_is_released_when_not_a_stop(tok):
     ids = tok.encode("the STORY goes on")
     pieces, detok = _stream(tok, ids, stop=("STOP",))
-    assert not detok.stopped
+    assert not detok.stopped and detok.matched is None
     assert "".join(pieces) == "the STORY goes on"
 

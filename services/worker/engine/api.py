@@ -258,6 +258,7 @@ class Delta:
     # logprobs (prompt_logprobs; the first token's is None, tops cut to prompt_logprobs)
     prompt_token_ids: tuple[int, ...] | None = None
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (None: EOS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,11 @@ class IncrementalDetokenizer:
         self._sent = 0  # characters of _text already returned
         self._offset = 0  # ids before this index are fully reflected in _text
         self._prefix_text = ""  # decode(ids[_offset:read]) at the last flush point
-        self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def step(self, token_ids: list[int], final: bool) -> str:
         """token_ids: all generated ids so far. Returns the new text to send."""
@@ -43,8 +47,8 @@ class IncrementalDetokenizer:
             # (where, -length): the earliest match, the longest of those that start there
             hits = [(i, -len(s)) for i, s in ((text.find(s, search_from), s) for s in self._stop) if i >= 0]
             if hits:
-                self.stopped = True
                 start, minus_length = min(hits)
+                self.matched = text[start:start - minus_length]
                 end = start - minus_length if self._include_stop else start
                 out = text[self._sent : end] if end > self._sent else ""
                 self._sent = max(self._sent, end)

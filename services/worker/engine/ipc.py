@@ -55,16 +55,16 @@ def delta_to_obj(d: Delta) -> list:
     finish = d.finish_reason.value if d.finish_reason is not None else None
     return [d.request_id, d.token_ids, d.text, d.num_prompt_tokens, d.num_generated_tokens, finish,
             _logprobs_to_obj(d.logprobs), d.error, d.num_cached_tokens, d.prompt_token_ids,
-            _logprobs_to_obj(d.prompt_logprobs)]
+            _logprobs_to_obj(d.prompt_logprobs), d.stop_reason]
 
 
 def delta_from_obj(obj: list) -> Delta:
     (request_id, token_ids, text, num_prompt, num_generated, finish, logprobs, error, num_cached,
-     prompt_token_ids, prompt_logprobs) = obj
+     prompt_token_ids, prompt_logprobs, stop_reason) = obj
     return Delta(request_id, tuple(token_ids), text, num_prompt, num_generated,
                  FinishReason(finish) if finish is not None else None, _logprobs_from_obj(logprobs), error,
                  num_cached, tuple(prompt_token_ids) if prompt_token_ids is not None else None,
-                 _logprobs_from_obj(prompt_logprobs))
+                 _logprobs_from_obj(prompt_logprobs), stop_reason)
 
 
 def _logprobs_to_obj(entries: tuple[TokenLogprob, ...] | None) -> list | None:

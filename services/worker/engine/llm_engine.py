@@ -383,8 +383,10 @@ class LLMEngine:
             return self._end(seq, FinishReason.ERROR, f"{params.structured.param}: no token the grammar allows "
                                                       f"could be sampled (token {token} is not allowed)")
         seq.output_token_ids.append(token)
-        finish = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids):
+        finish = stop_reason = None  # stop_reason (vLLM's): the stop token id or string that ended it
+        if token in params.stop_token_ids:
+            finish, stop_reason = FinishReason.STOP, token
+        elif not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             finish = FinishReason.STOP
         elif grammar is not None and grammar.terminated:  # its stop token, despite ignore_eos
             finish = FinishReason.STOP
@@ -393,7 +395,7 @@ class LLMEngine:
         text_ids = seq.output_token_ids[:-1] if finish is FinishReason.STOP else seq.output_token_ids
         text = active.detok.step(text_ids, final=finish is not None)
         if active.detok.stopped and finish is None:
-            finish = FinishReason.STOP
+            finish, stop_reason = FinishReason.STOP, active.detok.matched
         logprobs = None
         if params.logprobs is not None:
             tok = self.tokenizer.token_text
@@ -408,7 +410,7 @@ class LLMEngine:
             self._retire(seq)
         return Delta(
             seq.request_id, (token,), text, seq.num_prompt_tokens, len(seq.output_token_ids), finish, logprobs,
-            num_cached_tokens=seq.num_cached_tokens, **first,
+            num_cached_tokens=seq.num_cached_tokens, stop_reason=stop_reason, **first,
         )
 
     def fail_all(self, reason: str) -> list[Delta]:
