@@ -128,6 +128,9 @@ class LocalCluster:
             args += ["--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         if not c.enable_prefix_caching:
             args += ["--no-enable-prefix-caching"]
+        if c.chat_template is not None:  # a file by its absolute path (workers may start elsewhere), else the text
+            is_file = Path(c.chat_template).expanduser().is_file()
+            args += ["--chat-template", str(Path(c.chat_template).expanduser().resolve()) if is_file else c.chat_template]
         if c.generation_config == "vllm":
             args += ["--generation-config", "vllm"]
         elif c.generation_config != "auto":  # a directory

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.sizes import parse_size
+from services.worker.model.chat_template import load_chat_template
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -26,6 +27,7 @@ class LaunchConfig:
     worker_threads: int | None = None  # torch threads per worker; None: torch's default
     enable_prefix_caching: bool = True  # the workers' --[no-]enable-prefix-caching
     generation_config: str = "auto"  # the workers' --generation-config
+    chat_template: str | None = None  # the workers' --chat-template (a file or the template)
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
@@ -60,6 +62,8 @@ class LaunchConfig:
         if self.generation_config not in ("auto", "vllm") and not (Path(self.generation_config) / "generation_config.json").is_file():
             raise ValueError(f"--generation-config must be 'auto', 'vllm' or a directory holding a generation_config.json; "
                              f"{self.generation_config!r} is none of these")
+        if self.chat_template is not None:
+            load_chat_template(self.chat_template)  # a file, or a template: refused before anything starts
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("--served-model-name must not be empty")
         if not self.cluster_token:

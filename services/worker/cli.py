@@ -11,6 +11,7 @@ from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
 from services.worker.config import WorkerConfig
 from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from services.worker.model.chat_template import load_chat_template
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is idle (default: all usable cores, and at least --num-threads)")
     parser.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                         help="where requests' unset temperature, top_p, top_k, min_p and repetition_penalty come from: 'auto' (default) the model's generation_config.json, as vLLM; 'vllm' none (OpenAI's defaults); or a directory holding a generation_config.json")
+    parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                        help="a Jinja chat template (a file, or the template itself) used instead of the "
+                        "model's own, as vLLM's")
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
     parser.add_argument("--worker-id", default=None)
@@ -61,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         num_threads=args.num_threads, logits_threads=args.logits_threads, heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
+        chat_template=load_chat_template(args.chat_template) if args.chat_template is not None else None,
     )
 
 

@@ -31,6 +31,7 @@ class WorkerConfig:
     remote_kv: bool = False  # spill to memory servers (the CLI turns it on)
     enable_prefix_caching: bool = True
     generation_config: str = "auto"  # vLLM's --generation-config (engine.config.EngineConfig)
+    chat_template: str | None = None  # the template's text (--chat-template, read by the CLI)
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -58,4 +59,4 @@ class WorkerConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
                             logits_threads=self.logits_threads or default_logits_threads(threads),
                             enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len,
-                            generation_config=self.generation_config)
+                            generation_config=self.generation_config, chat_template=self.chat_template)

@@ -36,6 +36,7 @@ class EngineConfig:
     max_model_len: int | None = None  # cap on prompt + output tokens; None: the model's max_position_embeddings
     # vLLM's --generation-config: where unset sampling fields take their defaults from (model.generation_defaults)
     generation_config: str = "auto"
+    chat_template: str | None = None  # a Jinja template instead of the checkpoint's (vLLM's --chat-template)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -62,7 +62,7 @@ class LLMEngine:
         model_dir = resolve_model_dir(config.model)
         self.runner = ModelRunner(config, model_dir)
         self.model_config = self.runner.model_config
-        self.tokenizer = Tokenizer(model_dir, self.model_config.eos_token_ids)
+        self.tokenizer = Tokenizer(model_dir, self.model_config.eos_token_ids, config.chat_template)
         self.grammars = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size, self.tokenizer.eos_token_ids)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -9,7 +9,8 @@ from services.worker.model.errors import ModelNotFound
 
 
 class Tokenizer:
-    def __init__(self, model_dir: Path, eos_token_ids: tuple[int, ...]):
+    def __init__(self, model_dir: Path, eos_token_ids: tuple[int, ...], chat_template: str | None = None):
+        """chat_template: a Jinja template used instead of the checkpoint's (vLLM's --chat-template)."""
         from transformers import AutoTokenizer
 
         if not (Path(model_dir) / "tokenizer.json").is_file() and not (
@@ -17,6 +18,8 @@ class Tokenizer:
         ).is_file():
             raise ModelNotFound(f"no tokenizer.json / tokenizer_config.json in {str(model_dir)!r}")
         self._tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        if chat_template is not None:
+            self._tok.chat_template = chat_template
         own_eos = self._tok.eos_token_id
         self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([own_eos] if own_eos is not None else [])]))
         self.vocab_size = len(self._tok)
