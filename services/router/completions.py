@@ -7,7 +7,6 @@ still get their HTTP status. After the first byte, failures become one SSE error
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -21,11 +20,12 @@ from services.router.protocol import ParsedRequest
 from services.router.registry import WorkerRegistry
 from services.router.worker_client import WorkerLost, WorkerStream, open_stream
 from services.runtime.bodies import json_response
-from services.runtime.errors import ApiError, error_payload
+from services.runtime.errors import ApiError
 from services.runtime.wire import DeltaFrame, GenerateCall
 
 log = structlog.get_logger()
 RoutedSequence = tuple[ChoiceState, WorkerStream]
+FormatterFactory = Callable[[ParsedRequest, str], Formatter]
 
 
 class UpstreamFailed(Exception):
@@ -125,11 +125,10 @@ def _as_api_error(e: Exception) -> ApiError:
     return e
 
 
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
-async def serve(request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: FormatterFactory = Formatter,
+                endpoint: str | None = None) -> web.StreamResponse:
+    """make_formatter(parsed, model): what builds the response's objects (chat and completions:
+    Formatter; /v1/responses: ResponsesFormatter). endpoint: the metrics label (default: parsed's)."""
     app = request.app
     metrics = app[METRICS]
     clock = RequestClock(arrival=time.monotonic())
@@ -146,11 +145,11 @@ async def serve(request: web.Request, parsed: ParsedRequest) -> web.StreamRespon
             metrics.inflight.inc()
             opened: list[RoutedSequence] = []
             try:
-                formatter = Formatter(parsed, model)
+                formatter = make_formatter(parsed, model)
                 await _open_all(request, parsed, model, max_tokens, formatter, opened)
                 opened.sort(key=lambda seq: seq[0].index)
                 if parsed.stream:
-                    response, outcome = await _stream(request, parsed, formatter, opened, clock)
+                    response, outcome = await _stream(request, formatter, opened, clock)
                 else:
                     response = await _collect(formatter, opened, clock, app)
                     outcome = "200"
@@ -166,7 +165,7 @@ async def serve(request: web.Request, parsed: ParsedRequest) -> web.StreamRespon
         outcome = "client_disconnected"
         raise
     finally:
-        metrics.requests.labels(parsed.endpoint.value, outcome).inc()
+        metrics.requests.labels(endpoint or parsed.endpoint.value, outcome).inc()
 
 
 def _observer(app: web.Application, clock: RequestClock):
@@ -206,19 +205,22 @@ async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock:
     return json_response(formatter.full_response(choices))
 
 
-async def _stream(request: web.Request, parsed: ParsedRequest, formatter: Formatter, sequences: list[RoutedSequence],
+async def _stream(request: web.Request, formatter: Formatter, sequences: list[RoutedSequence],
                   clock: RequestClock) -> tuple[web.StreamResponse, str]:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    head = formatter.stream_head()
+    if head:
+        await response.write(head)
     observe = _observer(request.app, clock)
 
     async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
         observe(choice, frame)
         _check_failed(frame)
         apply_delta(choice, frame)
-        chunks = formatter.delta_chunks(choice, frame)
-        if chunks:
-            await response.write(b"".join(_sse(c) for c in chunks))
+        data = formatter.stream_chunks(choice, frame)
+        if data:
+            await response.write(data)
 
     choices = [c for c, _ in sequences]
     formatter.track(choices)
@@ -227,10 +229,9 @@ async def _stream(request: web.Request, parsed: ParsedRequest, formatter: Format
     except (UpstreamFailed, WorkerLost, ApiError) as e:
         err = _as_api_error(e)
         log.warning("stream_failed", request_id=formatter.id, error=err.message)
-        await response.write(_sse(error_payload(err)))
+        await response.write(formatter.stream_error(err))
         return response, "stream_error"
     request.app[METRICS].count_prompt(usage(choices))
-    tail = _sse(formatter.usage_chunk(choices)) if parsed.include_usage else b""
-    await response.write(tail + b"data: [DONE]\n\n")
+    await response.write(formatter.stream_tail(choices))
     await response.write_eof()
     return response, "200"

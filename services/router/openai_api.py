@@ -1,5 +1,5 @@
-"""Public routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
-/health, /ready, /metrics, /version."""
+"""Public routes: /v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /tokenize,
+/detokenize, /health, /ready, /metrics, /version."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from services.router.keys import CONFIG, METRICS, POOL, REGISTRY
 from services.router.protocol import (
     parse_chat_request, parse_completion_request, parse_detokenize_request, parse_tokenize_request,
 )
+from services.router.responses_format import ResponsesFormatter
+from services.router.responses_request import chat_body
 from services.router.worker_client import call_worker_json
 from services.runtime.bodies import json_response, read_json_object
 
@@ -27,6 +29,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_chat_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences,
                                 tool_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
     return await serve(request, parsed)
+
+
+@routes.post("/v1/responses")
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API, as the chat request it amounts to (services.router.responses_request)."""
+    config = request.app[CONFIG]
+    chat, echo = chat_body(await read_json_object(request))
+    parsed = parse_chat_request(chat, max_n=1, max_stop=config.max_stop_sequences,
+                                tool_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
+    return await serve(request, parsed, lambda p, model: ResponsesFormatter(p, model, echo), endpoint="response")
 
 
 @routes.post("/v1/completions")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from services.router.protocol import Endpoint, ParsedRequest
 from services.router.reasoning import ReasoningStream, split_reasoning
 from services.router.tool_parsers import Llama3JsonStream, StreamParser, parse_answer, stream_parser
 from services.router.tools import ToolMode, new_call_id, new_tool_call, tool_calls
+from services.runtime.errors import ApiError, error_payload
 from services.runtime.wire import DeltaFrame
 
 
@@ -48,6 +50,10 @@ def usage(choices: list[ChoiceState]) -> dict:
     num_completion = sum(c.num_generated_tokens for c in choices)
     return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": num_prompt + num_completion,
             "prompt_tokens_details": {"cached_tokens": sum(cached_tokens.values())}}
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 def _feed(stream: ReasoningStream | StreamParser | Llama3JsonStream, frame: DeltaFrame) -> tuple:
@@ -256,6 +262,20 @@ class Formatter:
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:
         return {**self._chunk([]), "usage": usage(choices)}
+
+    # --- the stream's bytes (services.router.completions) ---
+    def stream_head(self) -> bytes:
+        return b""
+
+    def stream_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> bytes:
+        return b"".join(sse(c) for c in self.delta_chunks(choice, frame))
+
+    def stream_tail(self, choices: list[ChoiceState]) -> bytes:
+        """The usage chunk (stream_options.include_usage), then [DONE]."""
+        return (sse(self.usage_chunk(choices)) if self.parsed.include_usage else b"") + b"data: [DONE]\n\n"
+
+    def stream_error(self, err: ApiError) -> bytes:
+        return sse(error_payload(err))
 
     def full_response(self, choices: list[ChoiceState]) -> dict:
         out = []

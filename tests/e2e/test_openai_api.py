@@ -355,6 +355,31 @@ def test_completions_echo_returns_the_prompt_and_its_logprobs(client):
     assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-3]
 
 
+def test_responses_api_answers_as_chat_does(client, reference):
+    """OpenAI's Responses API (the official client's responses.create): the same tokens as the chat
+    request it amounts to, whole and streamed; a named function tool comes back as a function_call."""
+    ref = reference["chat"]
+    kwargs = dict(model="tiny", instructions=MESSAGES[0]["content"], input=MESSAGES[1]["content"],
+                  max_output_tokens=MAX_TOKENS, temperature=0)
+    resp = client.responses.create(**kwargs)
+    assert resp.output_text == ref.text and resp.usage.output_tokens == ref.num_generated_tokens
+    assert resp.usage.input_tokens == ref.num_prompt_tokens
+    assert resp.status == ("incomplete" if ref.finish_reason == "length" else "completed")
+    events = list(client.responses.create(**kwargs, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ref.text
+    assert events[0].type == "response.created" and events[-1].response.output_text == ref.text
+
+    weather = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    named = dict(model="tiny", input=MESSAGES[1]["content"], tools=[weather], max_output_tokens=STRUCTURED_MAX_TOKENS,
+                 tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+    (call,) = client.responses.create(**named).output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    assert set(json.loads(call.arguments)) == {"unit", "days"}
+    events = list(client.responses.create(**named, stream=True))
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert streamed == call.arguments == events[-1].response.output[0].arguments
+
+
 async def test_prompt_logprobs_and_token_ids_as_vllm(cluster, client, reference):
     """vLLM's prompt_logprobs (each prompt token's logprob, rank and top alternatives, as echo
     scores them) and return_token_ids (the prompt's ids as /tokenize gives them; the output's, which

@@ -1,0 +1,119 @@
+"""OpenAI's Responses API (/v1/responses): the request as chat, the answer as a `response` object
+or its stream of events. Router + worker apps in one process, FakeEngine behind the worker."""
+
+import json
+
+import pytest
+
+from services.router.responses_request import chat_body
+from services.runtime.errors import ApiError
+from tests.router.stack import read_sse, running_stack
+
+
+def test_a_conversation_of_items_becomes_chat_messages():
+    chat, echo = chat_body({
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0, "metadata": {"k": "v"},
+        "input": [
+            {"role": "user", "content": "weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "get", "arguments": "{\"d\":1}"},
+            {"type": "function_call", "call_id": "c2", "name": "get", "arguments": "{\"d\":2}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sun"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+        ],
+        "tools": [{"type": "function", "name": "get", "parameters": {"type": "object"}, "strict": True}],
+        "tool_choice": {"type": "function", "name": "get"},
+        "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
+    })
+    assert chat["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get", "arguments": "{\"d\":1}"}},
+            {"id": "c2", "type": "function", "function": {"name": "get", "arguments": "{\"d\":2}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sun"}, {"role": "assistant", "content": "Sunny."}]
+    assert chat["tools"] == [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "get"}}
+    schema = {"name": "w", "schema": {"type": "object"}}
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": schema}
+    assert (chat["max_completion_tokens"], chat["temperature"], chat["model"]) == (9, 0, "m")
+    assert (echo.instructions, echo.max_output_tokens, echo.metadata) == ("Be brief.", 9, {"k": "v"})
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"input": [{"type": "input_image"}]}, "input[0].type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, "input[0].content"),
+    ({"input": []}, "input"), ({}, "input"),
+])
+def test_what_is_not_served_is_refused_naming_the_field(body, param):
+    with pytest.raises(ApiError) as e:
+        chat_body(body)
+    assert e.value.param == param
+
+
+async def test_a_response_object_and_its_stream_of_events():
+    async with running_stack() as s:
+        body = {"model": "fake", "input": "hi", "max_output_tokens": 5, "metadata": {"run": "1"}}
+        resp = await s.post("/v1/responses", body)
+        got = await resp.json()
+        assert resp.status == 200, got
+        assert (got["object"], got["status"], got["incomplete_details"]) == ("response", "incomplete",
+                                                                           {"reason": "max_output_tokens"})
+        (message,) = got["output"]
+        assert message["type"] == "message" and message["content"][0]["text"] == "abcde"
+        assert got["usage"]["output_tokens"] == 5 and got["usage"]["input_tokens"] == len("user:hi\n")
+        assert got["id"].startswith("resp_") and got["metadata"] == {"run": "1"}
+
+        resp = await s.post("/v1/responses", {**body, "stream": True})
+        raw = (await resp.read()).decode()
+        events = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+        names = [line[len("event: "):] for line in raw.splitlines() if line.startswith("event: ")]
+        assert names == [e["type"] for e in events]
+        assert names[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                             "response.content_part.added"]
+        assert names[-4:] == ["response.output_text.done", "response.content_part.done",
+                              "response.output_item.done", "response.incomplete"]
+        assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "abcde"
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == "abcde"
+        await s.wait_blocks_free()
+
+
+async def test_an_error_mid_stream_is_one_error_event():
+    async with running_stack() as s:
+        body = {"input": "FAIL", "max_output_tokens": 9, "stream": True}
+        events = await read_sse(await s.post("/v1/responses", body))
+        assert events[-1]["type"] == "error" and "boom" in events[-1]["message"]
+        resp = await s.post("/v1/responses", {"input": "x", "previous_response_id": "resp_1"})
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "previous_response_id"
+        await s.wait_blocks_free()
+
+
+def test_text_then_a_call_stream_as_a_message_item_then_a_function_call_item():
+    """tool_choice 'auto' (hermes): the words before the call are one message item, the call its own
+    function_call item; the final response holds both, in that order."""
+    from services.router.openai_format import ChoiceState, apply_delta
+    from services.router.protocol import parse_chat_request
+    from services.router.responses_format import ResponsesFormatter
+    from services.runtime.wire import DeltaFrame
+
+    body = {"input": "weather?", "tools": [{"type": "function", "name": "now"}], "stream": True}
+    chat, echo = chat_body(body)
+    fmt = ResponsesFormatter(parse_chat_request(chat, max_n=1, max_stop=4, tool_parser="hermes"), "m", echo)
+    answer = 'Checking. <tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    choice, raw = ChoiceState(0, 0), fmt.stream_head()
+    for i, piece in enumerate([answer[:12], answer[12:30], answer[30:]]):
+        frame = DeltaFrame([1], piece, 3, i + 1, "stop" if i == 2 else None)
+        apply_delta(choice, frame)
+        raw += fmt.stream_chunks(choice, frame)
+    raw += fmt.stream_tail([choice])
+    events = [json.loads(line[len("data: "):]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+    added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == ["message", "function_call"]
+    final = events[-1]
+    assert final["type"] == "response.completed"
+    message, call = final["response"]["output"]
+    assert message["content"][0]["text"] == "Checking. " and (call["name"], call["arguments"]) == ("now", "{}")
+    assert fmt.full_response([choice])["output"][1]["name"] == "now"  # the whole response says the same
