@@ -133,6 +133,8 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
     metrics = app[METRICS]
     clock = RequestClock(arrival=time.monotonic())
     outcome = "error"
+    formatter: Formatter | None = None
+    opened: list[RoutedSequence] = []
     try:
         model, max_model_len = resolve_model(app[REGISTRY], parsed.model)
         if parsed.max_tokens is not None and parsed.max_tokens > max_model_len:
@@ -143,7 +145,6 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
                       else min(app[CONFIG].default_max_tokens, max_model_len))
         with app[ADMISSION].admit():
             metrics.inflight.inc()
-            opened: list[RoutedSequence] = []
             try:
                 formatter = make_formatter(parsed, model)
                 await _open_all(request, parsed, model, max_tokens, formatter, opened)
@@ -165,7 +166,34 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
         outcome = "client_disconnected"
         raise
     finally:
-        metrics.requests.labels(endpoint or parsed.endpoint.value, outcome).inc()
+        label = endpoint or parsed.endpoint.value
+        metrics.requests.labels(label, outcome).inc()
+        _log_finished(request, label, parsed, formatter, opened, clock, outcome)
+
+
+def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, formatter: Formatter | None,
+                  opened: list[RoutedSequence], clock: RequestClock, outcome: str) -> None:
+    """One line per request (vLLM logs requests too), and its end-to-end latency and finish reasons
+    as metrics."""
+    now = time.monotonic()
+    choices = [c for c, _ in opened]
+    fields = {}
+    if choices:
+        u = usage(choices)
+        fields = {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                  "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                  "finish_reasons": [c.finish_reason for c in choices],
+                  "workers": sorted({s.worker_id for _, s in opened})}
+    if outcome == "200":
+        metrics = request.app[METRICS]
+        metrics.e2e.observe(now - clock.arrival)
+        for c in choices:
+            metrics.finished.labels(c.finish_reason or "none").inc()
+    log.info("request_finished", request_id=formatter.id if formatter is not None else None,
+             client_request_id=request.headers.get("X-Request-Id"), endpoint=endpoint, model=parsed.model,
+             status=outcome, stream=parsed.stream, num_choices=len(choices),
+             ttft_s=round(clock.first_token - clock.arrival, 4) if clock.first_token is not None else None,
+             e2e_s=round(now - clock.arrival, 4), **fields)
 
 
 def _observer(app: web.Application, clock: RequestClock):
@@ -202,12 +230,15 @@ async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock:
         raise _as_api_error(e) from e
     choices = [c for c, _ in sequences]
     app[METRICS].count_prompt(usage(choices))
-    return json_response(formatter.full_response(choices))
+    response = json_response(formatter.full_response(choices))
+    response.headers["X-Request-Id"] = formatter.id
+    return response
 
 
 async def _stream(request: web.Request, formatter: Formatter, sequences: list[RoutedSequence],
                   clock: RequestClock) -> tuple[web.StreamResponse, str]:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Request-Id": formatter.id})
     await response.prepare(request)
     head = formatter.stream_head()
     if head:

@@ -69,6 +69,10 @@ class RouterMetrics:
         self.cached_prompt_tokens = Counter("kvmesh_router_prompt_tokens_cached",
                                             "Prompt tokens of finished requests whose KV came from a worker's prefix cache",
                                             registry=r)
+        self.e2e = Histogram("kvmesh_router_e2e_request_latency_seconds", "Request arrival to its last byte",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.finished = Counter("kvmesh_router_sequences_finished", "Sequences served whole, by finish_reason",
+                                ["finish_reason"], registry=r)
         self.generation_tokens = Counter("kvmesh_router_generation_tokens", "Generated tokens", registry=r)
         self.inflight = Gauge("kvmesh_router_requests_inflight", "Client requests being served", registry=r)
         r.register(WorkerLoadCollector(workers))

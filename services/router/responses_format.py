@@ -47,8 +47,7 @@ class ResponsesFormatter:
 
     def __init__(self, parsed: ParsedRequest, model: str, echo: ResponseEcho):
         self._chat = Formatter(parsed, model)
-        self.id = self._chat.id  # names the worker sequences
-        self.response_id = "resp_" + uuid.uuid4().hex
+        self.id = self.response_id = "resp_" + uuid.uuid4().hex  # also names the worker sequences
         self._model = model
         self._echo = echo
         self._created = int(time.time())

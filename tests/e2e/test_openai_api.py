@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.e2e.cluster import (
-    get, router_workers, running_cluster, wait_zero_used_blocks, wait_zero_used_blocks_async, worker_stats,
+    get, router_workers, running_cluster, wait_for, wait_zero_used_blocks, wait_zero_used_blocks_async, worker_stats,
 )
 from services.worker.engine.api import GenerateRequest, SamplingParams, StructuredKind, StructuredOutput
 from tests.e2e.offline import greedy, offline_generate
@@ -73,6 +73,28 @@ def no_blocks_left(cluster):
 def client(cluster):
     with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as c:
         yield c
+
+
+async def test_each_request_is_logged_once_under_the_id_its_client_sees(cluster):
+    """The router's request_finished line (vLLM logs requests too) and the X-Request-Id header name
+    the response's id; the client's own X-Request-Id is logged beside it."""
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    async with aiohttp.ClientSession(cluster.router.url) as session:
+        async with session.post("/v1/completions", json=body, headers={"X-Request-Id": "client-7"}) as resp:
+            got = await resp.json()
+            assert resp.headers["X-Request-Id"] == got["id"]
+        async with session.post("/v1/completions", json={**body, "stream": True}) as resp:
+            streamed_id = resp.headers["X-Request-Id"]
+            await resp.read()
+
+    def logged():
+        return [line for line in cluster.router.log_text().splitlines() if "event='request_finished'" in line]
+
+    wait_for(lambda: any(streamed_id in line for line in logged()), 5, "the streamed request's log line")
+    (line,) = [line for line in logged() if f"request_id='{got['id']}'" in line]
+    for part in ("client_request_id='client-7'", "status='200'", "prompt_tokens=", "completion_tokens=3",
+                 "finish_reasons=['length']", "e2e_s="):
+        assert part in line
 
 
 def test_models_lists_the_worker_model(client):

@@ -189,6 +189,8 @@ async def test_metrics_exposed():
         assert 'kvmesh_router_requests_total{endpoint="chat.completion",status="200"} 1.0' in text
         assert "kvmesh_router_time_to_first_token_seconds_count 1.0" in text
         assert "kvmesh_router_generation_tokens_total 5.0" in text
+        assert "kvmesh_router_e2e_request_latency_seconds_count 1.0" in text
+        assert 'kvmesh_router_sequences_finished_total{finish_reason="length"} 1.0' in text
         assert "kvmesh_worker_kv_blocks_free{" in text
 
 
