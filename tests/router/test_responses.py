@@ -117,3 +117,29 @@ def test_text_then_a_call_stream_as_a_message_item_then_a_function_call_item():
     message, call = final["response"]["output"]
     assert message["content"][0]["text"] == "Checking. " and (call["name"], call["arguments"]) == ("now", "{}")
     assert fmt.full_response([choice])["output"][1]["name"] == "now"  # the whole response says the same
+
+
+def test_reasoning_streams_as_its_own_item_before_the_answer():
+    """--reasoning-parser deepseek_r1: the think block is a reasoning item (reasoning_text deltas),
+    the answer a message item after it; the whole response holds the same two items."""
+    from services.router.openai_format import ChoiceState, apply_delta
+    from services.router.protocol import parse_chat_request
+    from services.router.responses_format import ResponsesFormatter
+    from services.runtime.wire import DeltaFrame
+
+    chat, echo = chat_body({"input": "2+2?", "stream": True})
+    fmt = ResponsesFormatter(parse_chat_request(chat, max_n=1, max_stop=4, reasoning_parser="deepseek_r1"), "m", echo)
+    choice, raw = ChoiceState(0, 0), b""
+    for i, piece in enumerate(["Add ", "them.</think>", "It is ", "4."]):
+        frame = DeltaFrame([1], piece, 3, i + 1, "stop" if i == 3 else None)
+        apply_delta(choice, frame)
+        raw += fmt.stream_chunks(choice, frame)
+    raw += fmt.stream_tail([choice])
+    events = [json.loads(line[len("data: "):]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "Add them."
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "It is 4."
+    reasoning, message = events[-1]["response"]["output"]
+    assert (reasoning["type"], reasoning["content"][0]["text"]) == ("reasoning", "Add them.")
+    assert message["content"][0]["text"] == "It is 4."
+    whole = fmt.full_response([choice])["output"]
+    assert [o["type"] for o in whole] == ["reasoning", "message"] and whole[1]["content"][0]["text"] == "It is 4."
