@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="find the tool calls a model chose to make in its text, so chat requests may use "
                              "tool_choice 'auto' (hermes: <tool_call>{json}</tool_call>, as Hermes 2 Pro, Qwen2.5 "
                              "and the embedded model write them; llama3_json: an answer of {json} calls separated "
-                             "by ';', as Llama 3.1-3.3 write them); without it 'auto' is refused")
+                             "by ';', as Llama 3.1-3.3 write them; mistral: [TOOL_CALLS] then the calls, as "
+                             "Mistral's models write them); without it 'auto' is refused")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="vLLM's flag, accepted so its command lines work: here --tool-call-parser alone "
                              "allows tool_choice 'auto'; this one needs it")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from services.router.protocol import Endpoint, ParsedRequest
 from services.router.reasoning import ReasoningStream, split_reasoning
-from services.router.tool_parsers import Llama3JsonStream, StreamParser, parse_answer, stream_parser
+from services.router.tool_parsers import ToolStream, parse_answer, stream_parser
 from services.router.tools import ToolMode, new_call_id, new_tool_call, tool_calls
 from services.runtime.errors import ApiError, error_payload
 from services.runtime.wire import DeltaFrame
@@ -31,7 +31,7 @@ class ChoiceState:
     text_offset: int = 0  # characters emitted so far (completions' logprobs.text_offset)
     started: bool = False  # chat: the role delta has gone out
     tool_call_id: str | None = None  # a named tool_choice's call, once its first delta has gone out
-    tool_parser: StreamParser | Llama3JsonStream | None = None  # tool_choice "auto", streaming: calls so far
+    tool_parser: ToolStream | None = None  # tool_choice "auto", streaming: calls so far
     num_tool_calls: int = 0  # tool_choice "auto", streaming: calls sent
     pending_logprobs: list = field(default_factory=list)  # "auto", streaming: of text held back
     reasoning: ReasoningStream | None = None  # --reasoning-parser, streaming: where the answer is
@@ -56,7 +56,7 @@ def sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-def _feed(stream: ReasoningStream | StreamParser | Llama3JsonStream, frame: DeltaFrame) -> tuple:
+def _feed(stream: ReasoningStream | ToolStream, frame: DeltaFrame) -> tuple:
     """A streaming splitter's two parts for this delta's text; at the answer's end, plus what its
     finish() still held."""
     first, second = stream.feed(frame.text)
@@ -203,7 +203,7 @@ class Formatter:
                 return []
             call: dict = {"index": 0, "function": {"arguments": frame.text}}
             if choice.tool_call_id is None:
-                choice.tool_call_id = new_call_id()
+                choice.tool_call_id = new_call_id(plan.short_ids)
                 call = {"index": 0, "id": choice.tool_call_id, "type": "function",
                         "function": {"name": plan.name, "arguments": frame.text}}
             lp = chat_logprobs(frame.logprobs) if frame.logprobs else None
@@ -225,7 +225,8 @@ class Formatter:
         choice.pending_logprobs.extend(frame.logprobs or ())
         deltas = [{"content": content}] if content or (frame.finish_reason and choice.pending_logprobs) else []
         for name, arguments in calls:
-            deltas.append({"tool_calls": [{"index": choice.num_tool_calls, **new_tool_call(name, arguments)}]})
+            call = new_tool_call(name, arguments, self.parsed.tools.short_ids)
+            deltas.append({"tool_calls": [{"index": choice.num_tool_calls, **call}]})
             choice.num_tool_calls += 1
         out = []
         for delta in deltas:
@@ -292,7 +293,8 @@ class Formatter:
                     content = None if calls is not None else text
                 elif self._auto:
                     content, found = parse_answer(self.parsed.tool_parser, text)
-                    calls = [new_tool_call(name, arguments) for name, arguments in found] or None
+                    short = self.parsed.tools.short_ids
+                    calls = [new_tool_call(name, arguments, short) for name, arguments in found] or None
                 message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {}),
                            **({"reasoning_content": reasoning} if reasoning is not None else {})}
                 finish = self._finish(c, made_calls=bool(calls)) if calls is not None else c.finish_reason

@@ -255,6 +255,8 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
     prompts = ({**chat, "tools": list(tools.tools)},)
     if not tools.calls:
         auto_parser = tool_parser if tools.mode is ToolMode.AUTO else None
+        if auto_parser == "mistral":  # its calls follow [TOOL_CALLS], a special token: keep its text (as vLLM)
+            parsed.sampling["skip_special_tokens"] = False
         return dataclasses.replace(parsed, tools=tools, prompts=prompts, tool_parser=auto_parser)
     if "structured" in parsed.sampling:
         raise value_error("tool_choice", "a tool_choice constrains the answer to its calls: drop "

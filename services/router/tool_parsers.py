@@ -9,6 +9,13 @@ come, and sends as text a call that does not parse or was cut short.
 separated by `;`, possibly after `<|python_tag|>` (Llama 3.1-3.3 with their JSON tool template),
 as vLLM's parser of the same name. An answer that starts otherwise is text, streamed at once; one
 that starts like a call is held back to its end and sent as calls, or as text if it does not parse.
+
+`mistral`: calls follow the `[TOOL_CALLS]` token, as a JSON array of `{"name", "arguments"}`
+(Mistral 7B v0.3, Mixtral, NeMo) or as `name[ARGS]{...}` per call (newer tokenizers), as vLLM's
+parser of the same name. Text before the token streams; from it on, all is held to the end and sent
+as calls, or as text if it does not parse. The token is special: requests keep special tokens' text
+(skip_special_tokens false, as vLLM), and call ids are 9 letters and digits, as Mistral's chat
+templates require of the ids they are sent back with.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from dataclasses import dataclass
 from services.runtime.text import held_back
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 PYTHON_TAG = "<|python_tag|>"
+TOOL_CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"  # mistral
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 
@@ -154,10 +162,74 @@ class Llama3JsonStream:
         return content or "", calls
 
 
-def stream_parser(parser: str) -> "StreamParser | Llama3JsonStream":
-    return Llama3JsonStream() if parser == "llama3_json" else StreamParser()
+def parse_mistral(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The whole answer -> (content before [TOOL_CALLS], calls); without calls that parse, (text, [])."""
+    start = text.find(TOOL_CALLS)
+    calls = _mistral_calls(text[start:]) if start >= 0 else None
+    if calls is None:
+        return text, []
+    return text[:start].strip() or None, calls
+
+
+def _mistral_calls(text: str) -> list[tuple[str, str]] | None:
+    """text: from the first [TOOL_CALLS] on; None unless all of it is calls."""
+    decoder, calls = json.JSONDecoder(), []
+    for segment in text.split(TOOL_CALLS)[1:]:
+        body = segment.strip()
+        if body.startswith("["):  # [{"name": ..., "arguments": {...}}, ...]
+            try:
+                value, end = decoder.raw_decode(body)
+            except ValueError:
+                return None
+            found = [_call_of(v) for v in value] if isinstance(value, list) and value else [None]
+            if body[end:].strip() or None in found:
+                return None
+            calls += found
+            continue
+        name, sep, arguments = body.partition(ARGS)  # name[ARGS]{...}
+        arguments = arguments.strip()
+        try:
+            value, end = decoder.raw_decode(arguments)
+        except ValueError:
+            return None
+        if not sep or not name.strip() or not isinstance(value, dict) or arguments[end:].strip():
+            return None
+        calls.append((name.strip(), arguments[:end]))
+    return calls or None
+
+
+@dataclass(slots=True)
+class MistralStream:
+    """StreamParser's interface for mistral: text goes out until [TOOL_CALLS]; the rest waits for the end."""
+
+    _buffer: str = ""
+    _calls: bool = False
+
+    def feed(self, text: str) -> tuple[str, list[tuple[str, str]]]:
+        self._buffer += text
+        if self._calls:
+            return "", []
+        start = self._buffer.find(TOOL_CALLS)
+        if start >= 0:
+            out, self._buffer, self._calls = self._buffer[:start], self._buffer[start:], True
+            return out, []
+        keep = held_back(self._buffer, (TOOL_CALLS,))
+        out, self._buffer = self._buffer[:len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
+        return out, []
+
+    def finish(self) -> tuple[str, list[tuple[str, str]]]:
+        text, self._buffer = self._buffer, ""
+        calls = _mistral_calls(text) if self._calls else None
+        return ("", calls) if calls is not None else (text, [])
+
+
+ToolStream = StreamParser | Llama3JsonStream | MistralStream
+
+
+def stream_parser(parser: str) -> ToolStream:
+    return {"llama3_json": Llama3JsonStream, "mistral": MistralStream}.get(parser, StreamParser)()
 
 
 def parse_answer(parser: str, text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """``parse_text`` of the named parser."""
-    return parse_llama3_json(text) if parser == "llama3_json" else parse_text(text)
+    return {"llama3_json": parse_llama3_json, "mistral": parse_mistral}.get(parser, parse_text)(text)

@@ -10,9 +10,12 @@ refused with a 400 saying what works instead.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,7 @@ from services.runtime.errors import ApiError
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _ANY_OBJECT = {"type": "object"}
+_ALNUM = string.ascii_letters + string.digits
 
 
 class ToolMode(enum.Enum):
@@ -38,6 +42,7 @@ class ToolPlan:
     tools: tuple[dict, ...]  # as the request gave them: the chat template renders them
     name: str | None  # NAMED: the function called
     schema: dict | None  # what the answer must match (None: NONE)
+    short_ids: bool = False  # call ids of 9 letters and digits (Mistral's templates accept no others)
 
     @property
     def calls(self) -> bool:
@@ -78,6 +83,11 @@ def functions(body: dict) -> list[dict]:
 
 def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
     """The request's tool use, or None without tools. parser: the router's --tool-call-parser."""
+    plan = _plan(body, parser)
+    return dataclasses.replace(plan, short_ids=True) if plan is not None and parser == "mistral" else plan
+
+
+def _plan(body: dict, parser: str | None) -> ToolPlan | None:
     choice = body.get("tool_choice")
     if body.get("tools") is None or body.get("tools") == []:
         if choice not in (None, "none"):
@@ -89,8 +99,8 @@ def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
         if parser is None:
             raise value_error("tool_choice", "tool_choice 'auto' (the default with tools) needs a parser for the "
                                              "model's tool-call markup: start the router with --tool-call-parser "
-                                             "(hermes or llama3_json), or set tool_choice to 'required', 'none' or "
-                                             "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+                                             "(hermes, llama3_json or mistral), or set tool_choice to 'required', "
+                                             "'none' or {\"type\": \"function\", \"function\": {\"name\": ...}}")
         return ToolPlan(ToolMode.AUTO, tools, None, None)
     if choice == "none":
         return ToolPlan(ToolMode.NONE, tools, None, None)
@@ -112,7 +122,9 @@ def parse_tools(body: dict, parser: str | None = None) -> ToolPlan | None:
     return ToolPlan(ToolMode.NAMED, tools, name, fn.get("parameters") or _ANY_OBJECT)
 
 
-def new_call_id() -> str:
+def new_call_id(short: bool = False) -> str:
+    if short:  # Mistral's: 9 letters and digits
+        return "".join(secrets.choice(_ALNUM) for _ in range(9))
     return "call_" + uuid.uuid4().hex[:24]
 
 
@@ -123,10 +135,10 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict] | None:
     except ValueError:
         return None
     if plan.mode is ToolMode.NAMED:
-        return [new_tool_call(plan.name, text)]
-    return [new_tool_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        return [new_tool_call(plan.name, text, plan.short_ids)]
+    return [new_tool_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False), plan.short_ids) for c in value]
 
 
-def new_tool_call(name: str, arguments: str) -> dict[str, Any]:
+def new_tool_call(name: str, arguments: str, short_id: bool = False) -> dict[str, Any]:
     """One entry of message.tool_calls."""
-    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"id": new_call_id(short_id), "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -1,6 +1,8 @@
 import pytest
 
-from services.router.tool_parsers import Llama3JsonStream, StreamParser, parse_llama3_json, parse_text
+from services.router.tool_parsers import (
+    Llama3JsonStream, MistralStream, StreamParser, parse_llama3_json, parse_mistral, parse_text,
+)
 
 ANSWER = ('Let me look.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
           '<tool_call>{"name": "now", "arguments": {}}</tool_call>')
@@ -69,3 +71,61 @@ def test_llama3_json_streaming_holds_calls_to_the_end_and_passes_words_at_once(s
     assert words.feed(" and {so} on") == (" and {so} on", []) and words.finish() == ("", [])
     broken = Llama3JsonStream()
     assert broken.feed('{"name": "now", ') == ("", []) and broken.finish() == ('{"name": "now", ', [])
+
+
+MISTRAL_ARRAY = ('Let me look.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                 '{"name": "now", "arguments": {}}]')
+MISTRAL_V11 = 'Let me look.[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]now[ARGS]{}'
+
+
+def test_mistral_calls_in_either_spelling_follow_the_tool_calls_token():
+    """Mistral's two spellings: a JSON array after [TOOL_CALLS] (v0.3 tokenizers), or name[ARGS]{...}
+    per call (v11+); what comes before is content; anything else after it is text, not calls."""
+    assert parse_mistral(MISTRAL_ARRAY) == ("Let me look.", CALLS)
+    assert parse_mistral(MISTRAL_V11) == ("Let me look.", CALLS)
+    assert parse_mistral('[TOOL_CALLS]now[ARGS]{}') == (None, [("now", "{}")])
+    for text in ("no calls [here]", "[TOOL_CALLS] not json", '[TOOL_CALLS][{"name": "now"', "[TOOL_CALLS]now{}",
+                 '[TOOL_CALLS][{"name": "now", "arguments": {}}] and more', "[TOOL_CALLS][]",
+                 "[TOOL_CALLS]now[ARGS][1]"):
+        assert parse_mistral(text) == (text, [])
+
+
+@pytest.mark.parametrize("answer", [MISTRAL_ARRAY, MISTRAL_V11])
+@pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
+def test_mistral_streaming_passes_words_and_holds_calls_to_the_end(answer, size):
+    parser, content, calls = MistralStream(), "", []
+    for i in range(0, len(answer), size):
+        c, k = parser.feed(answer[i:i + size])
+        content, calls = content + c, calls + k
+    rest, last = parser.finish()
+    assert (content + rest, calls + last) == ("Let me look.", CALLS)
+    words = MistralStream()
+    assert words.feed("a [TOOL") == ("a ", [])  # may be the token: wait
+    assert words.feed("S] b") == ("[TOOLS] b", []) and words.finish() == ("", [])
+    cut = MistralStream()
+    assert cut.feed('x[TOOL_CALLS][{"name": "now", ') == ("x", [])
+    assert cut.finish() == ('[TOOL_CALLS][{"name": "now", ', [])  # cut short: text
+
+
+def test_with_the_mistral_parser_calls_get_its_ids_and_special_tokens_stay_in_the_text():
+    """Mistral's chat templates refuse tool call ids other than 9 letters and digits; its calls follow a
+    special token, which the text keeps (skip_special_tokens false, as vLLM) when 'auto' may parse them."""
+    import re
+
+    from services.router.openai_format import ChoiceState, Formatter, apply_delta
+    from services.router.protocol import parse_chat_request
+    from services.runtime.wire import DeltaFrame
+
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": [{"type": "function", "function": {
+        "name": "get_weather"}}, {"type": "function", "function": {"name": "now"}}]}
+    parsed = parse_chat_request(body, max_n=1, max_stop=4, tool_parser="mistral")
+    assert parsed.sampling["skip_special_tokens"] is False and parsed.tools.short_ids
+    choice = ChoiceState(0, 0)
+    apply_delta(choice, DeltaFrame([1], MISTRAL_V11, 5, 1, "stop"))
+    message = Formatter(parsed, "m").full_response([choice])["choices"][0]["message"]
+    assert message["content"] == "Let me look." and len(message["tool_calls"]) == 2
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c["id"]) for c in message["tool_calls"])
+    named = parse_chat_request({**body, "tool_choice": "required"}, max_n=1, max_stop=4, tool_parser="mistral")
+    assert named.tools.short_ids and "skip_special_tokens" not in named.sampling  # constrained: no token to keep
+    hermes = parse_chat_request(body, max_n=1, max_stop=4, tool_parser="hermes")
+    assert not hermes.tools.short_ids and "skip_special_tokens" not in hermes.sampling

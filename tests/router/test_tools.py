@@ -167,7 +167,7 @@ def test_the_router_refuses_an_unknown_tool_call_parser():
     from services.router.config import RouterConfig
 
     with pytest.raises(ValueError, match="tool_call_parser"):
-        RouterConfig(cluster_token="t", tool_call_parser="mistral")
+        RouterConfig(cluster_token="t", tool_call_parser="pythonic")
 
 
 @pytest.mark.parametrize("command", ["router", "up"])
