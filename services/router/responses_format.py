@@ -34,12 +34,12 @@ def _responses_usage(choices: list[ChoiceState]) -> dict:
             "total_tokens": u["total_tokens"]}
 
 
-def _text_item(kind: str, item_id: str, text: str, status: str) -> dict:
+def _text_item(kind: str, item_id: str, text: str, status: str, logprobs: list | None = None) -> dict:
     if kind == "reasoning":
         return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
                 "content": [{"type": "reasoning_text", "text": text}]}
     return {"type": "message", "id": item_id, "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
 
 
 class ResponsesFormatter:
@@ -80,7 +80,8 @@ class ResponsesFormatter:
             output.append(_text_item("reasoning", _new_id("reasoning"), message["reasoning_content"], "completed"))
         calls = message.get("tool_calls") or []
         if message.get("content") or not calls:
-            output.append(_text_item("message", _new_id("message"), message.get("content") or "", status))
+            logprobs = (choice.get("logprobs") or {}).get("content")  # include: message.output_text.logprobs
+            output.append(_text_item("message", _new_id("message"), message.get("content") or "", status, logprobs))
         for call in calls:
             output.append({"type": "function_call", "id": _new_id("function_call"), "call_id": call["id"],
                            "name": call["function"]["name"], "arguments": call["function"]["arguments"],
@@ -101,7 +102,7 @@ class ResponsesFormatter:
             if delta.get("reasoning_content"):
                 events += self._append("reasoning", delta["reasoning_content"])
             if delta.get("content"):
-                events += self._append("message", delta["content"])
+                events += self._append("message", delta["content"], (body.get("logprobs") or {}).get("content"))
             for call in delta.get("tool_calls") or []:
                 if "id" in call:  # a new call
                     events += self._close()
@@ -122,19 +123,20 @@ class ResponsesFormatter:
     def stream_error(self, err: ApiError) -> bytes:
         return self._encode([self._event("error", code=err.code, message=err.message, param=err.param)])
 
-    def _append(self, kind: str, text: str) -> list[dict]:
+    def _append(self, kind: str, text: str, logprobs: list | None = None) -> list[dict]:
         events = [] if self._open is not None and self._open["kind"] == kind else self._close() + self._open_item(kind)
         item = self._open
         item["text"] += text
+        item["logprobs"] += logprobs or []
         where = {"item_id": item["id"], "output_index": len(self._items)}
         if kind == "function_call":
             return events + [self._event("response.function_call_arguments.delta", **where, delta=text)]
         name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra = {"logprobs": logprobs or []} if kind == "message" else {}
         return events + [self._event(name, **where, content_index=0, delta=text, **extra)]
 
     def _open_item(self, kind: str, **call) -> list[dict]:
-        self._open = {"kind": kind, "id": _new_id(kind), "text": "", **call}
+        self._open = {"kind": kind, "id": _new_id(kind), "text": "", "logprobs": [], **call}
         item = self._item("in_progress")
         if kind == "message":
             item["content"] = []
@@ -150,7 +152,7 @@ class ResponsesFormatter:
         if item["kind"] == "function_call":
             return {"type": "function_call", "id": item["id"], "call_id": item["call_id"], "name": item["name"],
                     "arguments": item["text"], "status": status}
-        return _text_item(item["kind"], item["id"], item["text"], status)
+        return _text_item(item["kind"], item["id"], item["text"], status, item["logprobs"])
 
     def _close(self) -> list[dict]:
         if self._open is None:
@@ -164,7 +166,7 @@ class ResponsesFormatter:
             part = item["content"][0]
             done = "response.output_text.done" if kind == "message" else "response.reasoning_text.done"
             events = [self._event(done, **where, content_index=0, text=part["text"],
-                                  **({"logprobs": []} if kind == "message" else {})),
+                                  **({"logprobs": part["logprobs"]} if kind == "message" else {})),
                       self._event("response.content_part.done", **where, content_index=0, part=part)]
         events.append(self._event("response.output_item.done", output_index=len(self._items), item=item))
         self._items.append(item)

@@ -21,7 +21,8 @@ PASSED = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ig
           "logit_bias", "skip_special_tokens", "include_stop_str_in_output", "parallel_tool_calls", "stream")
 # Fields this server does not serve, with the value that asks for nothing
 UNSERVED = {"background": False, "previous_response_id": None, "prompt": None, "conversation": None,
-            "truncation": "disabled", "include": []}
+            "truncation": "disabled"}
+LOGPROBS = "message.output_text.logprobs"  # the one `include` served
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,11 @@ def chat_body(body: dict) -> tuple[dict, ResponseEcho]:
     if body.get("tools"):
         chat["tools"] = _tools(body["tools"])
         chat["tool_choice"] = _tool_choice(body.get("tool_choice", "auto"))
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(x != LOGPROBS for x in include):
+        raise value_error("include", f"'include' may only hold {LOGPROBS!r}")
+    if include:  # the answer's tokens' logprobs, with top_logprobs alternatives each
+        chat.update(logprobs=True, top_logprobs=get_int(body, "top_logprobs", 0, minimum=0))
     reasoning = get_dict(body, "reasoning")
     if reasoning is not None and reasoning.get("effort") is not None:
         chat["chat_template_kwargs"] = {"reasoning_effort": reasoning["effort"]}  # as vLLM: for templates that read it

@@ -390,6 +390,16 @@ def test_responses_api_answers_as_chat_does(client, reference):
     events = list(client.responses.create(**kwargs, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ref.text
     assert events[0].type == "response.created" and events[-1].response.output_text == ref.text
+    # include: message.output_text.logprobs: the chat request's logprobs, whole and streamed
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                                          logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    scored = dict(kwargs, include=["message.output_text.logprobs"], top_logprobs=2)
+    got = client.responses.create(**scored).output[0].content[0].logprobs
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in got] == \
+        [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in chat]
+    streamed = [t for e in client.responses.create(**scored, stream=True) if e.type == "response.output_text.delta"
+                for t in e.logprobs]
+    assert [t.logprob for t in streamed] == [t.logprob for t in chat]
 
     weather = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
     named = dict(model="tiny", input=MESSAGES[1]["content"], tools=[weather], max_output_tokens=STRUCTURED_MAX_TOKENS,

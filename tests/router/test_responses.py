@@ -45,7 +45,7 @@ def test_a_conversation_of_items_becomes_chat_messages():
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
     ({"input": [{"type": "input_image"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, "input[0].content"),
-    ({"input": []}, "input"), ({}, "input"),
+    ({"input": []}, "input"), ({}, "input"), ({"input": "x", "include": ["file_search_call.results"]}, "include"),
 ])
 def test_what_is_not_served_is_refused_naming_the_field(body, param):
     with pytest.raises(ApiError) as e:
