@@ -57,14 +57,19 @@ def test_llama3_json_answers_are_calls_only_when_all_of_them_parse():
         assert parse_llama3_json(text) == (text, [])
 
 
-@pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
-def test_llama3_json_streaming_holds_calls_to_the_end_and_passes_words_at_once(size):
-    parser, content, calls = Llama3JsonStream(), "", []
-    for i in range(0, len(LLAMA_ANSWER), size):
-        c, k = parser.feed(LLAMA_ANSWER[i:i + size])
+def _pieces(parser, answer: str, size: int) -> tuple[str, list]:
+    """Feed answer in pieces of size, then finish: (all content, all calls)."""
+    content, calls = "", []
+    for i in range(0, len(answer), size):
+        c, k = parser.feed(answer[i:i + size])
         content, calls = content + c, calls + k
     rest, last = parser.finish()
-    assert (content + rest, calls + last) == ("", CALLS)
+    return content + rest, calls + last
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
+def test_llama3_json_streaming_holds_calls_to_the_end_and_passes_words_at_once(size):
+    assert _pieces(Llama3JsonStream(), LLAMA_ANSWER, size) == ("", CALLS)
     words = Llama3JsonStream()
     assert words.feed(" <|py") == ("", [])  # may be the tag: wait
     assert words.feed("thon rocks") == (" <|python rocks", [])
@@ -93,12 +98,7 @@ def test_mistral_calls_in_either_spelling_follow_the_tool_calls_token():
 @pytest.mark.parametrize("answer", [MISTRAL_ARRAY, MISTRAL_V11])
 @pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
 def test_mistral_streaming_passes_words_and_holds_calls_to_the_end(answer, size):
-    parser, content, calls = MistralStream(), "", []
-    for i in range(0, len(answer), size):
-        c, k = parser.feed(answer[i:i + size])
-        content, calls = content + c, calls + k
-    rest, last = parser.finish()
-    assert (content + rest, calls + last) == ("Let me look.", CALLS)
+    assert _pieces(MistralStream(), answer, size) == ("Let me look.", CALLS)
     words = MistralStream()
     assert words.feed("a [TOOL") == ("a ", [])  # may be the token: wait
     assert words.feed("S] b") == ("[TOOLS] b", []) and words.finish() == ("", [])
