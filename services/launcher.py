@@ -22,6 +22,7 @@ from pathlib import Path
 
 from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
+from services.worker.config import served_names
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
 from services.router.reasoning import REASONING_PARSERS
@@ -38,8 +39,9 @@ class StopRequested(BaseException):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' (embedded) or a local Hugging Face model directory")
-    parser.add_argument("--served-model-name", default=None, metavar="NAME",
-                        help="model name clients put in requests (default: --model)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) clients put in requests (default: --model); with several, any "
+                             "works and responses name the first")
     parser.add_argument("--workers", type=int, default=1, help="number of workers (default 1)")
     parser.add_argument("--memservers", type=int, default=2, help="number of CPU memory servers (default 2)")
     parser.add_argument("--memserver-capacity", type=size_arg, default="512MiB", metavar="SIZE",
@@ -93,7 +95,8 @@ def default_log_dir() -> Path:
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     check_auto_tool_choice(args.enable_auto_tool_choice, args.tool_call_parser)
     return LaunchConfig(
-        model=args.model, served_model_name=args.served_model_name, num_workers=args.workers, num_memservers=args.memservers,
+        model=args.model, **served_names(args.served_model_name), num_workers=args.workers,
+        num_memservers=args.memservers,
         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
         block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,

@@ -117,7 +117,7 @@ class LocalCluster:
         args = ["worker", "--model", c.model, "--router", self.url, "--host", c.host, "--port", str(port),
                 "--block-size", str(c.block_size), "--dtype", c.dtype, "--worker-id", worker_id]
         if c.served_model_name is not None:
-            args += ["--served-model-name", c.served_model_name]
+            args += ["--served-model-name", c.served_model_name, *c.served_model_aliases]
         if c.worker_kv_blocks is not None:
             args += ["--kv-blocks", str(c.worker_kv_blocks)]
         if c.max_model_len is not None:

@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 class LaunchConfig:
     model: str = "tiny"
     served_model_name: str | None = None  # the name clients use; None: the workers' default (--model)
+    served_model_aliases: tuple[str, ...] = ()  # more names for it
     num_workers: int = 1
     num_memservers: int = 2
     memserver_capacity: str = "512MiB"  # passed verbatim to `kvmesh memserver --capacity`

@@ -48,8 +48,8 @@ def resolve_model(registry: WorkerRegistry, requested: str | None) -> tuple[str,
                        status=503, code="no_worker_available", headers={"Retry-After": "1"})
     name = requested if requested is not None else next(iter(models))
     if name in models:
-        return name, models[name]
-    if any(s.info.model_name == name for s in registry.all()):
+        return registry.canonical(name), models[name]
+    if registry.knows(name):
         raise ApiError(f"no live worker is serving model '{name}'", status=503, code="no_worker_available",
                        headers={"Retry-After": "1"})
     raise ApiError(f"the model '{name}' does not exist; available: {sorted(models)}",

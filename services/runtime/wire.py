@@ -67,7 +67,12 @@ class WorkerRegistration:
     # KV block geometry memory servers size their pools by: num_layers, num_kv_heads, head_dim,
     # block_size, dtype (torch dtype name).
     kv_geometry: dict[str, Any] | None = None
+    model_aliases: list[str] | None = None  # more names clients may use for model_name (--served-model-name A B)
     v: int = WIRE_VERSION
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *(self.model_aliases or ()))
 
 
 @dataclass(frozen=True, slots=True)

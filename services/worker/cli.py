@@ -9,7 +9,7 @@ from services.runtime.auth import resolve_cluster_token
 from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
-from services.worker.config import WorkerConfig
+from services.worker.config import WorkerConfig, served_names
 from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from services.worker.model.chat_template import load_chat_template
 
@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="a Jinja chat template (a file, or the template itself) used instead of the "
                         "model's own, as vLLM's")
-    parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) clients use (default: --model); with several, any of them works and "
+                        "responses name the first, as vLLM")
     parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--cluster-token", default=None,
@@ -59,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         model=args.model, router_url=args.router, host=args.host, port=args.port,
         cluster_token=resolve_cluster_token(args.cluster_token, args.host), advertise_url=args.advertise_url,
-        worker_id=args.worker_id, served_model_name=args.served_model_name, dtype=args.dtype,
+        worker_id=args.worker_id, dtype=args.dtype,
+        **served_names(args.served_model_name),
         block_size=args.block_size, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_threads=args.num_threads, logits_threads=args.logits_threads, heartbeat_interval_s=args.heartbeat_interval,

@@ -18,6 +18,7 @@ class WorkerConfig:
     advertise_url: str | None = None  # what the router dials; default http://host:port
     worker_id: str | None = None  # default host:port
     served_model_name: str | None = None  # default: the engine's model name
+    served_model_aliases: tuple[str, ...] = ()  # more names for it (--served-model-name A B C: B, C)
     dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -60,3 +61,12 @@ class WorkerConfig:
                             logits_threads=self.logits_threads or default_logits_threads(threads),
                             enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len,
                             generation_config=self.generation_config, chat_template=self.chat_template)
+
+
+def served_names(names: list[str] | None) -> dict:
+    """--served-model-name A B C -> the name and its aliases; each must be new and non-empty."""
+    if not names:
+        return {}
+    if any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"--served-model-name needs distinct non-empty names, got {names}")
+    return {"served_model_name": names[0], "served_model_aliases": tuple(names[1:])}

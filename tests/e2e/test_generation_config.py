@@ -28,7 +28,7 @@ def cluster(tmp_path_factory):
     (tuned / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2], "temperature": 0.9,
                                                               "top_k": 1}))
     with running_cluster(tmp_path_factory.mktemp("generation_config"), 0) as c:
-        c.add_worker("--served-model-name", "tuned", model=str(tuned))
+        c.add_worker("--served-model-name", "tuned", "tuned-alias", model=str(tuned))
         c.add_worker("--served-model-name", "plain", "--generation-config", "vllm", model=str(tuned))
         c.wait_ready(2)
         yield c
@@ -56,3 +56,10 @@ def test_unset_fields_take_the_models_generation_config(cluster, client):
     assert len(set(_texts(client, "plain"))) == 3  # 'vllm': OpenAI's temperature 1, no top_k
     started = next(line for line in cluster.workers[0].log_text().splitlines() if "engine_started" in line)
     assert "sampling_defaults=" in started and "'top_k': 1" in started
+
+
+def test_a_worker_answers_to_each_of_its_served_names_under_the_first(client):
+    """--served-model-name tuned tuned-alias: both are listed and served; responses name the first, as vLLM."""
+    assert sorted(m.id for m in client.models.list().data) == ["plain", "tuned", "tuned-alias"]
+    resp = client.completions.create(model="tuned-alias", prompt=PROMPT, max_tokens=2)
+    assert resp.model == "tuned" and resp.usage.completion_tokens == 2

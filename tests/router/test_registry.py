@@ -1,3 +1,5 @@
+import pytest
+
 from services.router.registry import WorkerRegistry
 from services.runtime.wire import WorkerLoad, WorkerRegistration
 
@@ -64,3 +66,21 @@ def test_candidates_use_router_side_tokens_and_heartbeat_free_blocks():
     assert reg.get("b").inflight_tokens == 0
     assert [c.worker_id for c in reg.candidates("m", frozenset({"a"}))] == ["b"]
     assert reg.live_models() == {"m": 1000, "other": 1000}
+
+
+def test_a_model_answers_to_each_of_its_names_under_the_first():
+    """--served-model-name big gpt-4o: both names route to the worker, /v1/models lists both, and
+    responses name the first (vLLM's rule); a name no worker serves is unknown."""
+    from services.router.completions import resolve_model
+    from services.runtime.errors import ApiError
+
+    reg = WorkerRegistry(3.0, Clock())
+    reg.register(WorkerRegistration("a", "http://a", "big", 1000, 16, 100, model_aliases=["gpt-4o"]))
+    reg.register(info("b", "small"))
+    assert reg.live_models() == {"big": 1000, "gpt-4o": 1000, "small": 1000}
+    assert [s.info.worker_id for s in reg.live("gpt-4o")] == ["a"] and reg.canonical("gpt-4o") == "big"
+    assert resolve_model(reg, "gpt-4o") == ("big", 1000) and resolve_model(reg, "small") == ("small", 1000)
+    assert reg.knows("gpt-4o") and not reg.knows("gpt-5")
+    with pytest.raises(ApiError) as e:
+        resolve_model(reg, "gpt-5")
+    assert e.value.status == 404
