@@ -9,6 +9,7 @@ from aiohttp import web
 from services.router import internal_api, kv_api, openai_api
 from services.router.admission import Admission
 from services.router.config import RouterConfig
+from services.router.cors import cors_middleware, cors_on_prepare
 from services.router.keys import ADMISSION, CONFIG, LEDGER, METRICS, POOL, REGISTRY
 from services.router.ledger import Ledger
 from services.router.metrics import RouterMetrics
@@ -37,9 +38,10 @@ def create_app(config: RouterConfig, policy: RoutingPolicy | None = None) -> web
     """policy: None routes by prefix affinity within a load bound (a PrefixAffinity of this app's own)."""
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[error_middleware, cluster_token_middleware(config.cluster_token),
-                     api_key_middleware(config.api_keys)],
+        middlewares=[cors_middleware(config.allowed_origins), error_middleware,
+                     cluster_token_middleware(config.cluster_token), api_key_middleware(config.api_keys)],
     )
+    app.on_response_prepare.append(cors_on_prepare(config.allowed_origins))
     registry = WorkerRegistry(config.heartbeat_timeout_s)
     app[CONFIG] = config
     app[REGISTRY] = registry

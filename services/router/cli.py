@@ -7,6 +7,7 @@ import sys
 
 from services.router.app import create_app, drain
 from services.router.config import RouterConfig
+from services.router.cors import parse_origins
 from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choice
 from services.runtime.auth import API_KEY_ENV, resolve_api_keys, resolve_cluster_token
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="return a chat answer's <think> reasoning as reasoning_content, apart from its content "
                              "(deepseek_r1: the answer starts inside <think>; qwen3: only if it opens one)")
+    parser.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
+                        help="CORS: origins whose browser pages may call the API (repeatable; a comma list or "
+                             "vLLM's JSON list works too; default: any, as vLLM)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -52,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         heartbeat_timeout_s=args.heartbeat_timeout, max_inflight_requests=args.max_inflight_requests,
         max_n=args.max_n, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        allowed_origins=parse_origins(args.allowed_origins),
     )
 
 

@@ -24,6 +24,7 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     tool_call_parser: str | None = None  # finds tool calls in answers (tool_choice "auto"); None: refuse "auto"
     reasoning_parser: str | None = None  # splits a chat answer's reasoning_content from its content
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS: browser pages of these origins may call the API ("*": any)
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -42,5 +43,7 @@ class RouterConfig:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of {list(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")
+        if not self.allowed_origins or any(not o for o in self.allowed_origins):
+            raise ValueError(f"allowed_origins must name origins (or '*'), got {self.allowed_origins}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
