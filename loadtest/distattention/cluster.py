@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.launch import probe
-from services.launch.cluster import ClusterError, free_port
+from services.launch.cluster import ClusterError
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
+from services.runtime.ports import free_port
 
 HOST = "127.0.0.1"
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.launch import probe
-from services.launch.cluster import ClusterError, LocalCluster, free_port
+from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import LaunchConfig
 from services.launch.procs import Child, spawn, stop_children
 from services.launch.progress import Progress
 from services.runtime.auth import CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN
+from services.runtime.ports import free_port
 
 SERVED_MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 2048

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 from services.launch import probe
@@ -15,19 +14,14 @@ from services.launch.config import LaunchConfig
 from services.launch.procs import Child, kvmesh_argv, spawn, stop_children
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
+from services.launch.view import ClusterView
 from services.runtime.auth import API_KEY_ENV
 from services.runtime.host import default_logits_threads, default_num_threads
-from services.launch.view import ClusterView
+from services.runtime.ports import free_port
 
 
 class ClusterError(RuntimeError):
     """A child failed to start or died; the message carries its log tail."""
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ import uuid
 import aiohttp
 
 from services.runtime.auth import cluster_headers
+from services.runtime.ports import free_port
 from services.runtime.wire import CONTENT_TYPE, FrameDecoder, GenerateCall, encode
 
 TOKEN = "bench-overhead-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
@@ -121,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--worker-args", default="", help="extra worker flags, e.g. '--num-threads 1'")
     args = parser.parse_args(argv)
-    router_port, worker_port = _free_port(), _free_port()
+    router_port, worker_port = free_port(), free_port()
     router_url, worker_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{worker_port}"
     procs = [
         _spawn(["services.router", "--port", str(router_port)]),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,12 @@ import json
 import urllib.error
 import urllib.request
 
+from services.runtime.ports import free_port
+
 TOKEN = "e2e-cluster-token"
 TOKEN_HEADER = {"X-Kvmesh-Cluster-Token": TOKEN}
 REPO = Path(__file__).resolve().parents[2]
 ACTIVE: list["Cluster"] = []  # clusters alive right now, for failure reports
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -13,14 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from services.runtime.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ("--memservers", "0", "--worker-kv-blocks", "256", "--worker-threads", "1", "--stop-timeout", "20")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -14,17 +13,12 @@ from aiohttp.test_utils import TestServer
 from services.router.app import create_app as create_router_app
 from services.router.config import RouterConfig
 from services.runtime.auth import cluster_headers
+from services.runtime.ports import free_port
 from services.worker.app import create_app as create_worker_app
 from services.worker.config import WorkerConfig
 from tests.router.fake_engine import FakeEngine
 
 TOKEN = "test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
