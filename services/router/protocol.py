@@ -137,8 +137,8 @@ def _sampler(body: dict) -> dict[str, Any]:
 
 def _prompt_outputs(body: dict, stream: bool) -> dict[str, Any]:
     """vLLM's prompt_logprobs (each prompt token's logprob, rank and top-k alternatives; not with
-    streaming, as vLLM) and return_token_ids (the prompt's and the output's token ids). Sent only
-    when set."""
+    streaming, as vLLM), return_token_ids (the prompt's and the output's token ids) and cache_salt.
+    Sent only when set."""
     out: dict[str, Any] = {}
     k = body.get("prompt_logprobs")
     if k == -1:
@@ -152,6 +152,11 @@ def _prompt_outputs(body: dict, stream: bool) -> dict[str, Any]:
         out["prompt_logprobs"] = k
     if get_bool(body, "return_token_ids"):
         out["return_token_ids"] = True
+    salt = get_str(body, "cache_salt")  # vLLM's: prefix-cache blocks shared only under the same salt
+    if salt is not None:
+        if not 1 <= len(salt) <= 1024:
+            raise value_error("cache_salt", f"'cache_salt' must be 1 to 1024 characters, got {len(salt)}")
+        out["cache_salt"] = salt
     return out
 
 

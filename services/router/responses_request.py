@@ -18,7 +18,8 @@ ROLES = frozenset({"user", "system", "developer", "assistant"})
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 # Chat fields a Responses request may carry as they are (OpenAI's, and vLLM's extras)
 PASSED = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos", "repetition_penalty",
-          "logit_bias", "skip_special_tokens", "include_stop_str_in_output", "parallel_tool_calls", "stream")
+          "logit_bias", "skip_special_tokens", "include_stop_str_in_output", "parallel_tool_calls", "stream",
+          "cache_salt")
 # Fields this server does not serve, with the value that asks for nothing
 UNSERVED = {"background": False, "previous_response_id": None, "prompt": None, "conversation": None,
             "truncation": "disabled"}

@@ -591,6 +591,11 @@ def test_a_shared_prompt_prefix_is_served_from_the_prefix_cache(cluster, client)
     assert 64 <= cached[1] < num_prompt
     assert cached[2] == (num_prompt - 1) // 16 * 16  # all its full blocks but the one holding its last token
     assert _cached_prompt_tokens_counted(cluster) == counted + sum(cached)
+    # vLLM's cache_salt: the same chat under a salt finds nothing cached, then its own blocks
+    salted = [client.chat.completions.create(model="tiny", messages=first, max_tokens=16, temperature=0,
+                                             extra_body={"cache_salt": "tenant-7"}) for _ in range(2)]
+    assert [a.choices[0].message.content for a in salted] == [refs[0].text] * 2
+    assert [a.usage.prompt_tokens_details.cached_tokens for a in salted] == [0, cached[2]]
 
 
 def test_health_ready_metrics(cluster, client):

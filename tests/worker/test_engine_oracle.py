@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from services.worker.engine.api import FinishReason, GenerateRequest, SamplingParams
+from services.worker.engine.api import FinishReason, GenerateRequest, InvalidRequest, SamplingParams
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import LLMEngine
 from tests.worker.checkpoints import save_checkpoint
@@ -317,6 +317,25 @@ def test_prompts_sharing_a_prefix_reuse_its_kv_and_match_transformers(checkpoint
             assert n <= reusable
     assert cached[0] > len(first) // 2 and cached[-1] == 0
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_cache_salt_keeps_prefix_cache_blocks_to_requests_of_the_same_salt(checkpoints):
+    """vLLM's cache_salt: a prompt cached under one salt (or none) is not found under another, only
+    under the same; the tokens are transformers' every time."""
+    made, prompts = checkpoints
+    path, expected = made["llama"]
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=4096))
+    prompt = prompts[4]  # 64 tokens: 48 reusable
+
+    def run(salt):
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, cache_salt=salt)
+        (delta,), (tokens,), _ = _first_deltas(engine, [(prompt, params)])
+        assert tokens == expected[4]
+        return delta.num_cached_tokens
+
+    assert [run(None), run("tenant-a"), run("tenant-a"), run(None), run("tenant-b")] == [0, 0, 48, 48, 0]
+    with pytest.raises(InvalidRequest, match="cache_salt"):
+        engine.prepare(GenerateRequest("bad", SamplingParams(cache_salt=""), prompt_token_ids=(1, 2)))
 
 
 def test_prefix_caching_off_computes_every_prompt_token(checkpoints):

@@ -111,6 +111,7 @@ class StructuredOutput:
 # softmax is NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default --max-logprobs)
+MAX_CACHE_SALT_CHARS = 1024  # as vLLM
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,8 @@ class SamplingParams:
     # rank, and the top-k alternatives (k >= 0; None: off)
     prompt_logprobs: int | None = None
     return_token_ids: bool = False  # vLLM's: the first delta carries the prompt's token ids
+    # vLLM's: prefix-cache blocks are shared only between requests with the same salt (engine.prefix_hash)
+    cache_salt: str | None = None
     structured: StructuredOutput | None = None  # None: free text
 
     @property
@@ -188,6 +191,9 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_LOGPROBS:
                 raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", name)
+        if self.cache_salt is not None and not 1 <= len(self.cache_salt) <= MAX_CACHE_SALT_CHARS:
+            raise InvalidRequest(f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters, "
+                                 f"got {len(self.cache_salt)}", "cache_salt")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty", "stop")
         if any(not w.strip() for w in self.bad_words):

@@ -16,11 +16,19 @@ from typing import Callable
 _ROOT = b"kvmesh-prefix-v1"
 
 
+def hash_root(cache_salt: str | None) -> bytes:
+    """The chain's start: a salt (vLLM's cache_salt) gives a chain of its own, so requests with
+    different salts (say, different tenants) never share KV, nor learn from timing what another
+    one's prompts were."""
+    return _ROOT if cache_salt is None else hashlib.sha256(_ROOT + b"salt:" + cache_salt.encode()).digest()
+
+
 def extend_block_hashes(hashes: list[bytes], token_ids: Callable[[int, int], list[int]], block_size: int,
-                        num_blocks: int) -> list[bytes]:
+                        num_blocks: int, root: bytes = _ROOT) -> list[bytes]:
     """Append to `hashes` (those of the first len(hashes) blocks) the hashes of the blocks up to
-    `num_blocks`; token_ids(start, end) gives a sequence's tokens. Returns `hashes`."""
-    parent = hashes[-1] if hashes else _ROOT
+    `num_blocks`; token_ids(start, end) gives a sequence's tokens; root: hash_root(its salt).
+    Returns `hashes`."""
+    parent = hashes[-1] if hashes else root
     for j in range(len(hashes), num_blocks):
         tokens = token_ids(j * block_size, (j + 1) * block_size)
         if len(tokens) != block_size:

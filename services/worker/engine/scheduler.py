@@ -126,7 +126,7 @@ class Scheduler:
         num_blocks = (seq.num_tokens - 1) // bs  # the last token stays to compute
         if num_blocks < 1:
             return
-        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_blocks)
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_blocks, seq.hash_root)
         seq.block_ids = self.blocks.match(seq.block_hashes[:num_blocks])
         seq.num_registered_blocks = len(seq.block_ids)
         seq.num_computed_tokens = seq.num_registered_blocks * bs
@@ -137,7 +137,7 @@ class Scheduler:
         num_full = seq.num_computed_tokens // bs
         if not self.blocks.enable_caching or num_full <= seq.num_registered_blocks:
             return
-        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_full)
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_full, seq.hash_root)
         first_local = seq.num_remote_tokens // bs  # blocks before it live on memory servers
         for j in range(max(seq.num_registered_blocks, first_local), num_full):
             self.blocks.register(seq.block_ids[j - first_local], seq.block_hashes[j])

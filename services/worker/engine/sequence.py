@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.worker.engine.api import FinishReason, SamplingParams
+from services.worker.engine.prefix_hash import hash_root
 from services.worker.engine.remote import RemoteSpan
 
 
@@ -36,8 +37,12 @@ class Sequence:
     # Prefix caching: hashes of its first full blocks (prefix_hash), the blocks registered so far
     # (counted from its first token), and the prompt tokens its first admission found cached.
     block_hashes: list[bytes] = field(default_factory=list)
+    hash_root: bytes = field(init=False)  # where its chain starts: prefix_hash.hash_root of its cache_salt
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.hash_root = hash_root(self.sampling.cache_salt)
 
     @property
     def num_prompt_tokens(self) -> int:
