@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads per worker (default: all cores but one, shared by the workers)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="workers reuse the KV of earlier prompts' full blocks (default: on)")
+    parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                        help="the workers': fcfs, or priority (requests' priority field, lower first, as vLLM)")
     parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="the workers': a Jinja chat template (a file, or the template itself) instead of "
                              "the model's own")
@@ -102,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
         worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, scheduling_policy=args.scheduling_policy,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),

@@ -122,6 +122,8 @@ class LocalCluster:
             args += ["--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         if not c.enable_prefix_caching:
             args += ["--no-enable-prefix-caching"]
+        if c.scheduling_policy != "fcfs":
+            args += ["--scheduling-policy", c.scheduling_policy]
         if c.chat_template is not None:  # a file by its absolute path (workers may start elsewhere), else the text
             is_file = Path(c.chat_template).expanduser().is_file()
             args += ["--chat-template", str(Path(c.chat_template).expanduser().resolve()) if is_file else c.chat_template]

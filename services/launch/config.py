@@ -29,6 +29,7 @@ class LaunchConfig:
     enable_prefix_caching: bool = True  # the workers' --[no-]enable-prefix-caching
     generation_config: str = "auto"  # the workers' --generation-config
     chat_template: str | None = None  # the workers' --chat-template (a file or the template)
+    scheduling_policy: str = "fcfs"  # the workers' --scheduling-policy
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)

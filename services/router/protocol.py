@@ -152,6 +152,9 @@ def _prompt_outputs(body: dict, stream: bool) -> dict[str, Any]:
         out["prompt_logprobs"] = k
     if get_bool(body, "return_token_ids"):
         out["return_token_ids"] = True
+    priority = get_int(body, "priority", minimum=-(2**63), maximum=2**63 - 1)  # vLLM's; see --scheduling-policy
+    if priority:
+        out["priority"] = priority
     salt = get_str(body, "cache_salt")  # vLLM's: prefix-cache blocks shared only under the same salt
     if salt is not None:
         if not 1 <= len(salt) <= 1024:

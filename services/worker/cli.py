@@ -10,7 +10,7 @@ from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
 from services.worker.config import WorkerConfig, served_names
-from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SCHEDULING_POLICIES
 from services.worker.model.chat_template import load_chat_template
 
 
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="a Jinja chat template (a file, or the template itself) used instead of the "
                         "model's own, as vLLM's")
+    parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                        help="fcfs: requests in arrival order; priority: by each request's priority (lower "
+                        "first; vLLM's), then arrival; preemption takes the least urgent first")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use (default: --model); with several, any of them works and "
                         "responses name the first, as vLLM")
@@ -69,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         drain_timeout_s=args.drain_timeout, remote_kv=not args.no_remote_kv,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=load_chat_template(args.chat_template) if args.chat_template is not None else None,
+        scheduling_policy=args.scheduling_policy,
     )
 
 

@@ -33,6 +33,7 @@ class WorkerConfig:
     enable_prefix_caching: bool = True
     generation_config: str = "auto"  # vLLM's --generation-config (engine.config.EngineConfig)
     chat_template: str | None = None  # the template's text (--chat-template, read by the CLI)
+    scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -60,7 +61,8 @@ class WorkerConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens, num_threads=threads,
                             logits_threads=self.logits_threads or default_logits_threads(threads),
                             enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len,
-                            generation_config=self.generation_config, chat_template=self.chat_template)
+                            generation_config=self.generation_config, chat_template=self.chat_template,
+                            scheduling_policy=self.scheduling_policy)
 
 
 def served_names(names: list[str] | None) -> dict:

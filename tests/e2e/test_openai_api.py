@@ -471,6 +471,8 @@ BAD_INPUTS = [
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),
     ("not an object", "/v1/chat/completions", b"[]", 400),
     ("non-utf8", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400),
+    ("priority on a fcfs worker", "/v1/completions", {"model": "tiny", "prompt": "x", "priority": 1}, 400),
+    ("cache_salt empty", "/v1/completions", {"model": "tiny", "prompt": "x", "cache_salt": ""}, 400),
     ("wrong type", "/v1/chat/completions", {**CHAT, "max_tokens": "four"}, 400),
     ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400),
     ("missing prompt", "/v1/completions", {"model": "tiny"}, 400),
@@ -528,6 +530,8 @@ async def test_bad_input_gets_openai_error_and_service_survives(cluster, name, p
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
             if "context" in name:
                 assert "32768" in err["message"]
+            if "priority" in name:
+                assert "--scheduling-policy priority" in err["message"] and err["param"] == "priority"
         async with session.post(cluster.router.url + "/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
 

@@ -338,6 +338,22 @@ def test_cache_salt_keeps_prefix_cache_blocks_to_requests_of_the_same_salt(check
         engine.prepare(GenerateRequest("bad", SamplingParams(cache_salt=""), prompt_token_ids=(1, 2)))
 
 
+def test_priority_scheduling_changes_the_order_not_the_tokens(checkpoints):
+    """--scheduling-policy priority under preemption (the order is the scheduler tests'): each request
+    still gets transformers' tokens. A fcfs engine refuses a priority."""
+    made, prompts = checkpoints
+    path, expected = made["llama"]
+    engine = LLMEngine(EngineConfig(model=str(path), block_size=16, num_kv_blocks=14, max_num_batched_tokens=48,
+                                    scheduling_policy="priority"))
+    jobs = [(ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, priority=len(prompts) - i))
+            for i, ids in enumerate(prompts)]
+    deltas, got, preempted = _first_deltas(engine, jobs)
+    assert got == expected and preempted
+    fcfs = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+    with pytest.raises(InvalidRequest, match="--scheduling-policy priority"):
+        fcfs.prepare(GenerateRequest("p", SamplingParams(priority=1), prompt_token_ids=(1, 2)))
+
+
 def test_prefix_caching_off_computes_every_prompt_token(checkpoints):
     made, prompts = checkpoints
     path, expected = made["llama"]

@@ -53,6 +53,36 @@ def test_preempts_newest_and_recomputes():
     assert bm.num_used_blocks == 0
 
 
+def _urgent(i: int, prompt_len: int, priority: int) -> Sequence:
+    return Sequence(f"r{i}", list(range(prompt_len)), SamplingParams(max_tokens=8, priority=priority), arrival=i)
+
+
+def test_priority_scheduling_serves_and_keeps_the_most_urgent_first():
+    """--scheduling-policy priority (vLLM's): the queue is in (priority, arrival) order, and when
+    blocks run out the least urgent running sequence is preempted, not the newest."""
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=100, by_priority=True)
+    for i, priority in enumerate((5, 0, 1, 0)):
+        sched.add(_urgent(i, 2, priority))
+    admitted = []
+    while sched.has_work():
+        (chunk,) = sched.schedule().chunks
+        admitted.append(chunk.seq.request_id)
+        sched.finish(chunk.seq)
+    assert admitted == ["r1", "r3", "r2", "r0"]
+
+    bm = BlockManager(4, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, by_priority=True)
+    urgent, lax = _urgent(1, 8, -1), _urgent(0, 8, 3)  # the older one is the less urgent
+    sched.add(lax)
+    sched.add(urgent)
+    _complete(sched.schedule().chunks)  # both prefilled: the pool is full
+    assert [c.seq.request_id for c in sched.schedule().chunks] == ["r1"]
+    assert lax.status is SeqStatus.WAITING and lax.num_preemptions == 1  # FCFS would have preempted r1
+    sched.finish(urgent)
+    sched.finish(lax)
+    assert bm.num_used_blocks == 0
+
+
 def test_max_num_seqs_caps_the_batch():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
     for i in range(3):

@@ -147,6 +147,7 @@ class SamplingParams:
     return_token_ids: bool = False  # vLLM's: the first delta carries the prompt's token ids
     # vLLM's: prefix-cache blocks are shared only between requests with the same salt (engine.prefix_hash)
     cache_salt: str | None = None
+    priority: int = 0  # vLLM's: with --scheduling-policy priority, lower numbers are served (and kept) first
     structured: StructuredOutput | None = None  # None: free text
 
     @property

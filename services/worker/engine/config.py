@@ -10,6 +10,7 @@ from pathlib import Path
 # ITL p99 31.6 -> 20.1 ms (bf16) and 46 -> 29 ms (fp32), TTFT p50 66-69 -> 48-50 ms (bf16) and
 # 105 -> 73 ms (fp32), tokens/s level or better; an 8K prompt's TTFT unchanged (3.4-3.6 s).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 def check_thread_counts(num_threads: int | None, logits_threads: int | None) -> None:
@@ -37,6 +38,7 @@ class EngineConfig:
     # vLLM's --generation-config: where unset sampling fields take their defaults from (model.generation_defaults)
     generation_config: str = "auto"
     chat_template: str | None = None  # a Jinja template instead of the checkpoint's (vLLM's --chat-template)
+    scheduling_policy: str = "fcfs"  # vLLM's: fcfs (arrival order) | priority (requests' priority, then arrival)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -52,6 +54,8 @@ class EngineConfig:
                 Path(self.generation_config) / "generation_config.json").is_file():
             raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory holding a "
                              f"generation_config.json; {self.generation_config!r} is none of these")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 

@@ -68,7 +68,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
             remote_free_blocks=remote.free_blocks if remote is not None else None,
-            spill_batch=max(4, self.blocks.num_blocks // 8),
+            spill_batch=max(4, self.blocks.num_blocks // 8), by_priority=config.scheduling_policy == "priority",
         )
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_model_len)
         # What a request that leaves a sampling field unset gets (the worker front applies them)
@@ -96,6 +96,8 @@ class LLMEngine:
         params = request.sampling
         params.validate()
         params.check_token_ids(self.model_config.vocab_size)
+        if params.priority and self.config.scheduling_policy != "priority":  # as vLLM
+            raise InvalidRequest("priority needs the worker started with --scheduling-policy priority", "priority")
         if request.messages is not None:
             if not request.messages:
                 raise InvalidRequest("messages must not be empty", "messages")

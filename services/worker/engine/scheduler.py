@@ -2,11 +2,12 @@
 
 Every step, each scheduled sequence computes some of its not-yet-cached tokens: one for a decoding
 sequence, a chunk of the prompt for a prefilling one, under a per-step token budget. Running
-sequences go first (oldest first); waiting ones join while budget, sequence slots and blocks last.
+sequences go first (oldest first; with priority scheduling, the lowest priority number first);
+waiting ones join while budget, sequence slots and blocks last.
 
 When local blocks run short, the oldest full blocks of the longest sequences are spilled to memory
 servers (if the cluster has room); the newest stay local, since decoding appends there. Only when
-nothing can be spilled is the newest running sequence preempted: its blocks are freed and it goes
+nothing can be spilled is the newest (or least urgent) running sequence preempted: its blocks are freed and it goes
 back to the front of the queue, later recomputing its KV from its tokens (output unchanged).
 A sequence joining the batch first takes the cached blocks of its longest cached prefix
 (block_manager: prefix caching); at least its last token is computed, since sampling needs it.
@@ -66,12 +67,16 @@ class Scheduler:
         max_num_batched_tokens: int,
         remote_free_blocks: Callable[[], int] | None = None,
         spill_batch: int = 4,
+        by_priority: bool = False,
     ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.remote_free_blocks = remote_free_blocks
         self.spill_batch = spill_batch  # spill at least this many blocks at once (fewer round trips)
+        # --scheduling-policy priority: the queue is kept in Sequence.order (FCFS: arrival, a
+        # preempted sequence first); running and preemption follow Sequence.order either way
+        self.by_priority = by_priority
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.released: list[RemoteSpan] = []  # remote blocks the engine must free
@@ -80,7 +85,10 @@ class Scheduler:
         self._num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            bisect.insort(self.waiting, seq, key=lambda s: s.order)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -112,7 +120,7 @@ class Scheduler:
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            bisect.insort(self.running, seq, key=lambda s: s.order)
             self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
         return self._out
@@ -165,7 +173,7 @@ class Scheduler:
                 continue
             if not may_preempt:
                 return 0
-            victim = max((s for s in self.running if s.status is SeqStatus.RUNNING), key=lambda s: s.arrival)
+            victim = max((s for s in self.running if s.status is SeqStatus.RUNNING), key=lambda s: s.order)
             self.preempt(victim)
             if victim is seq:
                 return 0
@@ -219,7 +227,10 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            bisect.insort(self.waiting, seq, key=lambda s: s.order)
+        else:
+            self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Release a sequence (finished or aborted) from wherever it is."""

@@ -45,6 +45,11 @@ class Sequence:
         self.hash_root = hash_root(self.sampling.cache_salt)
 
     @property
+    def order(self) -> tuple[int, int]:
+        """Who goes first: the lower priority number (vLLM's), then the earlier arrival."""
+        return self.sampling.priority, self.arrival
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
