@@ -7,6 +7,12 @@ from typing import Any
 from services.runtime.errors import ApiError
 
 _MISSING = object()
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what the wire (msgpack) carries; no field needs more
+
+
+def is_token_id(value: Any) -> bool:
+    """A non-negative integer the wire can carry (the worker checks it against the vocabulary)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
 
 
 def _type_error(name: str, expected: str, value: Any) -> ApiError:
@@ -24,6 +30,8 @@ def get_int(body: dict, name: str, default: int | None = None, *, minimum: int |
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise _type_error(name, "an integer", value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise value_error(name, f"'{name}' must be a 64-bit integer, got {value}")
     if minimum is not None and value < minimum:
         raise value_error(name, f"'{name}' must be at least {minimum}, got {value}")
     if maximum is not None and value > maximum:

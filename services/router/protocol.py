@@ -14,7 +14,7 @@ from typing import Any
 
 from services.router.chat_messages import chat_messages, template_options
 from services.router.params import (
-    get_bool, get_dict, get_float, get_int, get_stop, get_str, reject_unsupported, value_error,
+    get_bool, get_dict, get_float, get_int, get_stop, get_str, is_token_id, reject_unsupported, value_error,
 )
 from services.router.reasoning import CLOSE as THINK_CLOSE
 from services.router.reasoning import OPEN as THINK_OPEN
@@ -152,7 +152,7 @@ def _prompt_outputs(body: dict, stream: bool) -> dict[str, Any]:
         out["prompt_logprobs"] = k
     if get_bool(body, "return_token_ids"):
         out["return_token_ids"] = True
-    priority = get_int(body, "priority", minimum=-(2**63), maximum=2**63 - 1)  # vLLM's; see --scheduling-policy
+    priority = get_int(body, "priority")  # vLLM's; see --scheduling-policy
     if priority:
         out["priority"] = priority
     salt = get_str(body, "cache_salt")  # vLLM's: prefix-cache blocks shared only under the same salt
@@ -204,7 +204,7 @@ def _token_ids(body: dict, name: str, cap: int) -> tuple[int, ...] | None:
     ids = body.get(name)
     if ids is None:
         return None
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+    if not isinstance(ids, list) or not all(is_token_id(t) for t in ids):
         raise ApiError(f"'{name}' must be a list of non-negative integers", code="invalid_type", param=name)
     if len(ids) > cap:
         raise value_error(name, f"'{name}' allows at most {cap} ids, got {len(ids)}")
@@ -224,7 +224,7 @@ def _logit_bias(body: dict) -> list[list] | None:
             token_id = int(key)
         except ValueError:
             raise value_error("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}") from None
-        if token_id < 0:
+        if not is_token_id(token_id):
             raise value_error("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ApiError(f"'logit_bias' values must be numbers, got {type(value).__name__} for {key!r}",
@@ -280,12 +280,11 @@ def _completion_prompts(body: dict) -> tuple[dict, ...]:
     if isinstance(prompt, str):
         return ({"prompt": prompt},)
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        if all(is_token_id(t) for t in prompt):
             return ({"prompt_token_ids": list(prompt)},)
         if all(isinstance(p, str) for p in prompt):
             return tuple({"prompt": p} for p in prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                  for t in p) for p in prompt):
+        if all(isinstance(p, list) and p and all(is_token_id(t) for t in p) for p in prompt):
             return tuple({"prompt_token_ids": list(p)} for p in prompt)
     raise ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
                    code="invalid_type", param="prompt")
@@ -329,6 +328,6 @@ def parse_tokenize_request(body: dict) -> tuple[str | None, dict]:
 def parse_detokenize_request(body: dict) -> tuple[str | None, dict]:
     """vLLM's /detokenize: token ids -> (model, what the worker decodes)."""
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    if not isinstance(tokens, list) or not all(is_token_id(t) for t in tokens):
         raise ApiError("'tokens' must be a list of token ids", code="invalid_type", param="tokens")
     return get_str(body, "model"), {"tokens": tokens}

@@ -472,6 +472,13 @@ BAD_INPUTS = [
     ("not an object", "/v1/chat/completions", b"[]", 400),
     ("non-utf8", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400),
     ("priority on a fcfs worker", "/v1/completions", {"model": "tiny", "prompt": "x", "priority": 1}, 400),
+    # integers past 64 bits: the wire to the worker cannot carry them (these were 500s)
+    ("top_k past 64 bits", "/v1/completions", {"model": "tiny", "prompt": "x", "top_k": 2**70}, 400),
+    ("truncate past 64 bits", "/v1/completions", {"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 2**64}, 400),
+    ("min_tokens past 64 bits", "/v1/chat/completions", {**CHAT, "max_tokens": None, "min_tokens": 2**64}, 400),
+    ("token id past 64 bits", "/v1/completions", {"model": "tiny", "prompt": [1, 2**64]}, 400),
+    ("stop id past 64 bits", "/v1/completions", {"model": "tiny", "prompt": "x", "stop_token_ids": [2**64]}, 400),
+    ("bias key past 64 bits", "/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {str(2**64): 1}}, 400),
     ("cache_salt empty", "/v1/completions", {"model": "tiny", "prompt": "x", "cache_salt": ""}, 400),
     ("wrong type", "/v1/chat/completions", {**CHAT, "max_tokens": "four"}, 400),
     ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400),
