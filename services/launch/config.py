@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.runtime.sizes import parse_size
 from services.worker.model.chat_template import load_chat_template
+from services.worker.model.generation_defaults import check_setting
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -61,9 +62,7 @@ class LaunchConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.model != "tiny" and not Path(self.model).is_dir():
             raise ValueError(f"--model must be 'tiny' or a model directory; {self.model!r} is not a directory")
-        if self.generation_config not in ("auto", "vllm") and not (Path(self.generation_config) / "generation_config.json").is_file():
-            raise ValueError(f"--generation-config must be 'auto', 'vllm' or a directory holding a generation_config.json; "
-                             f"{self.generation_config!r} is none of these")
+        check_setting(self.generation_config)
         if self.chat_template is not None:
             load_chat_template(self.chat_template)  # a file, or a template: refused before anything starts
         if self.served_model_name is not None and not self.served_model_name.strip():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+
+from services.worker.model.generation_defaults import check_setting
 
 # Tokens per step (chunked-prefill budget). A step's prefill chunks stall every running stream for
 # that step. Tiny model, 2 cores, 16 streams of 128 + 128 tokens, 512 -> 256 (alternated runs):
@@ -50,10 +51,7 @@ class EngineConfig:
         check_thread_counts(self.num_threads, self.logits_threads)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.generation_config not in ("auto", "vllm") and not (
-                Path(self.generation_config) / "generation_config.json").is_file():
-            raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory holding a "
-                             f"generation_config.json; {self.generation_config!r} is none of these")
+        check_setting(self.generation_config)
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 1:

@@ -23,17 +23,23 @@ _FIELDS = {
 }
 
 
+def check_setting(setting: str) -> None:
+    """--generation-config is auto, vllm, or a directory holding a generation_config.json; else a
+    ValueError saying so (the worker, and kvmesh up before it starts anything)."""
+    if setting not in (GENERATION_CONFIG_AUTO, GENERATION_CONFIG_NONE) and not (
+            Path(setting) / "generation_config.json").is_file():
+        raise ValueError(f"--generation-config must be 'auto', 'vllm' or a directory holding a "
+                         f"generation_config.json; {setting!r} has no generation_config.json")
+
+
 def sampling_defaults(setting: str, model_dir: Path) -> dict:
     """``setting`` (auto | vllm | a directory holding generation_config.json) -> SamplingParams
     fields. A file without any of those keys gives {}; a missing one too, unless named explicitly."""
+    check_setting(setting)
     if setting == GENERATION_CONFIG_NONE:
         return {}
-    explicit = setting != GENERATION_CONFIG_AUTO
-    path = (Path(setting) if explicit else Path(model_dir)) / "generation_config.json"
-    if not path.is_file():
-        if explicit:
-            raise ValueError(f"--generation-config {setting}: no generation_config.json there; pass a directory "
-                             f"that holds one, 'auto' (the model's) or 'vllm' (none)")
+    path = (Path(model_dir) if setting == GENERATION_CONFIG_AUTO else Path(setting)) / "generation_config.json"
+    if not path.is_file():  # 'auto' on a checkpoint without one
         return {}
     try:
         raw = json.loads(path.read_text())
