@@ -88,6 +88,8 @@ async def test_an_error_mid_stream_is_one_error_event():
         assert events[-1]["type"] == "error" and "boom" in events[-1]["message"]
         resp = await s.post("/v1/responses", {"input": "x", "previous_response_id": "resp_1"})
         assert resp.status == 400 and (await resp.json())["error"]["param"] == "previous_response_id"
+        resp = await s.post("/v1/responses", {"input": "x", "max_output_tokens": 2})  # and it still answers
+        assert resp.status == 200 and (await resp.json())["status"] == "incomplete"
         await s.wait_blocks_free()
 
 
