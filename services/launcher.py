@@ -22,7 +22,7 @@ from pathlib import Path
 
 from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
-from services.worker.config import served_names
+from services.worker.config import lora_modules, served_names
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
 from services.router.reasoning import REASONING_PARSERS
@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                         help="the workers': where requests' unset sampling fields come from ('auto': the model's "
                              "generation_config.json, as vLLM; 'vllm': OpenAI's defaults)")
+    parser.add_argument("--enable-lora", action="store_true", help="the workers': serve LoRA adapters (vLLM's)")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help="the workers': LoRA adapters (PEFT directories) served as models named NAME")
+    parser.add_argument("--max-lora-rank", type=int, default=16,
+                        help="the workers': adapters of a higher rank are refused (default 16)")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="the router's: lets chat requests use tool_choice 'auto' (see kvmesh router --help)")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
@@ -105,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=args.chat_template, scheduling_policy=args.scheduling_policy,
+        lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),

@@ -127,6 +127,9 @@ class LocalCluster:
         if c.chat_template is not None:  # a file by its absolute path (workers may start elsewhere), else the text
             is_file = Path(c.chat_template).expanduser().is_file()
             args += ["--chat-template", str(Path(c.chat_template).expanduser().resolve()) if is_file else c.chat_template]
+        if c.lora_modules:
+            args += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in c.lora_modules),
+                     "--max-lora-rank", str(c.max_lora_rank)]
         if c.generation_config == "vllm":
             args += ["--generation-config", "vllm"]
         elif c.generation_config != "auto":  # a directory

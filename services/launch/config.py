@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.runtime.sizes import parse_size
 from services.worker.model.chat_template import load_chat_template
+from services.worker.config import check_lora_names
 from services.worker.model.generation_defaults import check_setting
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -31,6 +32,8 @@ class LaunchConfig:
     generation_config: str = "auto"  # the workers' --generation-config
     chat_template: str | None = None  # the workers' --chat-template (a file or the template)
     scheduling_policy: str = "fcfs"  # the workers' --scheduling-policy
+    lora_modules: tuple[tuple[str, str], ...] = ()  # the workers' --lora-modules (absolute directories)
+    max_lora_rank: int = 16  # the workers' --max-lora-rank
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
@@ -69,6 +72,9 @@ class LaunchConfig:
             raise ValueError("--served-model-name must not be empty")
         if not self.cluster_token:
             raise ValueError("cluster_token must be set")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
+        check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})
         parse_size(self.memserver_capacity)
 
     @property

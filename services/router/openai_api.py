@@ -70,11 +70,14 @@ async def _worker_tokenizer(request: web.Request, parse) -> web.Response:
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
+    """vLLM's cards: a LoRA adapter's root is its directory and its parent the base model."""
     created = int(time.time())
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "kvmesh", "max_model_len": max_len}
-        for name, max_len in request.app[REGISTRY].live_models().items()
-    ]
+    registry = request.app[REGISTRY]
+    data = []
+    for name, max_len in registry.live_models().items():
+        root, parent = registry.lora_adapter(name) or (name, None)
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "kvmesh", "root": root,
+                     "parent": parent, "max_model_len": max_len})
     return json_response({"object": "list", "data": data})
 
 

@@ -69,25 +69,34 @@ class WorkerRegistry:
 
     def live(self, model: str | None = None) -> list[WorkerState]:
         return [
-            s for s in self._workers.values() if self.is_live(s) and (model is None or model in s.info.model_names)
+            s for s in self._workers.values() if self.is_live(s) and (model is None or model in s.info.served_names)
         ]
 
     def live_models(self) -> dict[str, int]:
-        """Model name (aliases too) -> smallest max_model_len among its live workers (first registered first)."""
+        """Model name (aliases and LoRA adapters too) -> smallest max_model_len among its live workers
+        (first registered first)."""
         models: dict[str, int] = {}
         for s in self.live():
-            for name in s.info.model_names:
+            for name in s.info.served_names:
                 models[name] = min(models.get(name, s.info.max_model_len), s.info.max_model_len)
         return models
 
+    def lora_adapter(self, name: str) -> tuple[str, str] | None:
+        """(adapter directory, base model name) when a live worker serves `name` as a LoRA adapter."""
+        for s in self.live(name):
+            if name in (s.info.lora_modules or {}):
+                return s.info.lora_modules[name], s.info.model_name
+        return None
+
     def canonical(self, name: str) -> str:
         """The name a live worker registered its model under, for one of its names (vLLM answers
-        with the first of --served-model-name)."""
-        return next((s.info.model_name for s in self.live(name)), name)
+        with the first of --served-model-name; a LoRA adapter's name is its own)."""
+        return next((name if name in (s.info.lora_modules or {}) else s.info.model_name for s in self.live(name)),
+                    name)
 
     def knows(self, name: str) -> bool:
         """Some worker, live or not, serves a model by that name."""
-        return any(name in s.info.model_names for s in self._workers.values())
+        return any(name in s.info.served_names for s in self._workers.values())
 
     def candidates(self, model: str, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
         out = []

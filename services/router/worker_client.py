@@ -12,7 +12,7 @@ import collections
 import hashlib
 import json
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 import structlog
@@ -139,9 +139,11 @@ async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_toke
             )
         state = pool.registry.get(candidate.worker_id)
         pool.registry.dispatch(candidate.worker_id, num_tokens)
+        # A LoRA adapter's name runs the adapter on this worker (its base model's names, none).
+        lora_name = model if model in (state.info.lora_modules or {}) else None
         try:
             response = await pool.session.post(
-                state.info.url + "/internal/generate", data=encode(call),
+                state.info.url + "/internal/generate", data=encode(replace(call, lora_name=lora_name)),
                 headers={**cluster_headers(pool.cluster_token), "Content-Type": CONTENT_TYPE},
             )
         except (aiohttp.ClientConnectionError, TimeoutError) as e:

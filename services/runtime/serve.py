@@ -24,7 +24,12 @@ async def _serve(app: web.Application, host: str, port: int, drain: Drain | None
     # handler_cancellation: a client that disconnects cancels its handler at once, which is how an
     # abandoned stream frees its KV blocks without waiting for the next write to fail.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
-    if not await _until_stopped(runner.setup(), stop):
+    try:
+        started = await _until_stopped(runner.setup(), stop)
+    except BaseException:
+        await app.cleanup()  # close what the contexts before the failing one opened (sessions, UCX)
+        raise
+    if not started:
         log.info("shutdown_requested", during="start_up")
         return
     try:

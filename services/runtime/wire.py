@@ -33,6 +33,7 @@ class GenerateCall:
     tools: list[dict[str, Any]] | None = None  # with messages: the tools the chat template renders
     # with messages: extra variables of the chat template, and its add_generation_prompt / continue_final_message
     chat_template_kwargs: dict[str, Any] | None = None
+    lora_name: str | None = None  # the worker's LoRA adapter it runs with (the request's model); None: the base model
     v: int = WIRE_VERSION
 
 
@@ -68,11 +69,18 @@ class WorkerRegistration:
     # block_size, dtype (torch dtype name).
     kv_geometry: dict[str, Any] | None = None
     model_aliases: list[str] | None = None  # more names clients may use for model_name (--served-model-name A B)
+    lora_modules: dict[str, str] | None = None  # its LoRA adapters, served as models: name -> adapter directory
     v: int = WIRE_VERSION
 
     @property
     def model_names(self) -> tuple[str, ...]:
+        """The names of the base model."""
         return (self.model_name, *(self.model_aliases or ()))
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every name a request's model may be: the base model's and its LoRA adapters'."""
+        return (*self.model_names, *(self.lora_modules or ()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,8 @@ async def router_link_ctx(app: web.Application):
     info = WorkerRegistration(config.id, config.url, config.served_model_name or engine.model_name,
                               engine.max_model_len, stats.block_size, stats.num_total_blocks,
                               kv_geometry=getattr(engine, "kv_geometry", None),
-                              model_aliases=list(config.served_model_aliases) or None)
+                              model_aliases=list(config.served_model_aliases) or None,
+                              lora_modules=dict(config.lora_modules) or None)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         link = RouterLink(session, config.router_url, config.cluster_token, info,
                           on_kv_summary=getattr(engine, "update_kv_summary", None) if config.remote_kv else None)

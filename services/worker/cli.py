@@ -9,7 +9,8 @@ from services.runtime.auth import resolve_cluster_token
 from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
-from services.worker.config import WorkerConfig, served_names
+from services.worker.engine.client import EngineStartFailed
+from services.worker.config import WorkerConfig, lora_modules, served_names
 from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SCHEDULING_POLICIES
 from services.worker.model.chat_template import load_chat_template
 
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use (default: --model); with several, any of them works and "
                         "responses name the first, as vLLM")
+    add_lora_arguments(parser)
     parser.add_argument("--advertise-url", default=None, help="URL the router dials (default http://host:port)")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--cluster-token", default=None,
@@ -58,6 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reuse the KV of earlier prompts' full blocks for prompts that start with the "
                         "same tokens (default: on)")
     parser.add_argument("--log-level", default="info")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (vLLM's flag)")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters (PEFT directories) served as models: a request whose model is NAME "
+                        "runs with that adapter; also JSON {\"name\": ..., \"path\": ...}, as vLLM")
+    parser.add_argument("--max-lora-rank", type=int, default=16,
+                        help="adapters of a higher rank are refused at start-up (default 16)")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -73,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=load_chat_template(args.chat_template) if args.chat_template is not None else None,
         scheduling_policy=args.scheduling_policy,
+        lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
     )
 
 
@@ -84,7 +96,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("bad_config", error=str(e))
         return 2
-    return run_service(create_app(config), config.host, config.port, drain=drain)
+    try:
+        return run_service(create_app(config), config.host, config.port, drain=drain)
+    except EngineStartFailed as e:  # a bad model directory or adapter: one line saying which, not a traceback
+        log.error("engine_start_failed", error=str(e))
+        return 1
 
 
 if __name__ == "__main__":

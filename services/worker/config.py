@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.runtime.host import default_logits_threads, default_num_threads
 from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig, check_thread_counts
@@ -34,6 +36,8 @@ class WorkerConfig:
     generation_config: str = "auto"  # vLLM's --generation-config (engine.config.EngineConfig)
     chat_template: str | None = None  # the template's text (--chat-template, read by the CLI)
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy
+    lora_modules: tuple[tuple[str, str], ...] = ()  # vLLM's --lora-modules: (name, adapter directory)
+    max_lora_rank: int = 16  # vLLM's --max-lora-rank
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -45,6 +49,7 @@ class WorkerConfig:
         check_thread_counts(self.num_threads, self.logits_threads)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})
 
     @property
     def url(self) -> str:
@@ -62,7 +67,8 @@ class WorkerConfig:
                             logits_threads=self.logits_threads or default_logits_threads(threads),
                             enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len,
                             generation_config=self.generation_config, chat_template=self.chat_template,
-                            scheduling_policy=self.scheduling_policy)
+                            scheduling_policy=self.scheduling_policy, lora_modules=self.lora_modules,
+                            max_lora_rank=self.max_lora_rank)
 
 
 def served_names(names: list[str] | None) -> dict:
@@ -72,3 +78,46 @@ def served_names(names: list[str] | None) -> dict:
     if any(not n.strip() for n in names) or len(set(names)) != len(names):
         raise ValueError(f"--served-model-name needs distinct non-empty names, got {names}")
     return {"served_model_name": names[0], "served_model_aliases": tuple(names[1:])}
+
+
+def lora_modules(enable_lora: bool, specs: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """--enable-lora --lora-modules name=path ... -> ((name, absolute path), ...); as vLLM, adapters
+    need --enable-lora."""
+    if not specs:
+        return ()
+    if not enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    modules = [parse_lora_module(spec) for spec in specs]
+    for name, path in modules:
+        if not Path(path).expanduser().is_dir():
+            raise ValueError(f"--lora-modules {name}={path}: not a directory (a PEFT adapter directory holding "
+                             "adapter_config.json)")
+    return tuple((name, str(Path(path).expanduser().resolve())) for name, path in modules)
+
+
+def check_lora_names(modules: tuple[tuple[str, str], ...], base_names: set[str]) -> None:
+    """Each adapter's name is its own: not another adapter's, not one of the base model's."""
+    names = [name for name, _ in modules]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--lora-modules needs distinct names, got {names}")
+    taken = sorted(base_names.intersection(names))
+    if taken:
+        raise ValueError(f"--lora-modules name {taken[0]!r} is already the base model's name: name the adapter "
+                         "differently")
+
+
+def parse_lora_module(spec: str) -> tuple[str, str]:
+    """vLLM's --lora-modules entry: ``name=path`` or ``{"name": ..., "path": ...}`` -> (name, path)."""
+    if spec.lstrip().startswith("{"):
+        try:
+            obj = json.loads(spec)
+            name, path = obj["name"], obj["path"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--lora-modules {spec!r}: a JSON entry needs \"name\" and \"path\" ({e})") from e
+    else:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--lora-modules {spec!r}: expected name=path")
+    if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
+        raise ValueError(f"--lora-modules {spec!r}: name and path must be non-empty")
+    return name.strip(), path.strip()

@@ -37,6 +37,7 @@ def to_generate_request(call: GenerateCall, defaults: dict | None = None) -> Gen
         messages=tuple(call.messages) if call.messages is not None else None,
         tools=tuple(call.tools) if call.tools is not None else None,
         chat_template_kwargs=call.chat_template_kwargs,
+        lora_name=call.lora_name,
     )
 
 

@@ -50,6 +50,8 @@ def test_format_size_round_trips():
     ({"max_num_batched_tokens": -5}, "--max-num-batched-tokens must be >= 1, got -5"),
     ({"generation_config": "/no/such/dir"}, "--generation-config must be 'auto', 'vllm' or a directory"),
     ({"chat_template": "/no/such/template.jinja"}, "--chat-template '/no/such/template.jinja': no such file"),
+    ({"lora_modules": (("tiny", "/a/tiny"),)}, "--lora-modules name 'tiny' is already the base model's name"),
+    ({"max_lora_rank": 0}, "--max-lora-rank must be >= 1"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -122,6 +124,8 @@ def test_up_refuses_an_empty_or_padded_api_key(keys, capsys):
      ["--max-model-len", "2048", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]),
     ({"generation_config": "vllm"}, ["--generation-config", "vllm"]),
     ({"chat_template": "{{ messages }}"}, ["--chat-template", "{{ messages }}"]),
+    ({"lora_modules": (("sql", "/a/sql"),), "max_lora_rank": 32},
+     ["--enable-lora", "--lora-modules", "sql=/a/sql", "--max-lora-rank", "32"]),
 ])
 def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected):
     from services.launch.cluster import LocalCluster
@@ -133,6 +137,6 @@ def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected
     cluster._spawn = lambda name, kind, cli_args, port: spawned.append(cli_args)
     cluster._start_worker(0)
     (args,) = spawned
-    named = ("--max-", "--generation-config", "--chat-template")
+    named = ("--max-", "--generation-config", "--chat-template", "--enable-lora", "--lora-modules")
     limits = [a for i, a in enumerate(args) if a.startswith(named) or (i and args[i - 1].startswith(named))]
     assert limits == expected

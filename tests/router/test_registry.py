@@ -84,3 +84,18 @@ def test_a_model_answers_to_each_of_its_names_under_the_first():
     with pytest.raises(ApiError) as e:
         resolve_model(reg, "gpt-5")
     assert e.value.status == 404
+
+
+def test_lora_adapters_are_models_named_as_themselves():
+    """--lora-modules sql=DIR: the adapter routes to its worker only, /v1/models' card names its
+    directory and base model, and responses name the adapter (vLLM's)."""
+    from services.router.completions import resolve_model
+
+    reg = WorkerRegistry(3.0, Clock())
+    reg.register(WorkerRegistration("a", "http://a", "base", 1000, 16, 100, lora_modules={"sql": "/adapters/sql"}))
+    reg.register(info("b", "base"))
+    assert reg.live_models() == {"base": 1000, "sql": 1000}
+    assert [s.info.worker_id for s in reg.live("sql")] == ["a"] and [c.worker_id for c in reg.candidates("sql")] == ["a"]
+    assert [s.info.worker_id for s in reg.live("base")] == ["a", "b"]
+    assert reg.lora_adapter("sql") == ("/adapters/sql", "base") and reg.lora_adapter("base") is None
+    assert resolve_model(reg, "sql") == ("sql", 1000) and reg.knows("sql")

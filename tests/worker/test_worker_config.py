@@ -83,3 +83,36 @@ def test_worker_cli_refuses_a_zero_step_budget_before_loading_anything(capfd):
     captured = capfd.readouterr()
     assert "max_num_batched_tokens must be >= 1" in captured.out + captured.err
 
+
+
+def test_lora_flags_reach_the_engine_as_vllm_takes_them(tmp_path, monkeypatch):
+    """--enable-lora --lora-modules name=path (or vLLM's JSON form) -> absolute adapter directories;
+    without --enable-lora, naming a missing directory, or reusing a name is refused before loading anything."""
+    import argparse
+    import json
+
+    from services.worker.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def parse(*flags):
+        return config_from_args(parser.parse_args([*flags, "--cluster-token", "t"])).engine_config()
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    spec_b = json.dumps({"name": "b", "path": str(tmp_path / "b")})
+    monkeypatch.chdir(tmp_path)
+    config = parse("--enable-lora", "--lora-modules", "a=a", spec_b, "--max-lora-rank", "64")
+    assert config.lora_modules == (("a", str(tmp_path / "a")), ("b", str(tmp_path / "b")))
+    assert config.max_lora_rank == 64 and parse().lora_modules == ()
+    for flags, message in [
+        (("--lora-modules", "a=a"), "--lora-modules needs --enable-lora"),
+        (("--enable-lora", "--lora-modules", "a=nowhere"), "a=nowhere: not a directory"),
+        (("--enable-lora", "--lora-modules", "a=a", "a=b"), "needs distinct names"),
+        (("--enable-lora", "--lora-modules", "tiny=a"), "'tiny' is already the base model's name"),
+        (("--enable-lora", "--lora-modules", "a"), "expected name=path"),
+        (("--enable-lora", "--lora-modules", "a=a", "--max-lora-rank", "0"), "max_lora_rank must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse(*flags)

@@ -236,6 +236,7 @@ class GenerateRequest:
     # with messages: the chat template's variables (e.g. enable_thinking), add_generation_prompt and
     # continue_final_message (transformers' apply_chat_template arguments)
     chat_template_kwargs: dict | None = None
+    lora_name: str | None = None  # the LoRA adapter (EngineConfig.lora_modules) it runs with; None: the base model
 
 
 @dataclass(frozen=True, slots=True)

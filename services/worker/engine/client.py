@@ -24,6 +24,11 @@ from services.worker.engine.config import EngineConfig
 log = structlog.get_logger()
 
 
+
+class EngineStartFailed(RuntimeError):
+    """The engine process could not load what it was given (model, adapters, chat template...);
+    the message says why."""
+
 class EngineDied(EngineOverloaded):
     code = "engine_unavailable"
 
@@ -69,7 +74,7 @@ class EngineProcess:
         ready = await self._first_message(reader, unpacker)
         if ready[0] != "ready":
             await self._proc.wait()
-            raise RuntimeError(f"engine process failed to start: {ready[1]}")
+            raise EngineStartFailed(f"engine process failed to start: {ready[1]}")
         info = ready[1]
         self.model_name, self.max_model_len = info["model_name"], info["max_model_len"]
         self.kv_geometry, self._stats = info["kv_geometry"], ipc.stats_from_obj(info["stats"])

@@ -40,6 +40,9 @@ class EngineConfig:
     generation_config: str = "auto"
     chat_template: str | None = None  # a Jinja template instead of the checkpoint's (vLLM's --chat-template)
     scheduling_policy: str = "fcfs"  # vLLM's: fcfs (arrival order) | priority (requests' priority, then arrival)
+    # vLLM's --lora-modules: (name, PEFT adapter directory) pairs a request selects by name
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_lora_rank: int = 16  # vLLM's --max-lora-rank: adapters of a higher rank are refused
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -56,6 +59,11 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"lora_modules need distinct non-empty names, got {names}")
 
 
 def resolve_max_model_len(requested: int | None, model_max: int) -> int:

@@ -34,6 +34,7 @@ from services.worker.engine.api import (
     ContextLengthExceeded, EngineError, EngineOverloaded, GenerateRequest, InvalidRequest,
 )
 from services.worker.engine.config import EngineConfig
+from services.worker.model.errors import ModelError
 
 log = structlog.get_logger()
 
@@ -220,7 +221,12 @@ def _build(config: dict):
     remote = None
     if config.get("remote_kv"):
         remote = RemoteLoop(config["cluster_token"], config["router_url"], config["owner"])
-    engine = LLMEngine(engine_config, remote=remote.client if remote is not None else None)
+    try:
+        engine = LLMEngine(engine_config, remote=remote.client if remote is not None else None)
+    except BaseException:
+        if remote is not None:
+            remote.close()
+        raise
     if remote is not None:
         remote.client.configure(engine.kv_geometry)
     return engine, remote
@@ -245,6 +251,10 @@ def main() -> int:
     log.info("engine_loading", pid=os.getpid())
     try:
         engine, remote = _build(messages[0][1])
+    except ModelError as e:  # the message says what to change; a traceback adds nothing
+        log.error("engine_start_failed", error=str(e))
+        channel.send(["fatal", f"{type(e).__name__}: {e}"])
+        return 1
     except Exception as e:
         log.exception("engine_start_failed", error=str(e))
         channel.send(["fatal", f"{type(e).__name__}: {e}"])

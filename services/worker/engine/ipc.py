@@ -41,7 +41,7 @@ def request_to_obj(request: GenerateRequest) -> dict:
         "prompt_token_ids": list(request.prompt_token_ids) if request.prompt_token_ids is not None else None,
         "messages": [dict(m) for m in request.messages] if request.messages is not None else None,
         "tools": list(request.tools) if request.tools is not None else None,
-        "chat_template_kwargs": request.chat_template_kwargs,
+        "chat_template_kwargs": request.chat_template_kwargs, "lora_name": request.lora_name,
         "sampling": {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
         | ({"structured": s.structured.to_obj()} if s.structured is not None else {}),
     }

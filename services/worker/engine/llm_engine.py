@@ -98,6 +98,9 @@ class LLMEngine:
         params.check_token_ids(self.model_config.vocab_size)
         if params.priority and self.config.scheduling_policy != "priority":  # as vLLM
             raise InvalidRequest("priority needs the worker started with --scheduling-policy priority", "priority")
+        if request.lora_name is not None and request.lora_name not in self.runner.adapters:
+            raise InvalidRequest(f"the LoRA adapter {request.lora_name!r} is not loaded here; loaded: "
+                                 f"{sorted(self.runner.adapters)}", "model")
         if request.messages is not None:
             if not request.messages:
                 raise InvalidRequest("messages must not be empty", "messages")
@@ -136,7 +139,7 @@ class LLMEngine:
         waits_for = self._reasoning_end(params.structured, ids) if params.structured is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        seq = Sequence(request.request_id, ids, params, arrival=0)
+        seq = Sequence(request.request_id, ids, params, arrival=0, lora_name=request.lora_name)
         echo_text = None
         if params.echo:
             echo_text = request.prompt if request.prompt is not None and not truncated else self.tokenizer.decode(ids)

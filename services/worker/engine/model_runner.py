@@ -13,6 +13,7 @@ from services.worker.engine.scheduler import ScheduledChunk
 from services.worker.model.attention import AttentionMetadata
 from services.worker.model.config import ModelConfig, load_model_config
 from services.worker.model.loader import load_model, resolve_dtype
+from services.worker.model.lora import LoRAAdapter, LoRABatch, load_adapter
 
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: plenty for the embedded model; set kv_cache_bytes for more
 
@@ -55,6 +56,9 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        self.adapters: dict[str, LoRAAdapter] = {
+            name: load_adapter(name, path, cfg, config.max_lora_rank, self.device) for name, path in config.lora_modules
+        }
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of local blocks for spilling: [num_layers, 2, n, block_size, num_kv_heads, head_dim]."""
@@ -103,11 +107,15 @@ class ModelRunner:
             plan=plan_paged_attention(block_tables, lens, starts, self.kv_caches[0][0], self.dtype),
             slots_checked=True,
         )
+        lora = None
+        if self.adapters:
+            lora = LoRABatch.build([(self.adapters.get(c.seq.lora_name), c.num_tokens) for c in chunks], dev)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
             self.kv_caches,
             meta,
+            lora,
         )
         rows = sample_rows + score_rows
         if not rows:

@@ -40,9 +40,10 @@ class Sequence:
     hash_root: bytes = field(init=False)  # where its chain starts: prefix_hash.hash_root of its cache_salt
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    lora_name: str | None = None  # its LoRA adapter (None: the base model)
 
     def __post_init__(self) -> None:
-        self.hash_root = hash_root(self.sampling.cache_salt)
+        self.hash_root = hash_root(self.sampling.cache_salt, self.lora_name)
 
     @property
     def order(self) -> tuple[int, int]:

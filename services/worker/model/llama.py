@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from services.worker.model.attention import AttentionMetadata, paged_attention
 from services.worker.model.config import ModelConfig
+from services.worker.model.lora import LoRABatch
 from services.worker.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -35,28 +36,38 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, rotary, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, rotary, kv_cache, meta: AttentionMetadata, lora: LoRABatch | None):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        if lora is not None:
+            qkv = lora.apply(self.layer_idx, "qkv", x, qkv)
         # q and k heads rotate in one pass: [T, H + Hkv, D]
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), rotary)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         out = paged_attention(self.layer_idx, q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = out.reshape(num_tokens, self.q_size)
+        if lora is None:
+            return self.o_proj(out)
+        return lora.apply(self.layer_idx, "o", out, self.o_proj(out))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        if lora is None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        gate, up = lora.apply(self.layer_idx, "gate_up", x, self.gate_up_proj(x)).split(self.intermediate, dim=-1)
+        h = F.silu(gate) * up
+        return lora.apply(self.layer_idx, "down", h, self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):
@@ -65,11 +76,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer_idx)
 
-    def forward(self, x, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rotary, kv_cache, meta, lora: LoRABatch | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -93,11 +104,12 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: [num_blocks, block_size, Hkv, D] x2
         meta: AttentionMetadata,
+        lora: LoRABatch | None = None,  # which tokens use which LoRA adapter (None: none does)
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rotary = self.rope(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rotary, kv_cache, meta)
+            x = layer(x, rotary, kv_cache, meta, lora)
         return self.norm(x)  # [T, hidden]
 
     @torch.inference_mode()

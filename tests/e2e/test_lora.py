@@ -1,0 +1,87 @@
+"""vLLM's LoRA serving, end to end: a worker started with --enable-lora --lora-modules serves each
+adapter as a model of its own. A request naming it gets PEFT's greedy tokens for that adapter, also
+when its KV spills to a memory server; the base model's name still gets the base model's tokens."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import openai
+import pytest
+
+from services.worker.model.tiny import materialize_tiny
+from tests.e2e.cluster import running_cluster
+from tests.worker.test_lora import ALL_PROJECTIONS, peft_greedy, save_adapter
+
+LOCAL_BLOCKS = 8  # 128 tokens: a 300-token prompt spills most of its KV to the memory server
+PROMPT_LEN = 300
+MAX_TOKENS = 24  # as peft_greedy
+
+
+def _prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 32000) for _ in range(PROMPT_LEN)]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapters") / "sql"
+    save_adapter(materialize_tiny(), path, seed=5, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, adapter):
+    worker_args = ("--kv-blocks", str(LOCAL_BLOCKS), "--enable-lora", "--lora-modules", f"sql={adapter}")
+    with running_cluster(tmp_path_factory.mktemp("lora"), worker_args=worker_args, num_memservers=1,
+                         memserver_capacity="8MiB") as c:
+        yield c
+        c.wait_zero_used_blocks()
+        exit_codes = c.stop()
+    assert set(exit_codes.values()) == {0}
+
+
+@pytest.fixture
+def client(cluster):
+    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+    cluster.wait_zero_used_blocks()
+
+
+def test_models_lists_the_adapter_under_its_base(client, adapter):
+    cards = {m.id: m.model_dump() for m in client.models.list().data}
+    assert set(cards) == {"tiny", "sql"}
+    assert cards["sql"]["root"] == str(adapter.resolve()) and cards["sql"]["parent"] == "tiny"
+    assert cards["tiny"]["parent"] is None
+
+
+def test_adapter_requests_match_peft_with_spilled_kv(cluster, client, adapter):
+    prompts = [_prompt(1), _prompt(2)]
+    expected = {"sql": peft_greedy(materialize_tiny(), adapter, prompts),
+                "tiny": peft_greedy(materialize_tiny(), None, prompts)}
+    assert expected["sql"] != expected["tiny"]
+    prompt_tokens = []
+    for model in ("sql", "tiny", "sql"):  # the second sql run may find its prompt in the prefix cache
+        for ids, want in zip(prompts, expected[model]):
+            resp = client.completions.create(model=model, prompt=ids, max_tokens=MAX_TOKENS, temperature=0,
+                                             extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert resp.model == model
+            assert resp.choices[0].model_extra["token_ids"] == want, model
+            prompt_tokens.append(resp.usage.prompt_tokens)
+    # 324 tokens each, against the worker's 128 local ones: served only by spilling to the memory server
+    assert prompt_tokens == [PROMPT_LEN] * 6
+
+def test_streamed_chat_names_the_adapter(client):
+    stream = client.chat.completions.create(model="sql", messages=[{"role": "user", "content": "Hello"}],
+                                            max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert {c.model for c in chunks} == {"sql"}
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_model_lists_the_adapter(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="sql-v2", prompt="hi", max_tokens=2)
+    assert "available: ['sql', 'tiny']" in json.dumps(info.value.body)
+
