@@ -168,15 +168,23 @@ class LoRABatch:
         return cls(groups) if groups else None
 
     def apply(self, layer: int, projection: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y (the base projection of x, [T, out]) plus each adapter's delta on its rows, in place."""
+        """y (the base projection of x, [T, out]) plus each adapter's delta on its rows; may update y
+        in place."""
         for adapter, rows in self.groups:
             lora = adapter.layers[layer].get(projection)
             if lora is None:
                 continue
+            whole = isinstance(rows, slice) and rows.start == 0 and rows.stop == y.shape[0]
             if isinstance(rows, slice):
-                delta = (x[rows].float() @ lora.a.T) @ lora.b.T * adapter.scaling
-                y[rows] = (y[rows].float() + delta).to(y.dtype)
+                xs, ys = x[rows], y[rows]
             else:
-                delta = (x.index_select(0, rows).float() @ lora.a.T) @ lora.b.T * adapter.scaling
-                y.index_copy_(0, rows, (y.index_select(0, rows).float() + delta).to(y.dtype))
+                xs, ys = x.index_select(0, rows), y.index_select(0, rows)
+            # ys + scaling * (xs @ A.T) @ B.T, in fp32, one rounding to y's dtype (PEFT's order of operations)
+            out = torch.addmm(ys.float(), xs.float() @ lora.a.T, lora.b.T, alpha=adapter.scaling)
+            if whole:
+                y = out.to(y.dtype)
+            elif isinstance(rows, slice):
+                y[rows] = out
+            else:
+                y.index_copy_(0, rows, out.to(y.dtype))
         return y
