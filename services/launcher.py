@@ -25,6 +25,7 @@ from services.launch.config import DTYPES, LaunchConfig
 from services.worker.config import lora_modules, served_names
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
+from services.router.lora_api import runtime_updating_allowed
 from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choice
 from services.runtime.sizes import format_size, size_arg
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the workers': LoRA adapters (PEFT directories) served as models named NAME")
     parser.add_argument("--max-lora-rank", type=int, default=16,
                         help="the workers': adapters of a higher rank are refused (default 16)")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="the router's: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (with "
+                             "--enable-lora; also VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
     parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="the router's: lets chat requests use tool_choice 'auto' (see kvmesh router --help)")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
@@ -110,9 +114,10 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=args.chat_template, scheduling_policy=args.scheduling_policy,
-        lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
+        enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser, api_keys=resolve_api_keys(args.api_key),
+        reasoning_parser=args.reasoning_parser,
+        allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating), api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
         ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,

@@ -81,6 +81,8 @@ class LocalCluster:
             args += ["--tool-call-parser", c.tool_call_parser]
         if c.reasoning_parser is not None:
             args += ["--reasoning-parser", c.reasoning_parser]
+        if c.allow_runtime_lora_updating:
+            args += ["--allow-runtime-lora-updating"]
         self.router = self._spawn("router", "router", args, port)
         self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
                            60, self._check_alive)
@@ -127,9 +129,10 @@ class LocalCluster:
         if c.chat_template is not None:  # a file by its absolute path (workers may start elsewhere), else the text
             is_file = Path(c.chat_template).expanduser().is_file()
             args += ["--chat-template", str(Path(c.chat_template).expanduser().resolve()) if is_file else c.chat_template]
+        if c.enable_lora:
+            args += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank)]
         if c.lora_modules:
-            args += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in c.lora_modules),
-                     "--max-lora-rank", str(c.max_lora_rank)]
+            args += ["--lora-modules", *(f"{name}={path}" for name, path in c.lora_modules)]
         if c.generation_config == "vllm":
             args += ["--generation-config", "vllm"]
         elif c.generation_config != "auto":  # a directory

@@ -32,10 +32,12 @@ class LaunchConfig:
     generation_config: str = "auto"  # the workers' --generation-config
     chat_template: str | None = None  # the workers' --chat-template (a file or the template)
     scheduling_policy: str = "fcfs"  # the workers' --scheduling-policy
+    enable_lora: bool = False  # the workers' --enable-lora
     lora_modules: tuple[tuple[str, str], ...] = ()  # the workers' --lora-modules (absolute directories)
     max_lora_rank: int = 16  # the workers' --max-lora-rank
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
+    allow_runtime_lora_updating: bool = False  # the router's --allow-runtime-lora-updating
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
@@ -74,6 +76,8 @@ class LaunchConfig:
             raise ValueError("cluster_token must be set")
         if self.max_lora_rank < 1:
             raise ValueError(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
         check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})
         parse_size(self.memserver_capacity)
 

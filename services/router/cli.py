@@ -8,6 +8,7 @@ import sys
 from services.router.app import create_app, drain
 from services.router.config import RouterConfig
 from services.router.cors import parse_origins
+from services.router.lora_api import runtime_updating_allowed
 from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choice
 from services.runtime.auth import API_KEY_ENV, resolve_api_keys, resolve_cluster_token
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
                         help="CORS: origins whose browser pages may call the API (repeatable; a comma list or "
                              "vLLM's JSON list works too; default: any, as vLLM)")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (workers need "
+                             "--enable-lora); also on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as vLLM")
     parser.add_argument("--log-level", default="info")
 
 
@@ -57,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_n=args.max_n, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         allowed_origins=parse_origins(args.allowed_origins),
+        allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
     )
 
 

@@ -25,6 +25,7 @@ class RouterConfig:
     tool_call_parser: str | None = None  # finds tool calls in answers (tool_choice "auto"); None: refuse "auto"
     reasoning_parser: str | None = None  # splits a chat answer's reasoning_content from its content
     allowed_origins: tuple[str, ...] = ("*",)  # CORS: browser pages of these origins may call the API ("*": any)
+    allow_runtime_lora_updating: bool = False  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (lora_api)
 
     def __post_init__(self) -> None:
         if not self.cluster_token:

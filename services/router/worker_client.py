@@ -194,3 +194,21 @@ async def call_worker_json(pool: WorkerPool, model: str, path: str, body: dict) 
             pool.registry.mark_failed(worker_id)
             log.warning("worker_unreachable", worker_id=worker_id, error=repr(e))
             tried.add(worker_id)
+
+
+async def post_worker_json(pool: WorkerPool, worker_id: str, path: str, body: dict) -> dict:
+    """POST body to `path` on one worker; its JSON answer, or its error as ApiError (502 when it
+    cannot be reached)."""
+    state = pool.registry.get(worker_id)
+    if state is None:
+        raise ApiError(f"worker {worker_id} is gone", status=502, code="worker_unreachable")
+    try:
+        async with pool.session.post(state.info.url + path, json=body,
+                                     headers=cluster_headers(pool.cluster_token)) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise api_error_from_payload(response.status, payload)
+            return json.loads(payload)
+    except (aiohttp.ClientConnectionError, TimeoutError) as e:
+        pool.registry.mark_failed(worker_id)
+        raise ApiError(f"worker {worker_id} is unreachable: {e!r}", status=502, code="worker_unreachable") from e

@@ -8,6 +8,7 @@ Routes (all but /health need the cluster token):
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any, Callable
 
 import aiohttp
@@ -74,7 +75,7 @@ async def router_link_ctx(app: web.Application):
                               engine.max_model_len, stats.block_size, stats.num_total_blocks,
                               kv_geometry=getattr(engine, "kv_geometry", None),
                               model_aliases=list(config.served_model_aliases) or None,
-                              lora_modules=dict(config.lora_modules) or None)
+                              lora_modules=dict(engine.lora_modules) if config.enable_lora else None)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         link = RouterLink(session, config.router_url, config.cluster_token, info,
                           on_kv_summary=getattr(engine, "update_kv_summary", None) if config.remote_kv else None)
@@ -147,6 +148,30 @@ async def tokenize(request: web.Request) -> web.Response:
         return json_response(await request.app[ENGINE].tokenize(body))
     except EngineError as e:
         raise ApiError(e.message, status=e.status, code=e.code, param=e.param) from e
+
+
+@routes.post("/internal/lora")
+async def update_lora(request: web.Request) -> web.Response:
+    """The router's /v1/load_lora_adapter and /v1/unload_lora_adapter, for this worker:
+    {"op": "load" | "unload", "lora_name", "lora_path"} -> {"lora_modules": the adapters after it},
+    answered once the router's registration of this worker lists them."""
+    config, engine = request.app[CONFIG], request.app[ENGINE]
+    if not config.enable_lora:
+        raise ApiError("this worker serves no LoRA adapters: start it with --enable-lora", code="lora_not_enabled")
+    body = await read_json_object(request)
+    op, name, path = body.get("op"), body.get("lora_name"), body.get("lora_path")
+    if op not in ("load", "unload") or not isinstance(name, str) or not name or (
+            op == "load" and (not isinstance(path, str) or not path)):
+        raise ApiError("expected {op: load|unload, lora_name, lora_path (load)}", code="invalid_value")
+    if name in config.base_names:
+        raise ApiError(f"'{name}' is the base model's name: name the adapter differently", param="lora_name")
+    try:
+        modules = await (engine.load_lora(name, path) if op == "load" else engine.unload_lora(name))
+    except EngineError as e:
+        raise ApiError(e.message, status=e.status, code=e.code, param=e.param) from e
+    link = request.app[ROUTER_LINK]
+    await link.update(replace(link.info, lora_modules=dict(engine.lora_modules)))
+    return json_response({"lora_modules": modules})
 
 
 @routes.get("/internal/stats")

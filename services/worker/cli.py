@@ -84,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=load_chat_template(args.chat_template) if args.chat_template is not None else None,
         scheduling_policy=args.scheduling_policy,
-        lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
+        enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules),
+        max_lora_rank=args.max_lora_rank,
     )
 
 

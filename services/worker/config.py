@@ -36,6 +36,7 @@ class WorkerConfig:
     generation_config: str = "auto"  # vLLM's --generation-config (engine.config.EngineConfig)
     chat_template: str | None = None  # the template's text (--chat-template, read by the CLI)
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy
+    enable_lora: bool = False  # vLLM's --enable-lora: serves LoRA adapters, loaded at start or at runtime
     lora_modules: tuple[tuple[str, str], ...] = ()  # vLLM's --lora-modules: (name, adapter directory)
     max_lora_rank: int = 16  # vLLM's --max-lora-rank
 
@@ -49,7 +50,14 @@ class WorkerConfig:
         check_thread_counts(self.num_threads, self.logits_threads)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
-        check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        check_lora_names(self.lora_modules, self.base_names)
+
+    @property
+    def base_names(self) -> set[str]:
+        """The names the base model answers to (a LoRA adapter may not take one)."""
+        return {self.served_model_name or self.model, *self.served_model_aliases}
 
     @property
     def url(self) -> str:

@@ -46,6 +46,16 @@ class RouterLink:
         self.registered = True
         log.info("worker_registered", worker_id=self.info.worker_id, router=self._base)
 
+    async def update(self, info: WorkerRegistration) -> None:
+        """Register again with what changed (its LoRA adapters). If the router cannot be told now,
+        the next heartbeat registers again."""
+        self.info = info
+        try:
+            await self.register()
+        except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
+            self.registered = False
+            log.warning("registration_update_failed", worker_id=info.worker_id, error=repr(e))
+
     async def heartbeat(self, load: WorkerLoad) -> None:
         if not self.registered:
             await self.register()

@@ -1,6 +1,7 @@
 """vLLM's LoRA serving, end to end: a worker started with --enable-lora --lora-modules serves each
 adapter as a model of its own. A request naming it gets PEFT's greedy tokens for that adapter, also
-when its KV spills to a memory server; the base model's name still gets the base model's tokens."""
+when its KV spills to a memory server; the base model's name still gets the base model's tokens.
+Adapters loaded and unloaded at runtime (vLLM's /v1/load_lora_adapter) behave the same."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def adapter(tmp_path_factory):
 def cluster(tmp_path_factory, adapter):
     worker_args = ("--kv-blocks", str(LOCAL_BLOCKS), "--enable-lora", "--lora-modules", f"sql={adapter}")
     with running_cluster(tmp_path_factory.mktemp("lora"), worker_args=worker_args, num_memservers=1,
-                         memserver_capacity="8MiB") as c:
+                         memserver_capacity="8MiB", router_args=("--allow-runtime-lora-updating",)) as c:
         yield c
         c.wait_zero_used_blocks()
         exit_codes = c.stop()
@@ -85,3 +86,73 @@ def test_unknown_model_lists_the_adapter(client):
         client.completions.create(model="sql-v2", prompt="hi", max_tokens=2)
     assert "available: ['sql', 'tiny']" in json.dumps(info.value.body)
 
+
+
+def _post(cluster, path: str, body: dict) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(cluster.router.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _greedy_ids(client, model: str, ids: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
+    resp = client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert resp.model == model
+    return resp.choices[0].model_extra["token_ids"]
+
+
+def test_adapters_load_and_unload_at_runtime(cluster, client, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime_adapters")
+    for seed, name in ((6, "v2"), (7, "v3")):
+        save_adapter(materialize_tiny(), root / name, seed=seed, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
+    prompt = _prompt(3)
+    expected = {name: peft_greedy(materialize_tiny(), root / name, [prompt])[0] for name in ("v2", "v3")}
+
+    assert _post(cluster, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": str(root / "v2")}) == (
+        200, "Success: LoRA adapter 'extra' added successfully.")
+    assert "extra" in {m.id for m in client.models.list().data}
+    assert _greedy_ids(client, "extra", prompt) == expected["v2"]
+
+    status, text = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": str(root / "v3")})
+    assert status == 400 and "The lora adapter 'extra' has already been loaded." in text
+    status, text = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(root)})
+    assert status == 400 and "has no adapter_config.json" in text
+    status, text = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(root / "v3")})
+    assert status == 400 and "is a base model's name" in text
+    assert {m.id for m in client.models.list().data} == {"tiny", "sql", "extra"}
+
+    assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "extra"}) == (
+        200, "Success: LoRA adapter 'extra' removed successfully.")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="extra", prompt=prompt, max_tokens=2)
+    assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "extra"})[0] == 404
+
+    # The same name, another adapter: its answer is v3's, not v2's KV from the prefix cache
+    assert _post(cluster, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": str(root / "v3")})[0] == 200
+    assert _greedy_ids(client, "extra", prompt) == expected["v3"]
+    assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "extra"})[0] == 200
+
+
+def test_a_stream_keeps_its_adapter_when_it_is_unloaded(cluster, client, tmp_path_factory):
+    path = tmp_path_factory.mktemp("unload_adapter") / "a"
+    save_adapter(materialize_tiny(), path, seed=8, r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"])
+    prompt = _prompt(4)[:40]
+    expected = peft_greedy(materialize_tiny(), path, [prompt], max_tokens=160)[0]
+    assert expected != peft_greedy(materialize_tiny(), None, [prompt], max_tokens=160)[0]
+    assert _post(cluster, "/v1/load_lora_adapter", {"lora_name": "going", "lora_path": str(path)})[0] == 200
+    stream = client.completions.create(model="going", prompt=prompt, max_tokens=160, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids, unloaded = [], False
+    for chunk in stream:
+        ids.extend(chunk.choices[0].model_extra["token_ids"] or [])
+        if not unloaded:  # after the first token: the request is running
+            assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "going"})[0] == 200
+            unloaded = True
+    assert ids == expected and len(ids) == 160

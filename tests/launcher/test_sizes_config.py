@@ -50,7 +50,9 @@ def test_format_size_round_trips():
     ({"max_num_batched_tokens": -5}, "--max-num-batched-tokens must be >= 1, got -5"),
     ({"generation_config": "/no/such/dir"}, "--generation-config must be 'auto', 'vllm' or a directory"),
     ({"chat_template": "/no/such/template.jinja"}, "--chat-template '/no/such/template.jinja': no such file"),
-    ({"lora_modules": (("tiny", "/a/tiny"),)}, "--lora-modules name 'tiny' is already the base model's name"),
+    ({"lora_modules": (("tiny", "/a/tiny"),), "enable_lora": True},
+     "--lora-modules name 'tiny' is already the base model's name"),
+    ({"lora_modules": (("sql", "/a/sql"),)}, "--lora-modules needs --enable-lora"),
     ({"max_lora_rank": 0}, "--max-lora-rank must be >= 1"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
@@ -124,8 +126,8 @@ def test_up_refuses_an_empty_or_padded_api_key(keys, capsys):
      ["--max-model-len", "2048", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]),
     ({"generation_config": "vllm"}, ["--generation-config", "vllm"]),
     ({"chat_template": "{{ messages }}"}, ["--chat-template", "{{ messages }}"]),
-    ({"lora_modules": (("sql", "/a/sql"),), "max_lora_rank": 32},
-     ["--enable-lora", "--lora-modules", "sql=/a/sql", "--max-lora-rank", "32"]),
+    ({"enable_lora": True, "lora_modules": (("sql", "/a/sql"),), "max_lora_rank": 32},
+     ["--enable-lora", "--max-lora-rank", "32", "--lora-modules", "sql=/a/sql"]),
 ])
 def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected):
     from services.launch.cluster import LocalCluster

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.worker.engine.api import GenerateRequest, InvalidRequest, SamplingParams
+from services.worker.engine.api import GenerateRequest, InvalidRequest, NotFound, SamplingParams
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import LLMEngine
 from services.worker.config import parse_lora_module
@@ -39,7 +39,7 @@ def save_adapter(base_dir, out_dir, seed: int, **lora_config) -> None:
     peft_model.save_pretrained(str(out_dir))
 
 
-def peft_greedy(base_dir, adapter_dir, prompts) -> list[list[int]]:
+def peft_greedy(base_dir, adapter_dir, prompts, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     import peft
     import transformers
 
@@ -51,7 +51,7 @@ def peft_greedy(base_dir, adapter_dir, prompts) -> list[list[int]]:
     outs = []
     with torch.inference_mode():
         for ids in prompts:
-            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                  do_sample=False, eos_token_id=None, pad_token_id=0)
             outs.append(out[0, len(ids):].tolist())
     return outs
@@ -134,6 +134,25 @@ def test_prefix_cache_is_not_shared_across_adapters(lora_setup):
     # the first qv request finds none of the base model's blocks; the second its own, as the base one does
     assert cached == [0, 96, 96]
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_an_adapter_loaded_again_under_its_name_never_meets_the_old_ones_kv(lora_setup):
+    """vLLM's runtime loading: unload 'x' (qv), load another adapter (all) as 'x': the same prompt
+    finds none of the old adapter's cached blocks."""
+    base, adapters, prompts, expected = lora_setup
+    engine = _engine(base, {})
+    assert engine.load_lora("x", str(adapters["qv"])) == {"x": str(adapters["qv"])}
+    assert _run(engine, [("x", prompts[5])]) == [expected["qv"][5]]
+    with pytest.raises(InvalidRequest, match="already loaded"):
+        engine.load_lora("x", str(adapters["all"]))
+    assert engine.unload_lora("x") == {}
+    with pytest.raises(NotFound, match="'x' is not loaded here"):
+        engine.unload_lora("x")
+    engine.load_lora("x", str(adapters["all"]))
+    assert _run(engine, [("x", prompts[5])]) == [expected["all"][5]]
+    with pytest.raises(InvalidRequest, match="has no adapter_config.json"):
+        engine.load_lora("y", str(base))
+    assert engine.lora_modules == {"x": str(adapters["all"])}
 
 
 def test_unknown_adapter_is_refused(lora_setup):

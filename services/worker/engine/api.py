@@ -30,6 +30,13 @@ class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
 
 
+class NotFound(EngineError):
+    """What the request names (a LoRA adapter to unload) is not here."""
+
+    status = 404
+    code = "not_found"
+
+
 class EngineOverloaded(EngineError):
     status = 503
     code = "overloaded"

@@ -55,6 +55,16 @@ class AsyncEngine:
         return self.engine.tokenize(body)  # the tokenizer is thread-safe; a prompt's worth is quick
 
     @property
+    def lora_modules(self) -> dict[str, str]:
+        return self.engine.lora_modules
+
+    async def load_lora(self, name: str, path: str) -> dict[str, str]:
+        return self.engine.load_lora(name, path)  # admission reads the adapters under the GIL: a dict insert
+
+    async def unload_lora(self, name: str) -> dict[str, str]:
+        return self.engine.unload_lora(name)
+
+    @property
     def kv_geometry(self) -> dict:
         return self.engine.kv_geometry
 

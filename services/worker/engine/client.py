@@ -44,7 +44,7 @@ class EngineProcess:
         self._log_level = log_level
         self._on_death = on_death
         self._queues: dict[str, asyncio.Queue] = {}
-        self._tokenizing: dict[int, asyncio.Future] = {}  # tokenize calls awaiting the engine's answer
+        self._calls: dict[int, asyncio.Future] = {}  # calls (tokenize, LoRA loads) awaiting the engine's answer
         self._call_ids = itertools.count()
         self._stats: EngineStats | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -55,6 +55,7 @@ class EngineProcess:
         self.model_name = engine_config.model
         self.max_model_len = 0
         self.sampling_defaults: dict = {}
+        self.lora_modules: dict[str, str] = {}  # the LoRA adapters loaded: name -> directory
         self.kv_geometry: dict | None = None
 
     async def start(self) -> None:
@@ -79,6 +80,7 @@ class EngineProcess:
         self.model_name, self.max_model_len = info["model_name"], info["max_model_len"]
         self.kv_geometry, self._stats = info["kv_geometry"], ipc.stats_from_obj(info["stats"])
         self.sampling_defaults = info["sampling_defaults"]
+        self.lora_modules = info["lora_modules"]
         self._reader_task = asyncio.create_task(self._read(reader, unpacker), name="engine-reader")
         log.info("engine_process_started", pid=self._proc.pid)
 
@@ -146,16 +148,30 @@ class EngineProcess:
 
     async def tokenize(self, body: dict) -> dict:
         """LLMEngine.tokenize, answered by the engine between its steps."""
+        return await self._call("tokenize", body)
+
+    async def load_lora(self, name: str, path: str) -> dict[str, str]:
+        """LLMEngine.load_lora; updates lora_modules (answers come, and resume their callers, in
+        the engine's order, so the last one to set it is the newest)."""
+        self.lora_modules = await self._call("load_lora", {"lora_name": name, "lora_path": path})
+        return self.lora_modules
+
+    async def unload_lora(self, name: str) -> dict[str, str]:
+        self.lora_modules = await self._call("unload_lora", {"lora_name": name})
+        return self.lora_modules
+
+    async def _call(self, kind: str, body: dict):
+        """One of the engine's calls (core.EngineServer._answer), answered between its steps."""
         if self._dead is not None:
             raise EngineOverloaded(f"the engine process is gone: {self._dead}")
         call_id = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
-        self._tokenizing[call_id] = future
+        self._calls[call_id] = future
         try:
-            self._send(["tokenize", call_id, body])
+            self._send(["call", call_id, kind, body])
             return await future
         finally:
-            self._tokenizing.pop(call_id, None)
+            self._calls.pop(call_id, None)
 
     async def abort(self, request_id: str) -> None:
         if self._dead is None:
@@ -189,9 +205,9 @@ class EngineProcess:
             queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(ipc.error_from_reject(code, text, param))
-        elif kind == "tokenized":
+        elif kind == "answer":
             _, call_id, result, error = message
-            future = self._tokenizing.get(call_id)
+            future = self._calls.get(call_id)
             if future is not None and not future.done():
                 if error is None:
                     future.set_result(result)
@@ -204,7 +220,7 @@ class EngineProcess:
         if self._dead is not None:
             return
         self._dead = reason
-        for future in self._tokenizing.values():
+        for future in self._calls.values():
             if not future.done():
                 future.set_exception(EngineOverloaded(f"the engine process died: {reason}"))
         if self._stopping:

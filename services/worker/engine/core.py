@@ -148,6 +148,16 @@ class EngineServer:
             log.exception("engine_step_failed", error=str(e))
             return self.engine.fail_all(f"engine step failed: {e}")
 
+    def _answer(self, name: str, body: dict):
+        """EngineProcess._call's: the front's calls that are not requests."""
+        if name == "tokenize":
+            return self.engine.tokenize(body)
+        if name == "load_lora":
+            return self.engine.load_lora(body["lora_name"], body["lora_path"])
+        if name == "unload_lora":
+            return self.engine.unload_lora(body["lora_name"])
+        raise InvalidRequest(f"unknown engine call {name!r}")
+
     def _handle(self, message: list) -> None:
         kind = message[0]
         if kind == "submit":
@@ -155,12 +165,12 @@ class EngineServer:
         elif kind == "abort":
             self._compiling = [(r, f) for r, f in self._compiling if r.request_id != message[1]]
             self.engine.abort(message[1])
-        elif kind == "tokenize":
-            _, call_id, body = message
+        elif kind == "call":
+            _, call_id, name, body = message
             try:
-                self.channel.send(["tokenized", call_id, self.engine.tokenize(body), None])
+                self.channel.send(["answer", call_id, self._answer(name, body), None])
             except EngineError as e:
-                self.channel.send(["tokenized", call_id, None, ipc.reject_message("", e)[2:]])
+                self.channel.send(["answer", call_id, None, ipc.reject_message("", e)[2:]])
         elif kind == "kv_summary" and self.remote is not None:
             self.remote.loop.call_soon_threadsafe(self.remote.client.update, message[1])
         elif kind == "stop":
@@ -261,7 +271,7 @@ def main() -> int:
         return 1
     channel.send(["ready", {"model_name": engine.model_name, "max_model_len": engine.max_model_len,
                             "kv_geometry": engine.kv_geometry, "stats": ipc.stats_to_obj(engine.stats()),
-                            "sampling_defaults": engine.sampling_defaults}])
+                            "sampling_defaults": engine.sampling_defaults, "lora_modules": engine.lora_modules}])
     log.info("engine_ready", load_s=round(time.perf_counter() - started, 2))
     server = EngineServer(channel, engine, remote)
     for message in messages[1:]:

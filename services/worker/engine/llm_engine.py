@@ -21,6 +21,7 @@ from services.worker.engine.api import (
     FinishReason,
     GenerateRequest,
     InvalidRequest,
+    NotFound,
     StructuredOutput,
     TokenLogprob,
 )
@@ -37,6 +38,7 @@ from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
 from services.worker.engine.structured import GrammarBackend, RequestGrammar, apply_grammars
 from services.worker.model.generation_defaults import sampling_defaults
+from services.worker.model.lora import LoRAError
 from services.worker.model.tiny import resolve_model_dir
 from services.worker.model.tokenizer import Tokenizer
 
@@ -139,7 +141,8 @@ class LLMEngine:
         waits_for = self._reasoning_end(params.structured, ids) if params.structured is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        seq = Sequence(request.request_id, ids, params, arrival=0, lora_name=request.lora_name)
+        seq = Sequence(request.request_id, ids, params, arrival=0,
+                       lora=self.runner.adapters[request.lora_name] if request.lora_name is not None else None)
         echo_text = None
         if params.echo:
             echo_text = request.prompt if request.prompt is not None and not truncated else self.tokenizer.decode(ids)
@@ -148,6 +151,29 @@ class LLMEngine:
         bad_words = bad_word_ids(params.bad_words, self._encode_word) if params.bad_words else ()
         return _Active(seq, detok, generator, echo_text,
                        grammar=grammar, grammar_waits_for=waits_for, bad_words=bad_words)
+
+    @property
+    def lora_modules(self) -> dict[str, str]:
+        """The LoRA adapters requests may name: name -> directory."""
+        return {name: adapter.path for name, adapter in self.runner.adapters.items()}
+
+    def load_lora(self, name: str, path: str) -> dict[str, str]:
+        """vLLM's /v1/load_lora_adapter (step thread, between steps); returns lora_modules."""
+        try:
+            self.runner.load_lora(name, path)
+        except LoRAError as e:
+            raise InvalidRequest(str(e), "lora_path") from e
+        log.info("lora_loaded", lora_name=name, lora_path=path)
+        return self.lora_modules
+
+    def unload_lora(self, name: str) -> dict[str, str]:
+        """vLLM's /v1/unload_lora_adapter: new requests may no longer name it; those admitted
+        already finish with it. Returns lora_modules."""
+        if self.runner.adapters.pop(name, None) is None:
+            raise NotFound(f"the LoRA adapter {name!r} is not loaded here; loaded: {sorted(self.runner.adapters)}",
+                           "lora_name")
+        log.info("lora_unloaded", lora_name=name)
+        return self.lora_modules
 
     def _encode_word(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from kernels import plan_paged_attention
@@ -13,7 +15,7 @@ from services.worker.engine.scheduler import ScheduledChunk
 from services.worker.model.attention import AttentionMetadata
 from services.worker.model.config import ModelConfig, load_model_config
 from services.worker.model.loader import load_model, resolve_dtype
-from services.worker.model.lora import LoRAAdapter, LoRABatch, load_adapter
+from services.worker.model.lora import LoRAAdapter, LoRABatch, LoRAError, load_adapter
 
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: plenty for the embedded model; set kv_cache_bytes for more
 
@@ -56,9 +58,20 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
-        self.adapters: dict[str, LoRAAdapter] = {
-            name: load_adapter(name, path, cfg, config.max_lora_rank, self.device) for name, path in config.lora_modules
-        }
+        self.max_lora_rank = config.max_lora_rank
+        self._lora_loads = itertools.count()
+        self.adapters: dict[str, LoRAAdapter] = {}
+        for name, path in config.lora_modules:
+            self.load_lora(name, path)
+
+    def load_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Load a PEFT adapter as `name` (LoRAError says what is wrong with it)."""
+        if name in self.adapters:
+            raise LoRAError(f"the LoRA adapter {name!r} is already loaded (from {self.adapters[name].path!r})")
+        adapter = load_adapter(name, path, self.model_config, self.max_lora_rank, self.device,
+                               cache_key=f"{name}#{next(self._lora_loads)}")
+        self.adapters[name] = adapter
+        return adapter
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of local blocks for spilling: [num_layers, 2, n, block_size, num_kv_heads, head_dim]."""
@@ -109,7 +122,7 @@ class ModelRunner:
         )
         lora = None
         if self.adapters:
-            lora = LoRABatch.build([(self.adapters.get(c.seq.lora_name), c.num_tokens) for c in chunks], dev)
+            lora = LoRABatch.build([(c.seq.lora, c.num_tokens) for c in chunks], dev)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),

@@ -16,14 +16,14 @@ from typing import Callable
 _ROOT = b"kvmesh-prefix-v1"
 
 
-def hash_root(cache_salt: str | None, lora_name: str | None = None) -> bytes:
+def hash_root(cache_salt: str | None, lora_key: str | None = None) -> bytes:
     """The chain's start: a salt (vLLM's cache_salt) gives a chain of its own, so requests with
     different salts (say, different tenants) never share KV, nor learn from timing what another
-    one's prompts were. A LoRA adapter too: its K and V differ from the base model's for the
-    same tokens."""
+    one's prompts were. A LoRA adapter too (lora_key: its cache_key): its K and V differ from the
+    base model's for the same tokens."""
     root = _ROOT
-    if lora_name is not None:
-        root = hashlib.sha256(root + b"lora:" + lora_name.encode()).digest()
+    if lora_key is not None:
+        root = hashlib.sha256(root + b"lora:" + lora_key.encode()).digest()
     return root if cache_salt is None else hashlib.sha256(root + b"salt:" + cache_salt.encode()).digest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.worker.engine.api import FinishReason, SamplingParams
 from services.worker.engine.prefix_hash import hash_root
@@ -40,10 +41,12 @@ class Sequence:
     hash_root: bytes = field(init=False)  # where its chain starts: prefix_hash.hash_root of its cache_salt
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
-    lora_name: str | None = None  # its LoRA adapter (None: the base model)
+    # Its LoRA adapter (model.lora.LoRAAdapter; None: the base model), held so that unloading the
+    # adapter changes nothing for a sequence already admitted.
+    lora: Any = None
 
     def __post_init__(self) -> None:
-        self.hash_root = hash_root(self.sampling.cache_salt, self.lora_name)
+        self.hash_root = hash_root(self.sampling.cache_salt, self.lora.cache_key if self.lora is not None else None)
 
     @property
     def order(self) -> tuple[int, int]:

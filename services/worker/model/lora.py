@@ -53,6 +53,9 @@ class LoRAAdapter:
     rank: int
     scaling: float
     layers: tuple[dict[str, ProjectionLoRA], ...]  # per layer: fused projection name -> its adapter
+    # What its KV is cached under (prefix_hash.hash_root): unique per load, so an adapter loaded
+    # again under the same name never meets the KV of the one before.
+    cache_key: str = ""
 
 
 def _out_features(cfg: ModelConfig) -> dict[str, int]:
@@ -110,7 +113,8 @@ def _read_pairs(name: str, root: Path, cfg: ModelConfig) -> dict[tuple[int, str]
     return pairs
 
 
-def load_adapter(name: str, path: str, cfg: ModelConfig, max_rank: int, device: torch.device) -> LoRAAdapter:
+def load_adapter(name: str, path: str, cfg: ModelConfig, max_rank: int, device: torch.device,
+                 cache_key: str = "") -> LoRAAdapter:
     root = Path(path)
     config = _read_config(name, root)
     pairs = _read_pairs(name, root, cfg)
@@ -141,7 +145,7 @@ def load_adapter(name: str, path: str, cfg: ModelConfig, max_rank: int, device: 
                 row += out_features[p]
             fused[proj_name] = ProjectionLoRA(a.to(device), b.to(device))
         layers.append(fused)
-    return LoRAAdapter(name, str(root), rank, scaling, tuple(layers))
+    return LoRAAdapter(name, str(root), rank, scaling, tuple(layers), cache_key or name)
 
 
 class LoRABatch:

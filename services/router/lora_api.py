@@ -1,0 +1,108 @@
+"""vLLM's runtime LoRA updating: POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+Off unless the router runs with --allow-runtime-lora-updating (or vLLM's
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=true): anyone holding an API key could otherwise make the workers
+read a directory of their choosing. A load goes to every live worker started with --enable-lora (of
+the base model named by `model`, when several are served); all load it or none keeps it. An unload
+goes to every worker that has it; requests already admitted finish with the adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import structlog
+from aiohttp import web
+
+from services.router.keys import CONFIG, POOL, REGISTRY
+from services.router.params import get_str
+from services.router.registry import WorkerState
+from services.router.worker_client import post_worker_json
+from services.runtime.bodies import read_json_object
+from services.runtime.errors import ApiError
+
+routes = web.RouteTableDef()
+log = structlog.get_logger()
+VLLM_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def runtime_updating_allowed(flag: bool) -> bool:
+    return flag or os.environ.get(VLLM_ENV, "").strip().lower() in ("1", "true")
+
+
+def _check_allowed(request: web.Request) -> None:
+    if not request.app[CONFIG].allow_runtime_lora_updating:
+        raise ApiError("loading LoRA adapters at runtime is off: start the router with "
+                       f"--allow-runtime-lora-updating (or {VLLM_ENV}=true)", status=404, code="not_found")
+
+
+def _name(body: dict, field: str) -> str:
+    value = get_str(body, field)
+    if not value or value != value.strip():
+        raise ApiError(f"'{field}' must be a non-empty string without surrounding spaces", param=field)
+    return value
+
+
+def _lora_workers(request: web.Request, base: str | None) -> list[WorkerState]:
+    """The live workers that serve LoRA adapters, of one base model."""
+    states = [s for s in request.app[REGISTRY].live() if s.info.lora_modules is not None
+              and (base is None or base in s.info.model_names)]
+    if not states:
+        where = f" of model '{base}'" if base is not None else ""
+        raise ApiError(f"no live worker{where} serves LoRA adapters: start workers with --enable-lora",
+                       code="lora_not_enabled", param="model" if base is not None else None)
+    bases = {s.info.model_name for s in states}
+    if len(bases) > 1:
+        raise ApiError(f"workers of several base models serve LoRA adapters ({sorted(bases)}): name one in 'model'",
+                       param="model")
+    return states
+
+
+async def _update(request: web.Request, states: list[WorkerState], body: dict) -> list[BaseException | None]:
+    pool = request.app[POOL]
+    results = await asyncio.gather(*(post_worker_json(pool, s.info.worker_id, "/internal/lora", body)
+                                     for s in states), return_exceptions=True)
+    return [r if isinstance(r, BaseException) else None for r in results]
+
+
+@routes.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """{"lora_name", "lora_path" (a directory on the workers' hosts), "model" (optional: the base)}."""
+    _check_allowed(request)
+    body = await read_json_object(request)
+    name, path = _name(body, "lora_name"), _name(body, "lora_path")
+    states = _lora_workers(request, get_str(body, "model"))
+    registry = request.app[REGISTRY]
+    if any(name in s.info.model_names for s in registry.live()):
+        raise ApiError(f"'{name}' is a base model's name: name the adapter differently", param="lora_name")
+    if any(name in s.info.lora_modules for s in states):
+        raise ApiError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    errors = await _update(request, states, {"op": "load", "lora_name": name, "lora_path": path})
+    failed = [e for e in errors if e is not None]
+    if failed:  # all or none: unload it where it loaded
+        loaded = [s for s, e in zip(states, errors) if e is None]
+        await _update(request, loaded, {"op": "unload", "lora_name": name})
+        log.warning("lora_load_failed", lora_name=name, lora_path=path, error=str(failed[0]))
+        raise failed[0] if isinstance(failed[0], ApiError) else ApiError(
+            f"loading the adapter failed: {failed[0]!r}", status=502, code="worker_error")
+    log.info("lora_loaded", lora_name=name, lora_path=path, num_workers=len(states))
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@routes.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    """{"lora_name"}: every worker holding it unloads it."""
+    _check_allowed(request)
+    body = await read_json_object(request)
+    name = _name(body, "lora_name")
+    states = [s for s in request.app[REGISTRY].live() if name in (s.info.lora_modules or {})]
+    if not states:
+        raise ApiError(f"The lora adapter '{name}' cannot be found.", status=404, code="not_found",
+                       param="lora_name")
+    errors = [e for e in await _update(request, states, {"op": "unload", "lora_name": name}) if e is not None]
+    if errors:
+        raise errors[0] if isinstance(errors[0], ApiError) else ApiError(
+            f"unloading the adapter failed: {errors[0]!r}", status=502, code="worker_error")
+    log.info("lora_unloaded", lora_name=name, num_workers=len(states))
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
