@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the workers': LoRA adapters (PEFT directories) served as models named NAME")
     parser.add_argument("--max-lora-rank", type=int, default=16,
                         help="the workers': adapters of a higher rank are refused (default 16)")
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help="the workers': vLLM's speculative decoding, e.g. '{\"method\": \"ngram\", "
+                             "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4}'")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="the router's: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (with "
                              "--enable-lora; also VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
@@ -114,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=args.chat_template, scheduling_policy=args.scheduling_policy,
-        enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
+        speculative_config=args.speculative_config, enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating), api_keys=resolve_api_keys(args.api_key),

@@ -129,6 +129,8 @@ class LocalCluster:
         if c.chat_template is not None:  # a file by its absolute path (workers may start elsewhere), else the text
             is_file = Path(c.chat_template).expanduser().is_file()
             args += ["--chat-template", str(Path(c.chat_template).expanduser().resolve()) if is_file else c.chat_template]
+        if c.speculative_config is not None:
+            args += ["--speculative-config", c.speculative_config]
         if c.enable_lora:
             args += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank)]
         if c.lora_modules:

@@ -8,6 +8,7 @@ from pathlib import Path
 from services.runtime.sizes import parse_size
 from services.worker.model.chat_template import load_chat_template
 from services.worker.config import check_lora_names
+from services.worker.engine.spec_decode import SpeculativeConfig
 from services.worker.model.generation_defaults import check_setting
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -33,6 +34,7 @@ class LaunchConfig:
     chat_template: str | None = None  # the workers' --chat-template (a file or the template)
     scheduling_policy: str = "fcfs"  # the workers' --scheduling-policy
     enable_lora: bool = False  # the workers' --enable-lora
+    speculative_config: str | None = None  # the workers' --speculative-config (JSON)
     lora_modules: tuple[tuple[str, str], ...] = ()  # the workers' --lora-modules (absolute directories)
     max_lora_rank: int = 16  # the workers' --max-lora-rank
     tool_call_parser: str | None = None  # the router's --tool-call-parser
@@ -76,6 +78,8 @@ class LaunchConfig:
             raise ValueError("cluster_token must be set")
         if self.max_lora_rank < 1:
             raise ValueError(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)
         if self.lora_modules and not self.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
         check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})

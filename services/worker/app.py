@@ -182,6 +182,7 @@ async def stats(request: web.Request) -> web.Response:
         "worker_id": request.app[CONFIG].id, "num_running": s.num_running, "num_waiting": s.num_waiting,
         "num_total_blocks": s.num_total_blocks, "num_free_blocks": s.num_free_blocks,
         "num_used_blocks": s.num_total_blocks - s.num_free_blocks, "block_size": s.block_size,
+        "num_spec_proposed": s.num_spec_proposed, "num_spec_accepted": s.num_spec_accepted,
         "num_inflight": len(inflight), "outstanding_tokens": inflight.outstanding_tokens(),
         "draining": inflight.draining, "dtype": (getattr(request.app[ENGINE], "kv_geometry", None) or {}).get("dtype"),
     })

@@ -54,6 +54,7 @@ def test_format_size_round_trips():
      "--lora-modules name 'tiny' is already the base model's name"),
     ({"lora_modules": (("sql", "/a/sql"),)}, "--lora-modules needs --enable-lora"),
     ({"max_lora_rank": 0}, "--max-lora-rank must be >= 1"),
+    ({"speculative_config": '{"method": "medusa"}'}, "method 'medusa' is not supported"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -128,6 +129,8 @@ def test_up_refuses_an_empty_or_padded_api_key(keys, capsys):
     ({"chat_template": "{{ messages }}"}, ["--chat-template", "{{ messages }}"]),
     ({"enable_lora": True, "lora_modules": (("sql", "/a/sql"),), "max_lora_rank": 32},
      ["--enable-lora", "--max-lora-rank", "32", "--lora-modules", "sql=/a/sql"]),
+    ({"speculative_config": '{"method": "ngram", "num_speculative_tokens": 3}'},
+     ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']),
 ])
 def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected):
     from services.launch.cluster import LocalCluster
@@ -139,6 +142,7 @@ def test_up_passes_the_engine_limits_to_every_worker(tmp_path, options, expected
     cluster._spawn = lambda name, kind, cli_args, port: spawned.append(cli_args)
     cluster._start_worker(0)
     (args,) = spawned
-    named = ("--max-", "--generation-config", "--chat-template", "--enable-lora", "--lora-modules")
+    named = ("--max-", "--generation-config", "--chat-template", "--enable-lora", "--lora-modules",
+             "--speculative-config")
     limits = [a for i, a in enumerate(args) if a.startswith(named) or (i and args[i - 1].startswith(named))]
     assert limits == expected

@@ -283,3 +283,6 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     block_size: int
+    # speculative decoding since start: tokens proposed, and those the model agreed with
+    num_spec_proposed: int = 0
+    num_spec_accepted: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.worker.engine.spec_decode import SpeculativeConfig
 from services.worker.model.generation_defaults import check_setting
 
 # Tokens per step (chunked-prefill budget). A step's prefill chunks stall every running stream for
@@ -43,6 +44,8 @@ class EngineConfig:
     # vLLM's --lora-modules: (name, PEFT adapter directory) pairs a request selects by name
     lora_modules: tuple[tuple[str, str], ...] = ()
     max_lora_rank: int = 16  # vLLM's --max-lora-rank: adapters of a higher rank are refused
+    # vLLM's --speculative-config (JSON; method "ngram"): greedy requests check proposed tokens (spec_decode)
+    speculative_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -59,6 +62,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         names = [name for name, _ in self.lora_modules]

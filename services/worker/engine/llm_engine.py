@@ -36,6 +36,7 @@ from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
 from services.worker.engine.sampler import SampleFailed, SampleResult, sample
 from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
+from services.worker.engine.spec_decode import NgramIndex, SpeculativeConfig, SpecStats, merge_deltas, speculates
 from services.worker.engine.structured import GrammarBackend, RequestGrammar, apply_grammars
 from services.worker.model.generation_defaults import sampling_defaults
 from services.worker.model.lora import LoRAError
@@ -55,6 +56,7 @@ class _Active:
     grammar: RequestGrammar | None = None  # its structured output's state
     grammar_waits_for: int | None = None  # the token that ends the reasoning, before the grammar applies
     bad_words: tuple[tuple[int, ...], ...] = ()  # its bad_words' spellings in tokens (engine.bad_words)
+    ngram: NgramIndex | None = None  # speculative decoding: where its n-grams occurred (None: it does not speculate)
 
 
 class LLMEngine:
@@ -76,6 +78,8 @@ class LLMEngine:
         # What a request that leaves a sampling field unset gets (the worker front applies them)
         self.sampling_defaults = sampling_defaults(config.generation_config, model_dir)
         self.model_name = config.model
+        self.speculative = SpeculativeConfig.parse(config.speculative_config) if config.speculative_config else None
+        self.spec_stats = SpecStats()
         self._active: dict[str, _Active] = {}
         self._arrivals = itertools.count()
         self._rng = random.Random(config.seed)
@@ -149,8 +153,10 @@ class LLMEngine:
         decode = self.tokenizer.decode if params.skip_special_tokens else self._decode_with_special_tokens
         detok = IncrementalDetokenizer(decode, params.stop, params.include_stop_str_in_output)
         bad_words = bad_word_ids(params.bad_words, self._encode_word) if params.bad_words else ()
+        spec = self.speculative
+        ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and speculates(params) else None
         return _Active(seq, detok, generator, echo_text,
-                       grammar=grammar, grammar_waits_for=waits_for, bad_words=bad_words)
+                       grammar=grammar, grammar_waits_for=waits_for, bad_words=bad_words, ngram=ngram)
 
     @property
     def lora_modules(self) -> dict[str, str]:
@@ -239,6 +245,8 @@ class LLMEngine:
             num_free_blocks=self.blocks.num_free_blocks,
             num_total_blocks=self.blocks.num_blocks,
             block_size=self.blocks.block_size,
+            num_spec_proposed=self.spec_stats.num_proposed,
+            num_spec_accepted=self.spec_stats.num_accepted,
         )
 
     # --- the step (one thread) ---
@@ -265,31 +273,84 @@ class LLMEngine:
             logits = None
         if logits is None:
             return deltas
-        sampled = [c.seq for c in chunks if c.samples]
+        sampled = [c for c in chunks if c.samples]
         for chunk in chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            # Proposed tokens count as computed once the model agrees with them (_advance_proposed).
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens - chunk.num_proposed
             self.scheduler.cache_computed(chunk.seq)
-        score_prompts(chunks, scored, logits[len(sampled):])
-        logits = logits[:len(sampled)]
-        if any(s.sampling.max_tokens == 0 for s in sampled):  # echo, max_tokens 0: scored, nothing to generate
-            deltas += [self._end_echo_only(self._active[s.request_id]) for s in sampled if s.sampling.max_tokens == 0]
-            rows = [i for i, s in enumerate(sampled) if s.sampling.max_tokens]
+        num_rows = sum(1 + c.num_proposed for c in sampled)
+        score_prompts(chunks, scored, logits[num_rows:])
+        logits = logits[:num_rows]
+        if any(c.seq.sampling.max_tokens == 0 for c in sampled):  # echo, max_tokens 0: scored, nothing to generate
+            # (such a request never speculates: one row each)
+            deltas += [self._end_echo_only(self._active[c.seq.request_id]) for c in sampled
+                       if c.seq.sampling.max_tokens == 0]
+            rows = [i for i, c in enumerate(sampled) if c.seq.sampling.max_tokens]
             logits, sampled = logits[rows], [sampled[i] for i in rows]
         if not sampled:
             return deltas
-        actives = [self._active[s.request_id] for s in sampled]
+        actives = [self._active[c.seq.request_id] for c in sampled]
+        counts = [1 + c.num_proposed for c in sampled]  # rows per sequence
         grammars = [a.grammar if a.grammar_waits_for is None else None for a in actives]
         results = sample(
             logits,
-            [s.sampling for s in sampled],
-            [a.generator for a in actives],
-            [self._banned(a) for a in actives],
-            [self._history(a) if a.seq.sampling.uses_history else None for a in actives],
+            [a.seq.sampling for a, n in zip(actives, counts) for _ in range(n)],
+            [a.generator for a, n in zip(actives, counts) for _ in range(n)],
+            [self._banned(a) for a, n in zip(actives, counts) for _ in range(n)],
+            [self._history(a) if a.seq.sampling.uses_history else None for a, n in zip(actives, counts)
+             for _ in range(n)],
             constrain=(lambda x: apply_grammars(x, grammars)) if any(grammars) else None,
         )
-        for active, result in zip(actives, results):
-            deltas.append(self._advance(active, result))
+        row = 0
+        for active, chunk, n in zip(actives, sampled, counts):
+            if n == 1:
+                deltas.append(self._advance(active, results[row]))
+            else:
+                deltas.append(self._advance_proposed(active, chunk, results[row:row + n]))
+            row += n
+        self._propose()
         return deltas
+
+    def _advance_proposed(self, active: _Active, chunk, results: list) -> Delta:
+        """A greedy sequence that checked proposed tokens: the model's own tokens at each row, up
+        to and including the first that differs from the proposal (spec_decode). One delta."""
+        seq = active.seq
+        proposed = seq.spec_token_ids[:chunk.num_proposed]
+        taken = []
+        for i, result in enumerate(results):
+            taken.append(result)
+            if isinstance(result, SampleFailed) or i == len(proposed) or result.token_id != proposed[i]:
+                break
+        num_accepted = len(taken) - 1
+        self.spec_stats.record(len(proposed), num_accepted)
+        base = seq.num_tokens
+        out = []
+        for result in taken:
+            out.append(self._advance(active, result))
+            if out[-1].finish_reason is not None:
+                return merge_deltas(out)
+        seq.num_computed_tokens = base + num_accepted  # the accepted tokens' K/V was computed from them
+        self.scheduler.cache_computed(seq)
+        return merge_deltas(out)
+
+    def _propose(self) -> None:
+        """Proposed tokens for the next step of each decoding sequence that speculates."""
+        cap = self.speculative.disable_by_batch_size if self.speculative is not None else None
+        busy = cap is not None and len(self.scheduler.running) > cap
+        for seq in self.scheduler.running:
+            seq.spec_token_ids = []
+            active = self._active.get(seq.request_id)
+            if busy:
+                continue
+            if active is None or active.ngram is None or seq.num_uncomputed_tokens != 1:
+                continue
+            room = min(self.speculative.num_speculative_tokens, seq.sampling.max_tokens - len(seq.output_token_ids) - 1,
+                       self.max_model_len - seq.num_tokens)
+            if room < 1:
+                continue
+            index = active.ngram
+            index.extend(seq.token_ids(len(index.tokens), seq.num_tokens))
+            seq.spec_token_ids = index.propose(room)
 
     def _history(self, active: _Active) -> TokenHistory:
         if active.history is None:

@@ -80,8 +80,9 @@ class ModelRunner:
 
     def execute(self, chunks: list[ScheduledChunk], remote: RemoteKV | None = None,
                 scored: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
-        """Run one forward pass; returns fp32 logits [num sampling chunks + scored positions, vocab]:
-        the sampling chunks' in chunk order, then per chunk the positions [lo, hi) of ``scored``."""
+        """Run one forward pass; returns fp32 logits [sampled rows + scored positions, vocab]: per
+        sampling chunk in chunk order its last token's row and one per proposed token it checks
+        (1 + chunk.num_proposed rows), then per chunk the positions [lo, hi) of ``scored``."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -99,7 +100,7 @@ class ModelRunner:
             query_start.append(len(input_ids))
             context_lens.append(end - offset)
             if chunk.samples:
-                sample_rows.append(len(input_ids) - 1)
+                sample_rows.extend(range(len(input_ids) - 1 - chunk.num_proposed, len(input_ids)))
         score_rows = [query_start[i] + p - c.start for i, (c, span) in enumerate(zip(chunks, scored or ()))
                       if span is not None for p in range(*span)]
         max_blocks = max(len(c.seq.block_ids) for c in chunks)

@@ -36,7 +36,12 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so a new token is sampled after it."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens >= self.seq.num_tokens
+
+    @property
+    def num_proposed(self) -> int:
+        """How many of the sequence's proposed tokens (spec_token_ids) the chunk checks."""
+        return max(0, self.start + self.num_tokens - self.seq.num_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +107,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or budget == 0:
                 continue
-            num = self._reserve(seq, min(seq.num_uncomputed_tokens, budget), may_preempt=True)
+            # A decoding sequence's proposed tokens are checked in the same pass as its last token.
+            want = seq.num_uncomputed_tokens + (len(seq.spec_token_ids) if seq.num_uncomputed_tokens == 1 else 0)
+            num = self._reserve(seq, min(want, budget), may_preempt=True)
             if num:
                 self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
                 budget -= num
@@ -224,6 +231,7 @@ class Scheduler:
         self._num_preemptions += 1
         self._release(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)

@@ -44,6 +44,9 @@ class Sequence:
     # Its LoRA adapter (model.lora.LoRAAdapter; None: the base model), held so that unloading the
     # adapter changes nothing for a sequence already admitted.
     lora: Any = None
+    # Speculative decoding: tokens proposed to follow its last one (spec_decode), checked by the
+    # next forward pass; not part of num_tokens until the model agrees with them.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.hash_root = hash_root(self.sampling.cache_salt, self.lora.cache_key if self.lora is not None else None)
@@ -66,6 +69,10 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end); past num_tokens, its proposed tokens (spec_token_ids)."""
+        if end > self.num_tokens:
+            num = self.num_tokens
+            return self.token_ids(min(start, num), num) + self.spec_token_ids[max(start - num, 0):end - num]
         prompt_len = len(self.prompt_token_ids)
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
