@@ -161,8 +161,45 @@ def test_requests_whose_logits_are_edited_do_not_speculate():
     prompts = [[5, 6, 7, 8] * 8]
     for params in (SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2),
                    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1.3),
-                   SamplingParams(max_tokens=20, temperature=0.8, seed=1, ignore_eos=True)):
+                   SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, min_tokens=5)):
         want, _ = _run(LLMEngine(EngineConfig(model="tiny")), prompts, params)
         spec = LLMEngine(EngineConfig(model="tiny", speculative_config=SPEC))
         got, steps = _run(spec, prompts, params)
         assert got == want and spec.spec_stats.num_checks == 0 and steps == 20
+
+
+def test_sampled_proposals_keep_the_models_distribution():
+    """Speculative sampling with certain proposals: the first token taken is distributed as p0
+    whatever was proposed, and the next one, after a kept proposal, as p1 (fixed seed: no flakes)."""
+    import torch
+
+    from services.worker.engine.sampler import sample_proposed
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 1.0, 1.5], [1.0, 1.0, 1.0, 1.0]])
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=8)
+    gen = torch.Generator().manual_seed(0)
+    num = 40000
+    first, second = torch.zeros(4), torch.zeros(4)
+    for _ in range(num):
+        taken = sample_proposed(logits, params, gen, [1, 3])
+        first[taken[0].token_id] += 1
+        if taken[0].token_id == 1:
+            second[taken[1].token_id] += 1
+    from services.worker.engine.sampler import _filter
+
+    def target(row):
+        return torch.softmax(_filter(row / params.temperature, params), dim=-1)
+
+    assert torch.allclose(first / num, target(logits[0]), atol=0.01)
+    assert torch.allclose(second / second.sum(), target(logits[1]), atol=0.015)
+
+
+def test_a_sampled_request_that_cannot_vary_speculates_to_the_greedy_tokens():
+    """top_k 1 at temperature 1 samples from a one-hot distribution: through the sampled path's
+    checks (sample_proposed) it must give the greedy tokens, with fewer steps."""
+    prompts = [[5, 6, 7, 8] * 8, [11, 12] * 20]
+    want, plain_steps = _run(LLMEngine(EngineConfig(model="tiny")), prompts,
+                             SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+    spec = LLMEngine(EngineConfig(model="tiny", speculative_config=SPEC))
+    got, steps = _run(spec, prompts, SamplingParams(max_tokens=48, temperature=1.0, top_k=1, seed=3, ignore_eos=True))
+    assert got == want and spec.spec_stats.num_accepted > 0 and steps < plain_steps

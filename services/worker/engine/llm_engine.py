@@ -33,7 +33,7 @@ from services.worker.engine.logits_processors import TokenHistory
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.prompt_scoring import positions_to_score, prompt_entries, score_prompts
 from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
-from services.worker.engine.sampler import SampleFailed, SampleResult, sample
+from services.worker.engine.sampler import SampleFailed, SampleResult, sample, sample_proposed
 from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
 from services.worker.engine.spec_decode import NgramIndex, SpeculativeConfig, SpecStats, merge_deltas, speculates
@@ -290,30 +290,36 @@ class LLMEngine:
         if not sampled:
             return deltas
         actives = [self._active[c.seq.request_id] for c in sampled]
-        counts = [1 + c.num_proposed for c in sampled]  # rows per sequence
-        grammars = [a.grammar if a.grammar_waits_for is None else None for a in actives]
-        results = sample(
-            logits,
-            [a.seq.sampling for a, n in zip(actives, counts) for _ in range(n)],
-            [a.generator for a, n in zip(actives, counts) for _ in range(n)],
-            [self._banned(a) for a, n in zip(actives, counts) for _ in range(n)],
-            [self._history(a) if a.seq.sampling.uses_history else None for a, n in zip(actives, counts)
-             for _ in range(n)],
+        # rows per sequence; a sampled request's proposals are checked apart (sample_proposed)
+        counts = [1 + c.num_proposed for c in sampled]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        apart = [n > 1 and not a.seq.sampling.greedy for a, n in zip(actives, counts)]
+        batched = [(a, n) for a, n, skip in zip(actives, counts, apart) if not skip]
+        rows = [r for start, n, skip in zip(starts, counts, apart) if not skip for r in range(start, start + n)]
+        grammars = [a.grammar if a.grammar_waits_for is None else None for a, n in batched for _ in range(n)]
+        results = iter(sample(
+            logits[rows] if len(rows) < len(logits) else logits,
+            [a.seq.sampling for a, n in batched for _ in range(n)],
+            [a.generator for a, n in batched for _ in range(n)],
+            [self._banned(a) for a, n in batched for _ in range(n)],
+            [self._history(a) if a.seq.sampling.uses_history else None for a, n in batched for _ in range(n)],
             constrain=(lambda x: apply_grammars(x, grammars)) if any(grammars) else None,
-        )
-        row = 0
-        for active, chunk, n in zip(actives, sampled, counts):
+        ) if rows else ())
+        for active, chunk, start, n, skip in zip(actives, sampled, starts, counts, apart):
             if n == 1:
-                deltas.append(self._advance(active, results[row]))
-            else:
-                deltas.append(self._advance_proposed(active, chunk, results[row:row + n]))
-            row += n
+                deltas.append(self._advance(active, next(results)))
+                continue
+            proposed = active.seq.spec_token_ids[:chunk.num_proposed]
+            taken = (sample_proposed(logits[start:start + n], active.seq.sampling, active.generator, proposed)
+                     if skip else [next(results) for _ in range(n)])
+            deltas.append(self._advance_proposed(active, chunk, taken))
         self._propose()
         return deltas
 
     def _advance_proposed(self, active: _Active, chunk, results: list) -> Delta:
-        """A greedy sequence that checked proposed tokens: the model's own tokens at each row, up
-        to and including the first that differs from the proposal (spec_decode). One delta."""
+        """A sequence that checked proposed tokens: the tokens taken at each row (greedy: the
+        model's own; sampled: sample_proposed's), up to and including the first that differs from
+        the proposal (spec_decode). One delta."""
         seq = active.seq
         proposed = seq.spec_token_ids[:chunk.num_proposed]
         taken = []

@@ -121,3 +121,30 @@ def _sample_row(row: int, p: SamplingParams, gen: torch.Generator | None, logits
         values, ids = torch.topk(row_lp, p.logprobs)
         top = tuple(zip(ids.tolist(), values.tolist()))
     return SampleResult(token, float(row_lp[token]), top)
+
+
+def sample_proposed(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None,
+                    proposed: list[int]) -> list[SampleResult | SampleFailed]:
+    """Speculative sampling of a sampled (not greedy) request's proposed tokens, exact in
+    distribution: logits [len(proposed) + 1, V] fp32, row i scoring the token after proposal i - 1.
+    A proposal is a certainty (n-grams, no draft model), so proposal i is kept with probability
+    p_i(proposal); the first one refused is replaced by a draw from p_i without it, and if all are
+    kept a last token is drawn from the final row. Returns the tokens taken, in order."""
+    results: list[SampleResult | SampleFailed] = []
+    try:
+        for i, row in enumerate(logits):
+            scaled = torch.nan_to_num(row / p.temperature, nan=float("-inf"), posinf=_FLOAT_MAX)
+            probs = torch.softmax(_filter(scaled, p), dim=-1)
+            if i == len(proposed):
+                results.append(SampleResult(int(torch.multinomial(probs, 1, generator=gen).item()), None, ()))
+                break
+            token = proposed[i]
+            if float(torch.rand(1, generator=gen).item()) < float(probs[token]):
+                results.append(SampleResult(token, None, ()))
+                continue
+            probs[token] = 0.0  # refused: p_i without it (not all zero: probs[token] < 1)
+            results.append(SampleResult(int(torch.multinomial(probs, 1, generator=gen).item()), None, ()))
+            break
+    except RuntimeError as e:  # e.g. a NaN row: that request fails, not the step
+        results.append(SampleFailed(f"sampling failed: {e}"))
+    return results
