@@ -1,4 +1,5 @@
-"""The synchronous engine: admission, one scheduling step at a time, sampling, detokenization.
+"""The synchronous engine: one scheduling step at a time, sampling, detokenization (admission:
+engine.admission).
 
 Thread model: `prepare` may run on any thread; `submit` and `abort` only queue work (thread-safe);
 `step` (and everything it touches) runs on one thread at a time.
@@ -7,28 +8,24 @@ Thread model: `prepare` may run on any thread; `submit` and `abort` only queue w
 from __future__ import annotations
 
 import itertools
-import random
 from collections import deque
-from dataclasses import dataclass
 
 import structlog
 import torch
 
+from services.worker.engine.admission import ActiveRequest, Admission
 from services.worker.engine.api import (
-    ContextLengthExceeded,
     Delta,
     EngineStats,
     FinishReason,
     GenerateRequest,
     InvalidRequest,
     NotFound,
-    StructuredOutput,
     TokenLogprob,
 )
-from services.worker.engine.bad_words import bad_word_ids, banned_next
+from services.worker.engine.bad_words import banned_next
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig, resolve_max_model_len
-from services.worker.engine.detokenizer import IncrementalDetokenizer
 from services.worker.engine.logits_processors import TokenHistory
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.prompt_scoring import positions_to_score, prompt_entries, score_prompts
@@ -36,7 +33,7 @@ from services.worker.engine.remote import MemserverLost, RemoteKV, SpillFailed
 from services.worker.engine.sampler import SampleFailed, SampleResult, sample, sample_proposed
 from services.worker.engine.scheduler import Scheduler, SpillPlan
 from services.worker.engine.sequence import Sequence, SeqStatus
-from services.worker.engine.spec_decode import NgramIndex, SpeculativeConfig, SpecStats, merge_deltas, speculates
+from services.worker.engine.spec_decode import SpeculativeConfig, SpecStats, merge_deltas
 from services.worker.engine.structured import GrammarBackend, RequestGrammar, apply_grammars
 from services.worker.model.generation_defaults import sampling_defaults
 from services.worker.model.lora import LoRAError
@@ -44,19 +41,6 @@ from services.worker.model.tiny import resolve_model_dir
 from services.worker.model.tokenizer import Tokenizer
 
 log = structlog.get_logger()
-
-
-@dataclass(eq=False, slots=True)
-class _Active:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    echo_text: str | None = None  # the prompt as the first delta echoes it
-    history: TokenHistory | None = None  # penalties' view of its tokens, made at its first sampling
-    grammar: RequestGrammar | None = None  # its structured output's state
-    grammar_waits_for: int | None = None  # the token that ends the reasoning, before the grammar applies
-    bad_words: tuple[tuple[int, ...], ...] = ()  # its bad_words' spellings in tokens (engine.bad_words)
-    ngram: NgramIndex | None = None  # speculative decoding: where its n-grams occurred (None: it does not speculate)
 
 
 class LLMEngine:
@@ -80,10 +64,11 @@ class LLMEngine:
         self.model_name = config.model
         self.speculative = SpeculativeConfig.parse(config.speculative_config) if config.speculative_config else None
         self.spec_stats = SpecStats()
-        self._active: dict[str, _Active] = {}
+        self.admission = Admission(config, self.model_config, self.tokenizer, self.grammars, self.scheduler, remote,
+                                   self.max_model_len, self.runner.adapters, self.speculative)
+        self._active: dict[str, ActiveRequest] = {}
         self._arrivals = itertools.count()
-        self._rng = random.Random(config.seed)
-        self._inbox: deque[_Active] = deque()
+        self._inbox: deque[ActiveRequest] = deque()
         self._aborts: deque[str] = deque()
 
     @property
@@ -95,68 +80,12 @@ class LLMEngine:
                 "dtype": str(self.runner.dtype).removeprefix("torch.")}
 
     # --- admission (any thread) ---
-    def prepare(self, request: GenerateRequest, grammar: RequestGrammar | None = None) -> _Active:
-        """Tokenize and validate; raises EngineError subclasses naming the value and the limit.
-        grammar: the request's structured output, compiled already (`grammars.compile_async`);
-        None compiles it here."""
-        params = request.sampling
-        params.validate()
-        params.check_token_ids(self.model_config.vocab_size)
-        if params.priority and self.config.scheduling_policy != "priority":  # as vLLM
-            raise InvalidRequest("priority needs the worker started with --scheduling-policy priority", "priority")
-        if request.lora_name is not None and request.lora_name not in self.runner.adapters:
-            raise InvalidRequest(f"the LoRA adapter {request.lora_name!r} is not loaded here; loaded: "
-                                 f"{sorted(self.runner.adapters)}", "model")
-        if request.messages is not None:
-            if not request.messages:
-                raise InvalidRequest("messages must not be empty", "messages")
-            ids = self.tokenizer.encode_chat(list(request.messages), request.tools, request.chat_template_kwargs)
-        elif request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-            vocab = self.model_config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
-        elif request.prompt is not None:
-            ids = self.tokenizer.encode(request.prompt)
-        else:
-            raise InvalidRequest("one of prompt, prompt_token_ids or messages is required", "prompt")
-        if not ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        truncated = params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens
-        if truncated:  # vLLM's: keep the last k tokens (a chat's, after its template)
-            ids = ids[-params.truncate_prompt_tokens:]
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"needs {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)",
-                "max_tokens",
-            )
-        if not self.scheduler.fits_ever(total):
-            local = self.blocks.num_blocks * self.blocks.block_size
-            remote = (self.remote.free_blocks() if self.remote is not None else 0) * self.blocks.block_size
-            where = f"the KV cache holds {local} tokens" + (f" here plus {remote} free on memory servers" if self.remote else "")
-            raise ContextLengthExceeded(
-                f"{where}; the request needs {total} ({len(ids)} prompt + {params.max_tokens} max_tokens)",
-                "max_tokens",
-            )
-        if params.structured is not None and grammar is None:
-            grammar = self.grammars.matcher(params.structured)
-        waits_for = self._reasoning_end(params.structured, ids) if params.structured is not None else None
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        seq = Sequence(request.request_id, ids, params, arrival=0,
-                       lora=self.runner.adapters[request.lora_name] if request.lora_name is not None else None)
-        echo_text = None
-        if params.echo:
-            echo_text = request.prompt if request.prompt is not None and not truncated else self.tokenizer.decode(ids)
-        decode = self.tokenizer.decode if params.skip_special_tokens else self._decode_with_special_tokens
-        detok = IncrementalDetokenizer(decode, params.stop, params.include_stop_str_in_output)
-        bad_words = bad_word_ids(params.bad_words, self._encode_word) if params.bad_words else ()
-        spec = self.speculative
-        ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and speculates(params) else None
-        return _Active(seq, detok, generator, echo_text,
-                       grammar=grammar, grammar_waits_for=waits_for, bad_words=bad_words, ngram=ngram)
+    def prepare(self, request: GenerateRequest, grammar: RequestGrammar | None = None) -> ActiveRequest:
+        """Admission.prepare: tokenized and checked, ready to submit."""
+        return self.admission.prepare(request, grammar)
+
+    def tokenize(self, request: dict) -> dict:
+        return self.admission.tokenize(request)
 
     @property
     def lora_modules(self) -> dict[str, str]:
@@ -181,52 +110,7 @@ class LLMEngine:
         log.info("lora_unloaded", lora_name=name)
         return self.lora_modules
 
-    def _encode_word(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def _decode_with_special_tokens(self, token_ids) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
-
-    def _reasoning_end(self, structured: StructuredOutput, prompt_ids: list[int]) -> int | None:
-        """The id of the token ending a thinking model's reasoning, while the grammar must wait
-        for it: None when there are no markers, or when the prompt already closed the reasoning
-        (a template that turns thinking off writes an empty <think></think>)."""
-        if not structured.reasoning_end:
-            return None
-        ids = [self.tokenizer.single_token_id(m) for m in (structured.reasoning_start, structured.reasoning_end)]
-        for marker, token_id in zip((structured.reasoning_start, structured.reasoning_end), ids):
-            if marker and token_id is None:
-                raise InvalidRequest(f"{structured.param}: a structured output after the reasoning needs {marker!r} "
-                                     "to be one token of this model's vocabulary, and it is not", structured.param)
-        start_id, end_id = ids
-
-        def last(token_id):
-            return max((i for i, t in enumerate(prompt_ids) if t == token_id), default=-1)
-
-        return None if last(end_id) > (last(start_id) if start_id is not None else -1) else end_id
-
-    def tokenize(self, request: dict) -> dict:
-        """vLLM's /tokenize and /detokenize, from the router's checked body: {"tokens": [...]} ->
-        {"prompt": text}; {"prompt": text, "add_special_tokens"} or {"messages", "tools",
-        "chat_template_kwargs"} -> {"tokens", "count", "max_model_len"} (and "token_strs" when
-        "return_token_strs")."""
-        if "tokens" in request:
-            ids = list(request["tokens"])
-            vocab = self.model_config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise InvalidRequest(f"tokens must be ids in [0, {vocab})", "tokens")
-            return {"prompt": self.tokenizer.hf.decode(ids)}
-        if request.get("messages") is not None:
-            ids = self.tokenizer.encode_chat(list(request["messages"]), request.get("tools"),
-                                             request.get("chat_template_kwargs"))
-        else:
-            ids = self.tokenizer.encode(request["prompt"], request.get("add_special_tokens", True))
-        out = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
-        if request.get("return_token_strs"):
-            out["token_strs"] = self.tokenizer.hf.convert_ids_to_tokens(ids)
-        return out
-
-    def submit(self, active: _Active) -> None:
+    def submit(self, active: ActiveRequest) -> None:
         self._inbox.append(active)
 
     def abort(self, request_id: str) -> None:
@@ -316,7 +200,7 @@ class LLMEngine:
         self._propose()
         return deltas
 
-    def _advance_proposed(self, active: _Active, chunk, results: list) -> Delta:
+    def _advance_proposed(self, active: ActiveRequest, chunk, results: list) -> Delta:
         """A sequence that checked proposed tokens: the tokens taken at each row (greedy: the
         model's own; sampled: sample_proposed's), up to and including the first that differs from
         the proposal (spec_decode). One delta."""
@@ -358,19 +242,19 @@ class LLMEngine:
             index.extend(seq.token_ids(len(index.tokens), seq.num_tokens))
             seq.spec_token_ids = index.propose(room)
 
-    def _history(self, active: _Active) -> TokenHistory:
+    def _history(self, active: ActiveRequest) -> TokenHistory:
         if active.history is None:
             active.history = TokenHistory(self.model_config.vocab_size, active.seq.prompt_token_ids)
         return active.history.update(active.seq.output_token_ids)
 
-    def _end_echo_only(self, active: _Active) -> Delta:
+    def _end_echo_only(self, active: ActiveRequest) -> Delta:
         seq = active.seq
         text, logprobs = self._echo(active, "", None)
         self._retire(seq)
         return Delta(seq.request_id, (), text, seq.num_prompt_tokens, 0, FinishReason.LENGTH, logprobs,
                      num_cached_tokens=seq.num_cached_tokens, **self._prompt_fields(seq))
 
-    def _echo(self, active: _Active, text: str, logprobs):
+    def _echo(self, active: ActiveRequest, text: str, logprobs):
         """The first delta of an echo request: the prompt's text (and logprobs) before its own."""
         k = active.seq.sampling.logprobs
         if k is not None:
@@ -459,14 +343,14 @@ class LLMEngine:
         return Delta(seq.request_id, (), "", seq.num_prompt_tokens, len(seq.output_token_ids), reason, error=error,
                      num_cached_tokens=seq.num_cached_tokens)
 
-    def _banned(self, active: _Active) -> tuple[int, ...]:
+    def _banned(self, active: ActiveRequest) -> tuple[int, ...]:
         seq = active.seq
         banned = banned_next(active.bad_words, seq.output_token_ids) if active.bad_words else ()
         if len(seq.output_token_ids) >= seq.sampling.min_tokens:
             return banned
         return banned + tuple(seq.sampling.stop_token_ids) + self.tokenizer.eos_token_ids
 
-    def _advance(self, active: _Active, result: SampleResult | SampleFailed) -> Delta:
+    def _advance(self, active: ActiveRequest, result: SampleResult | SampleFailed) -> Delta:
         seq, params = active.seq, active.seq.sampling
         if isinstance(result, SampleFailed):
             log.warning("sampling_failed", request_id=seq.request_id, error=result.error)

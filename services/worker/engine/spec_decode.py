@@ -40,7 +40,8 @@ class SpeculativeConfig:
             raise ValueError("--speculative-config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
-            raise ValueError(f"--speculative-config: disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+            raise ValueError("--speculative-config: disable_by_batch_size must be >= 1, got "
+                             f"{self.disable_by_batch_size}")
 
     @classmethod
     def parse(cls, text: str) -> SpeculativeConfig:
