@@ -159,7 +159,7 @@ def test_no_proposals_while_more_sequences_run_than_disable_by_batch_size():
 
 def test_requests_whose_logits_are_edited_do_not_speculate():
     prompts = [[5, 6, 7, 8] * 8]
-    for params in (SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2),
+    for params in (SamplingParams(max_tokens=20, temperature=0.5, seed=2, ignore_eos=True, logprobs=2),
                    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1.3),
                    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, min_tokens=5)):
         want, _ = _run(LLMEngine(EngineConfig(model="tiny")), prompts, params)
@@ -203,3 +203,26 @@ def test_a_sampled_request_that_cannot_vary_speculates_to_the_greedy_tokens():
     spec = LLMEngine(EngineConfig(model="tiny", speculative_config=SPEC))
     got, steps = _run(spec, prompts, SamplingParams(max_tokens=48, temperature=1.0, top_k=1, seed=3, ignore_eos=True))
     assert got == want and spec.spec_stats.num_accepted > 0 and steps < plain_steps
+
+
+def test_greedy_logprobs_come_with_every_accepted_token():
+    prompts = [[5, 6, 7, 8] * 8, [11, 12] * 20]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=3)
+
+    def logprobs(engine):
+        for i, ids in enumerate(prompts):
+            engine.submit(engine.prepare(GenerateRequest(f"r{i}", params, prompt_token_ids=tuple(ids))))
+        out = {f"r{i}": [] for i in range(len(prompts))}
+        while engine.has_work():
+            for d in engine.step():
+                assert len(d.logprobs) == len(d.token_ids)
+                out[d.request_id] += [(lp.token_id, lp.logprob, [t[0] for t in lp.top]) for lp in d.logprobs]
+        return out
+
+    want = logprobs(LLMEngine(EngineConfig(model="tiny")))
+    spec = LLMEngine(EngineConfig(model="tiny", speculative_config=SPEC))
+    got = logprobs(spec)
+    assert spec.spec_stats.num_accepted > 0
+    for rid in want:
+        assert [(t, top) for t, _, top in got[rid]] == [(t, top) for t, _, top in want[rid]]
+        assert [lp for _, lp, _ in got[rid]] == pytest.approx([lp for _, lp, _ in want[rid]], abs=1e-4)

@@ -111,8 +111,8 @@ class NgramIndex:
 def speculates(params: SamplingParams) -> bool:
     """Requests whose next token's distribution depends only on the model's logits and the
     sampling settings (temperature, top_k, top_p, min_p): no penalties, bias, allowed or bad words,
-    min_tokens, logprobs, grammar or prompt scoring."""
-    return (not params.uses_history and params.logprobs is None and not params.min_tokens
+    min_tokens, grammar or prompt scoring; logprobs only when greedy (each row's come with it)."""
+    return (not params.uses_history and (params.logprobs is None or params.greedy) and not params.min_tokens
             and not params.bad_words and params.structured is None and not params.scores_prompt
             and params.max_tokens > 1)
 
