@@ -10,7 +10,8 @@ from services.router import internal_api, kv_api, lora_api, openai_api
 from services.router.admission import Admission
 from services.router.config import RouterConfig
 from services.router.cors import cors_middleware, cors_on_prepare
-from services.router.keys import ADMISSION, CONFIG, LEDGER, METRICS, POOL, REGISTRY
+from services.router.keys import ADMISSION, CONFIG, LEDGER, METRICS, POOL, REGISTRY, RESPONSES
+from services.router.responses_store import ResponseStore
 from services.router.ledger import Ledger
 from services.router.metrics import RouterMetrics
 from services.router.policy import PrefixAffinity, RoutingPolicy
@@ -49,6 +50,7 @@ def create_app(config: RouterConfig, policy: RoutingPolicy | None = None) -> web
     app[LEDGER] = ledger
     app[METRICS] = RouterMetrics(registry, ledger)
     app[ADMISSION] = Admission(config.max_inflight_requests)
+    app[RESPONSES] = ResponseStore(config.responses_store_size)
     app.cleanup_ctx.append(_worker_pool_ctx(policy if policy is not None else PrefixAffinity()))
     app.cleanup_ctx.append(kv_api._ledger_expiry_ctx(max(0.2, config.heartbeat_timeout_s / 4)))
     app.add_routes(openai_api.routes)

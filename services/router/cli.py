@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
                         help="CORS: origins whose browser pages may call the API (repeatable; a comma list or "
                              "vLLM's JSON list works too; default: any, as vLLM)")
+    parser.add_argument("--responses-store-size", type=int, default=1000, metavar="N",
+                        help="how many /v1/responses the router keeps (in memory, newest first) for "
+                             "previous_response_id and GET /v1/responses/{id}; 0: none (store is then false)")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (workers need "
                              "--enable-lora); also on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as vLLM")
@@ -62,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         allowed_origins=parse_origins(args.allowed_origins),
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
+        responses_store_size=args.responses_store_size,
     )
 
 

@@ -25,6 +25,7 @@ class RouterConfig:
     tool_call_parser: str | None = None  # finds tool calls in answers (tool_choice "auto"); None: refuse "auto"
     reasoning_parser: str | None = None  # splits a chat answer's reasoning_content from its content
     allowed_origins: tuple[str, ...] = ("*",)  # CORS: browser pages of these origins may call the API ("*": any)
+    responses_store_size: int = 1000  # /v1/responses kept for previous_response_id and GET (0: none)
     allow_runtime_lora_updating: bool = False  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (lora_api)
 
     def __post_init__(self) -> None:
@@ -35,6 +36,8 @@ class RouterConfig:
         for name in ("heartbeat_timeout_s", "drain_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         for name in ("max_inflight_requests", "default_max_tokens", "max_n", "max_body_bytes", "max_stop_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

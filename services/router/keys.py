@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from services.router.responses_store import ResponseStore
 from services.router.admission import Admission
 from services.router.config import RouterConfig
 from services.router.ledger import Ledger
@@ -17,3 +18,4 @@ METRICS = web.AppKey("metrics", RouterMetrics)
 ADMISSION = web.AppKey("admission", Admission)
 POOL = web.AppKey("pool", WorkerPool)  # set by the client-session context at start-up
 LEDGER = web.AppKey("ledger", Ledger)
+RESPONSES = web.AppKey("responses", ResponseStore)  # stored /v1/responses

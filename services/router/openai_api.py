@@ -10,14 +10,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.router.completions import resolve_model, serve
-from services.router.keys import CONFIG, METRICS, POOL, REGISTRY
+from services.router.keys import CONFIG, METRICS, POOL, REGISTRY, RESPONSES
 from services.router.protocol import (
     parse_chat_request, parse_completion_request, parse_detokenize_request, parse_tokenize_request,
 )
 from services.router.responses_format import ResponsesFormatter
 from services.router.responses_request import chat_body
+from services.router.responses_store import ResponseStore, StoredResponse, output_messages
 from services.router.worker_client import call_worker_json
+from services.router.params import get_str
 from services.runtime.bodies import json_response, read_json_object
+from services.runtime.errors import ApiError
 
 routes = web.RouteTableDef()
 
@@ -33,12 +36,45 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/v1/responses")
 async def responses(request: web.Request) -> web.StreamResponse:
-    """OpenAI's Responses API, as the chat request it amounts to (services.router.responses_request)."""
-    config = request.app[CONFIG]
-    chat, echo = chat_body(await read_json_object(request))
+    """OpenAI's Responses API, as the chat request it amounts to (services.router.responses_request);
+    kept for previous_response_id and GET unless `store` is false (services.router.responses_store)."""
+    config, store = request.app[CONFIG], request.app[RESPONSES]
+    body = await read_json_object(request)
+    previous = get_str(body, "previous_response_id")
+    history: tuple[dict, ...] = ()
+    if previous is not None:
+        history = _stored(store, previous, "previous_response_id").conversation
+    chat, echo, conversation = chat_body(body, history, can_store=store.enabled)
     parsed = parse_chat_request(chat, max_n=1, max_stop=config.max_stop_sequences,
                                 tool_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
-    return await serve(request, parsed, lambda p, model: ResponsesFormatter(p, model, echo), endpoint="response")
+
+    def keep(response: dict) -> None:
+        if echo.store:
+            store.put(response, conversation + output_messages(response["output"]))
+
+    return await serve(request, parsed, lambda p, model: ResponsesFormatter(p, model, echo, keep), endpoint="response")
+
+
+@routes.get("/v1/responses/{response_id}")
+async def get_response(request: web.Request) -> web.Response:
+    return json_response(_stored(request.app[RESPONSES], request.match_info["response_id"]).response)
+
+
+@routes.delete("/v1/responses/{response_id}")
+async def delete_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    if not request.app[RESPONSES].delete(response_id):
+        _stored(request.app[RESPONSES], response_id)  # raises its 404
+    return json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+def _stored(store: ResponseStore, response_id: str, param: str | None = None) -> StoredResponse:
+    stored = store.get(response_id)
+    if stored is None:
+        hint = "" if store.enabled else " (this router keeps no responses: see its --responses-store-size)"
+        raise ApiError(f"Response with id '{response_id}' not found.{hint}", status=404, code="not_found",
+                       param=param)
+    return stored
 
 
 @routes.post("/v1/completions")

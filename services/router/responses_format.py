@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 from services.router.openai_format import ChoiceState, Formatter, usage
 from services.router.protocol import ParsedRequest
@@ -45,8 +46,11 @@ def _text_item(kind: str, item_id: str, text: str, status: str, logprobs: list |
 class ResponsesFormatter:
     """The Responses objects of one request; the chat Formatter does the parsing (reasoning, tools)."""
 
-    def __init__(self, parsed: ParsedRequest, model: str, echo: ResponseEcho):
+    def __init__(self, parsed: ParsedRequest, model: str, echo: ResponseEcho,
+                 on_done: Callable[[dict], None] | None = None):
+        """on_done: given the finished response object (completed or incomplete), e.g. to store it."""
         self._chat = Formatter(parsed, model)
+        self._on_done = on_done
         self.id = self.response_id = "resp_" + uuid.uuid4().hex  # also names the worker sequences
         self._model = model
         self._echo = echo
@@ -65,8 +69,9 @@ class ResponsesFormatter:
             "id": self.response_id, "object": "response", "created_at": self._created, "status": status,
             "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": e.instructions, "max_output_tokens": e.max_output_tokens, "model": self._model,
-            "output": output, "parallel_tool_calls": e.parallel_tool_calls, "previous_response_id": None,
-            "reasoning": e.reasoning or {"effort": None, "summary": None}, "store": False,
+            "output": output, "parallel_tool_calls": e.parallel_tool_calls,
+            "previous_response_id": e.previous_response_id,
+            "reasoning": e.reasoning or {"effort": None, "summary": None}, "store": e.store,
             "temperature": e.temperature, "text": {"format": e.text_format}, "tool_choice": e.tool_choice,
             "tools": e.tools, "top_p": e.top_p, "truncation": "disabled",
             "usage": _responses_usage(choices) if choices is not None else None, "user": e.user, "metadata": e.metadata,
@@ -86,7 +91,12 @@ class ResponsesFormatter:
             output.append({"type": "function_call", "id": _new_id("function_call"), "call_id": call["id"],
                            "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                            "status": "completed"})
-        return self.response(status, output, choices)
+        return self._done(self.response(status, output, choices))
+
+    def _done(self, response: dict) -> dict:
+        if self._on_done is not None:
+            self._on_done(response)
+        return response
 
     # --- streaming (services.router.completions) ---
     def stream_head(self) -> bytes:
@@ -117,7 +127,8 @@ class ResponsesFormatter:
     def stream_tail(self, choices: list[ChoiceState]) -> bytes:
         events = self._close()
         status = "incomplete" if self._finish == "length" else "completed"
-        events.append(self._event(f"response.{status}", response=self.response(status, self._items, choices)))
+        response = self._done(self.response(status, self._items, choices))
+        events.append(self._event(f"response.{status}", response=response))
         return self._encode(events)
 
     def stream_error(self, err: ApiError) -> bytes:

@@ -2,8 +2,9 @@
 
 `instructions` becomes a system message, `input` (text, or items: messages, earlier function calls
 and their outputs) the messages, `max_output_tokens` max_completion_tokens, `text.format`
-response_format, function `tools` chat tools; the sampling fields chat takes pass through. Nothing
-is stored: a conversation goes back whole in `input` (`previous_response_id` is refused).
+response_format, function `tools` chat tools; the sampling fields chat takes pass through. The input
+follows the conversation it continues (`previous_response_id`: the caller looks it up,
+services.router.responses_store).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ PASSED = ("model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ig
           "logit_bias", "skip_special_tokens", "include_stop_str_in_output", "parallel_tool_calls", "stream",
           "cache_salt")
 # Fields this server does not serve, with the value that asks for nothing
-UNSERVED = {"background": False, "previous_response_id": None, "prompt": None, "conversation": None,
-            "truncation": "disabled"}
+UNSERVED = {"background": False, "prompt": None, "conversation": None, "truncation": "disabled"}
 LOGPROBS = "message.output_text.logprobs"  # the one `include` served
 
 
@@ -41,19 +41,22 @@ class ResponseEcho:
     reasoning: dict | None = None
     metadata: dict = field(default_factory=dict)
     user: str | None = None
+    previous_response_id: str | None = None
+    store: bool = False  # whether the response is kept (the request's `store`, if the router keeps any)
 
 
-def chat_body(body: dict) -> tuple[dict, ResponseEcho]:
-    """A Responses request body -> (the chat request body it amounts to, what the response echoes)."""
+def chat_body(body: dict, history: tuple[dict, ...] = (), can_store: bool = False
+              ) -> tuple[dict, ResponseEcho, list[dict]]:
+    """A Responses request body -> (the chat request body it amounts to, what the response echoes,
+    the conversation so far as chat messages: history, the previous response's, then the input;
+    without the instructions). can_store: the router keeps responses."""
     for name, neutral in UNSERVED.items():
         if body.get(name) not in (None, neutral):
-            raise ApiError(f"'{name}' is not supported by this server" + (
-                ": send the whole conversation in 'input'" if name == "previous_response_id" else ""),
-                code="unsupported_parameter", param=name)
+            raise ApiError(f"'{name}' is not supported by this server", code="unsupported_parameter", param=name)
     instructions = get_str(body, "instructions")
+    conversation = [*history, *_input_messages(body.get("input"))]
     messages = [{"role": "system", "content": instructions}] if instructions else []
-    messages += _input_messages(body.get("input"))
-    chat: dict = {"messages": messages, **{k: body[k] for k in PASSED if body.get(k) is not None}}
+    chat: dict = {"messages": messages + conversation, **{k: body[k] for k in PASSED if body.get(k) is not None}}
     max_output = get_int(body, "max_output_tokens", minimum=1)
     if max_output is not None:
         chat["max_completion_tokens"] = max_output
@@ -78,8 +81,9 @@ def chat_body(body: dict) -> tuple[dict, ResponseEcho]:
                         tool_choice=body.get("tool_choice", "auto"),
                         parallel_tool_calls=get_bool(body, "parallel_tool_calls", True),
                         text_format=fmt or {"type": "text"}, reasoning=reasoning, metadata=metadata,
-                        user=get_str(body, "user"))
-    return chat, echo
+                        user=get_str(body, "user"), previous_response_id=get_str(body, "previous_response_id"),
+                        store=get_bool(body, "store", True) and can_store)
+    return chat, echo, conversation
 
 
 def _input_messages(value: Any) -> list[dict]:

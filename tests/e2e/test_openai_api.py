@@ -412,6 +412,25 @@ def test_responses_api_answers_as_chat_does(client, reference):
     assert streamed == call.arguments == events[-1].response.output[0].arguments
 
 
+def test_responses_api_goes_on_from_a_stored_response(client):
+    """previous_response_id: the follow-up answers as chat does for the whole conversation (the
+    earlier input and answer, then the new input; the earlier instructions are not inherited, as
+    OpenAI's); retrieve and delete by id."""
+    first = client.responses.create(model="tiny", instructions="Answer briefly.", input="Name a color.",
+                                    max_output_tokens=MAX_TOKENS, temperature=0)
+    follow = client.responses.create(model="tiny", previous_response_id=first.id, input="And another?",
+                                     max_output_tokens=MAX_TOKENS, temperature=0)
+    chat = client.chat.completions.create(model="tiny", max_tokens=MAX_TOKENS, temperature=0, messages=[
+        {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And another?"}])
+    assert follow.output_text == chat.choices[0].message.content
+    assert follow.previous_response_id == first.id and follow.usage.input_tokens == chat.usage.prompt_tokens
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
 async def test_prompt_logprobs_and_token_ids_as_vllm(cluster, client, reference):
     """vLLM's prompt_logprobs (each prompt token's logprob, rank and top alternatives, as echo
     scores them) and return_token_ids (the prompt's ids as /tokenize gives them; the output's, which

@@ -51,7 +51,7 @@ def test_a_random_body_is_a_400_or_fit_for_the_wire(endpoint):
     for body in _bodies(fields, base, seed=len(endpoint)):
         try:
             if endpoint == "responses":
-                chat, _ = chat_body(body)
+                chat, _, _ = chat_body(body)
                 parsed = parse_chat_request(chat, max_n=1, max_stop=4, tool_parser="hermes")
             elif endpoint == "chat":
                 parsed = parse_chat_request(body, max_n=4, max_stop=4, tool_parser="hermes")

@@ -11,7 +11,7 @@ from tests.router.stack import read_sse, running_stack
 
 
 def test_a_conversation_of_items_becomes_chat_messages():
-    chat, echo = chat_body({
+    chat, echo, _ = chat_body({
         "model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0, "metadata": {"k": "v"},
         "input": [
             {"role": "user", "content": "weather?"},
@@ -40,7 +40,6 @@ def test_a_conversation_of_items_becomes_chat_messages():
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
     ({"input": [{"type": "input_image"}]}, "input[0].type"),
@@ -87,7 +86,7 @@ async def test_an_error_mid_stream_is_one_error_event():
         events = await read_sse(await s.post("/v1/responses", body))
         assert events[-1]["type"] == "error" and "boom" in events[-1]["message"]
         resp = await s.post("/v1/responses", {"input": "x", "previous_response_id": "resp_1"})
-        assert resp.status == 400 and (await resp.json())["error"]["param"] == "previous_response_id"
+        assert resp.status == 404 and (await resp.json())["error"]["param"] == "previous_response_id"
         resp = await s.post("/v1/responses", {"input": "x", "max_output_tokens": 2})  # and it still answers
         assert resp.status == 200 and (await resp.json())["status"] == "incomplete"
         await s.wait_blocks_free()
@@ -102,7 +101,7 @@ def test_text_then_a_call_stream_as_a_message_item_then_a_function_call_item():
     from services.runtime.wire import DeltaFrame
 
     body = {"input": "weather?", "tools": [{"type": "function", "name": "now"}], "stream": True}
-    chat, echo = chat_body(body)
+    chat, echo, _ = chat_body(body)
     fmt = ResponsesFormatter(parse_chat_request(chat, max_n=1, max_stop=4, tool_parser="hermes"), "m", echo)
     answer = 'Checking. <tool_call>{"name": "now", "arguments": {}}</tool_call>'
     choice, raw = ChoiceState(0, 0), fmt.stream_head()
@@ -129,7 +128,7 @@ def test_reasoning_streams_as_its_own_item_before_the_answer():
     from services.router.responses_format import ResponsesFormatter
     from services.runtime.wire import DeltaFrame
 
-    chat, echo = chat_body({"input": "2+2?", "stream": True})
+    chat, echo, _ = chat_body({"input": "2+2?", "stream": True})
     fmt = ResponsesFormatter(parse_chat_request(chat, max_n=1, max_stop=4, reasoning_parser="deepseek_r1"), "m", echo)
     choice, raw = ChoiceState(0, 0), b""
     for i, piece in enumerate(["Add ", "them.</think>", "It is ", "4."]):
@@ -145,3 +144,64 @@ def test_reasoning_streams_as_its_own_item_before_the_answer():
     assert message["content"][0]["text"] == "It is 4."
     whole = fmt.full_response([choice])["output"]
     assert [o["type"] for o in whole] == ["reasoning", "message"] and whole[1]["content"][0]["text"] == "It is 4."
+
+
+async def test_stored_responses_continue_a_conversation_and_can_be_read_and_deleted():
+    """store (default true): GET /v1/responses/{id} returns the response; previous_response_id
+    sends the stored conversation (input and output, not the instructions) before the new input."""
+    async with running_stack() as s:
+        first = await (await s.post("/v1/responses", {"input": "hi", "instructions": "Be brief.",
+                                                      "max_output_tokens": 3})).json()
+        assert first["store"] is True and first["previous_response_id"] is None
+        got = await s.client.get(s.url(f"/v1/responses/{first['id']}"))
+        assert got.status == 200 and await got.json() == first
+
+        body = {"input": [{"role": "user", "content": "again"}], "previous_response_id": first["id"],
+                "max_output_tokens": 2, "stream": True}
+        events = await read_sse(await s.post("/v1/responses", body))
+        second = events[-1]["response"]
+        assert second["previous_response_id"] == first["id"]
+        sent = s.engines[0].requests[-1].messages
+        assert [(m["role"], m["content"]) for m in sent] == [("user", "hi"), ("assistant", "abc"), ("user", "again")]
+
+        third = await (await s.post("/v1/responses", {"input": "more", "previous_response_id": second["id"],
+                                                      "max_output_tokens": 1, "store": False})).json()
+        assert third["store"] is False
+        sent = s.engines[0].requests[-1].messages
+        assert [m["content"] for m in sent] == ["hi", "abc", "again", "ab", "more"]
+        assert (await s.client.get(s.url(f"/v1/responses/{third['id']}"))).status == 404
+
+        deleted = await s.client.delete(s.url(f"/v1/responses/{first['id']}"))
+        assert await deleted.json() == {"id": first["id"], "object": "response", "deleted": True}
+        assert (await s.client.get(s.url(f"/v1/responses/{first['id']}"))).status == 404
+        assert (await s.client.delete(s.url(f"/v1/responses/{first['id']}"))).status == 404
+        resp = await s.post("/v1/responses", {"input": "x", "previous_response_id": first["id"]})
+        assert resp.status == 404 and "not found" in (await resp.json())["error"]["message"]
+        await s.wait_blocks_free()
+
+
+async def test_a_router_that_keeps_no_responses_says_so():
+    async with running_stack(responses_store_size=0) as s:
+        first = await (await s.post("/v1/responses", {"input": "hi", "max_output_tokens": 2})).json()
+        assert first["store"] is False
+        resp = await s.post("/v1/responses", {"input": "x", "previous_response_id": first["id"]})
+        assert resp.status == 404 and "--responses-store-size" in (await resp.json())["error"]["message"]
+        await s.wait_blocks_free()
+
+
+def test_the_store_keeps_the_newest_and_the_ones_in_use():
+    from services.router.responses_store import ResponseStore, output_messages
+
+    store = ResponseStore(2)
+    for i in range(3):
+        store.put({"id": f"r{i}"}, [])
+        if i == 1:
+            assert store.get("r0") is not None  # r0 in use: r1 becomes the oldest
+    assert store.get("r1") is None and store.get("r0") is not None and len(store) == 2
+    output = [{"type": "reasoning", "content": []},
+              {"type": "message", "content": [{"type": "output_text", "text": "Let me check."}]},
+              {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+              {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"}]
+    assert output_messages(output) == [{"role": "assistant", "content": "Let me check.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}]
