@@ -223,3 +223,15 @@ def test_batch_rows_per_adapter():
     assert ga is a and rows_a.tolist() == [0, 1, 2, 6, 7]
     assert gb is b and rows_b == slice(5, 6)
     assert LoRABatch.build([(None, 4)], torch.device("cpu")) is None
+
+
+def test_adapters_with_speculative_decoding_match_peft(lora_setup):
+    """Proposed tokens run through the adapter's projections like any other row."""
+    base, adapters, prompts, expected = lora_setup
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+    engine = _engine(base, adapters, speculative_config=spec)
+    names = [None, "qv", "all"]
+    jobs = [(names[i % 3], ids) for i, ids in enumerate(prompts)]
+    outs = _run(engine, jobs)
+    assert outs == [expected[name][prompts.index(ids)] for name, ids in jobs]
+    assert engine.spec_stats.num_accepted > 0
