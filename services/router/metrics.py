@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.router.ledger import Ledger
 from services.router.registry import WorkerRegistry
@@ -23,6 +23,10 @@ class WorkerLoadCollector:
         used = GaugeMetricFamily("kvmesh_worker_kv_blocks_used", "KV blocks in use per worker", labels=["worker"])
         free = GaugeMetricFamily("kvmesh_worker_kv_blocks_free", "Free KV blocks per worker", labels=["worker"])
         live = GaugeMetricFamily("kvmesh_worker_live", "1 if the worker is in rotation", labels=["worker"])
+        proposed = CounterMetricFamily("kvmesh_worker_spec_decode_proposed_tokens",
+                                       "Tokens proposed by speculative decoding, per worker", labels=["worker"])
+        accepted = CounterMetricFamily("kvmesh_worker_spec_decode_accepted_tokens",
+                                       "Proposed tokens the model agreed with, per worker", labels=["worker"])
         for state in self._workers.all():
             wid = state.info.worker_id
             live.add_metric([wid], 1.0 if self._workers.is_live(state) else 0.0)
@@ -32,7 +36,9 @@ class WorkerLoadCollector:
             waiting.add_metric([wid], state.load.num_waiting)
             used.add_metric([wid], state.load.num_total_blocks - state.load.num_free_blocks)
             free.add_metric([wid], state.load.num_free_blocks)
-        return [running, waiting, used, free, live]
+            proposed.add_metric([wid], state.load.num_spec_proposed)
+            accepted.add_metric([wid], state.load.num_spec_accepted)
+        return [running, waiting, used, free, live, proposed, accepted]
 
 
 class LedgerCollector:

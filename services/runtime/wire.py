@@ -94,6 +94,8 @@ class WorkerLoad:
     num_total_blocks: int
     outstanding_tokens: int  # generation tokens still owed to in-flight requests
     draining: bool = False
+    num_spec_proposed: int = 0  # speculative decoding since the worker started: tokens proposed
+    num_spec_accepted: int = 0  # ... and those the model agreed with
     v: int = WIRE_VERSION
 
 

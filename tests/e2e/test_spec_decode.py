@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tests.e2e.cluster import running_cluster, worker_stats
+from tests.e2e.cluster import get, running_cluster, wait_for, worker_stats
 from tests.e2e.test_memservers import offline_texts
 
 SPEC = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
@@ -64,5 +64,9 @@ def test_speculating_worker_streams_the_same_text_in_fewer_chunks(cluster):
     assert all(r[2] == MAX_TOKENS for r in results)
     stats = worker_stats(cluster.workers[0])
     assert stats["num_spec_accepted"] > 0
+    # the router's /metrics shows the same counts (from the worker's heartbeats)
+    wait_for(lambda: f'kvmesh_worker_spec_decode_accepted_tokens_total{{worker="{stats["worker_id"]}"}} '
+                     f'{float(stats["num_spec_accepted"])}' in get(cluster.router.url + "/metrics")[1].decode(),
+             10, "the router's spec decode metrics")
     # accepted proposals arrive with the token before them: fewer chunks than tokens
     assert sum(r[1] for r in results) < 2 * MAX_TOKENS
