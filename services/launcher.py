@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help="the workers': vLLM's speculative decoding, e.g. '{\"method\": \"ngram\", "
                              "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4}'")
+    parser.add_argument("--responses-store-size", type=int, default=None, metavar="N",
+                        help="the router's: how many /v1/responses it keeps for previous_response_id (default "
+                             "1000; 0: none)")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="the router's: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (with "
                              "--enable-lora; also VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
@@ -120,7 +123,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         speculative_config=args.speculative_config, enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
-        allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating), api_keys=resolve_api_keys(args.api_key),
+        allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
+        responses_store_size=args.responses_store_size, api_keys=resolve_api_keys(args.api_key),
         log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
         ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,

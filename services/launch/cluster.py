@@ -83,6 +83,8 @@ class LocalCluster:
             args += ["--reasoning-parser", c.reasoning_parser]
         if c.allow_runtime_lora_updating:
             args += ["--allow-runtime-lora-updating"]
+        if c.responses_store_size is not None:
+            args += ["--responses-store-size", str(c.responses_store_size)]
         self.router = self._spawn("router", "router", args, port)
         self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
                            60, self._check_alive)

@@ -40,6 +40,7 @@ class LaunchConfig:
     tool_call_parser: str | None = None  # the router's --tool-call-parser
     reasoning_parser: str | None = None  # the router's --reasoning-parser
     allow_runtime_lora_updating: bool = False  # the router's --allow-runtime-lora-updating
+    responses_store_size: int | None = None  # the router's --responses-store-size; None: its default
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
@@ -76,6 +77,8 @@ class LaunchConfig:
             raise ValueError("--served-model-name must not be empty")
         if not self.cluster_token:
             raise ValueError("cluster_token must be set")
+        if self.responses_store_size is not None and self.responses_store_size < 0:
+            raise ValueError(f"--responses-store-size must be >= 0, got {self.responses_store_size}")
         if self.max_lora_rank < 1:
             raise ValueError(f"--max-lora-rank must be >= 1, got {self.max_lora_rank}")
         if self.speculative_config is not None:

@@ -55,6 +55,7 @@ def test_format_size_round_trips():
     ({"lora_modules": (("sql", "/a/sql"),)}, "--lora-modules needs --enable-lora"),
     ({"max_lora_rank": 0}, "--max-lora-rank must be >= 1"),
     ({"speculative_config": '{"method": "medusa"}'}, "method 'medusa' is not supported"),
+    ({"responses_store_size": -1}, "--responses-store-size must be >= 0"),
 ])
 def test_launch_config_rejects_bad_options(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -92,6 +93,8 @@ def test_cluster_view_reads_the_routers_cluster_route():
     ({"tool_call_parser": "hermes"}, ["--tool-call-parser", "hermes"]),
     ({"tool_call_parser": "hermes", "reasoning_parser": "qwen3"},
      ["--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]),
+    ({"allow_runtime_lora_updating": True, "responses_store_size": 0},
+     ["--allow-runtime-lora-updating", "--responses-store-size", "0"]),
 ])
 def test_up_passes_the_parsers_to_the_router(tmp_path, parsers, expected):
     from services.launch.cluster import LocalCluster
