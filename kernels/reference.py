@@ -157,5 +157,8 @@ def store_kv_ref(
     key/value [num_tokens, num_kv_heads, head_dim]; slot = block_id * block_size + offset.
     """
     slots = slot_mapping.long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+    for cache, new in ((k_cache, key), (v_cache, value)):
+        dst, src = cache.view(-1, *cache.shape[2:]), new.to(cache.dtype)
+        if cache.element_size() == 1:  # fp8: index_copy_ has no fp8 kernel; the bytes are the values
+            dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+        dst.index_copy_(0, slots, src)

@@ -14,6 +14,8 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# vLLM's --kv-cache-dtype fp8 (scale 1): K/V stored in 8 bits, computed in q's dtype (CPU path only)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_BLOCK_SIZE = 128
 MAX_HEAD_DIM = 256
@@ -45,6 +47,10 @@ def _check_head_dim_contiguous(name: str, t: torch.Tensor) -> None:
         _fail(f"{name} must be contiguous in its last (head_dim) dimension, got strides {t.stride()}")
 
 
+def _fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype in FP8_DTYPES and cache.device.type == "cpu"
+
+
 def check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale) -> None:
     """Metadata checks for paged_attention_partial (see kernels.reference for the layout)."""
     _check_ndim("q", q, 3, "[num_tokens, num_heads, head_dim]")
@@ -54,8 +60,9 @@ def check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, quer
     _check_ndim("context_lens", context_lens, 1, "[num_seqs]")
     _check_ndim("query_start_loc", query_start_loc, 1, "[num_seqs + 1]")
     _check_dtype("q", q, FLOAT_DTYPES)
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        _fail(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and not _fp8_cache(k_cache)):
+        _fail(f"k_cache and v_cache must share q's dtype (or an fp8 dtype on CPU), got {q.dtype}, {k_cache.dtype}, "
+              f"{v_cache.dtype}")
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens),
                     ("query_start_loc", query_start_loc)):
         _check_dtype(name, t, INDEX_DTYPES)
@@ -160,11 +167,11 @@ def check_store_inputs(key, value, k_cache, v_cache, slot_mapping) -> None:
     _check_ndim("k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     _check_ndim("v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     _check_ndim("slot_mapping", slot_mapping, 1, "[num_tokens]")
-    _check_dtype("k_cache", k_cache, FLOAT_DTYPES)
+    _check_dtype("k_cache", k_cache, FLOAT_DTYPES + (FP8_DTYPES if k_cache.device.type == "cpu" else ()))
     if v_cache.dtype != k_cache.dtype:
         _fail(f"v_cache.dtype {v_cache.dtype} must equal k_cache.dtype {k_cache.dtype}")
     for name, t in (("key", key), ("value", value)):
-        if t.dtype != k_cache.dtype:
+        if t.dtype != k_cache.dtype and not (_fp8_cache(k_cache) and t.dtype in FLOAT_DTYPES):
             _fail(f"{name}.dtype {t.dtype} must equal the cache dtype {k_cache.dtype}")
     _check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
     for name, t in (("value", value), ("k_cache", k_cache), ("v_cache", v_cache),

@@ -131,6 +131,8 @@ class LocalCluster:
         if c.chat_template is not None:  # a file by its absolute path (workers may start elsewhere), else the text
             is_file = Path(c.chat_template).expanduser().is_file()
             args += ["--chat-template", str(Path(c.chat_template).expanduser().resolve()) if is_file else c.chat_template]
+        if c.kv_cache_dtype != "auto":
+            args += ["--kv-cache-dtype", c.kv_cache_dtype]
         if c.speculative_config is not None:
             args += ["--speculative-config", c.speculative_config]
         if c.enable_lora:

@@ -35,6 +35,7 @@ class LaunchConfig:
     scheduling_policy: str = "fcfs"  # the workers' --scheduling-policy
     enable_lora: bool = False  # the workers' --enable-lora
     speculative_config: str | None = None  # the workers' --speculative-config (JSON)
+    kv_cache_dtype: str = "auto"  # the workers' --kv-cache-dtype
     lora_modules: tuple[tuple[str, str], ...] = ()  # the workers' --lora-modules (absolute directories)
     max_lora_rank: int = 16  # the workers' --max-lora-rank
     tool_call_parser: str | None = None  # the router's --tool-call-parser

@@ -9,7 +9,9 @@ import torch
 
 from kernels import paged_attention_partial, plan_paged_attention
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}  # fp8: the worker's --kv-cache-dtype
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class PoolError(Exception):
@@ -34,13 +36,20 @@ class Geometry:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: str
+    dtype: str  # the KV's
+    compute_dtype: str = ""  # the queries' and outputs' (the model's); "": the KV's
 
     @classmethod
     def from_dict(cls, d: dict) -> "Geometry":
-        if d["dtype"] not in DTYPES:
-            raise ValueError(f"unsupported KV dtype {d['dtype']!r}")
-        return cls(int(d["num_layers"]), int(d["num_kv_heads"]), int(d["head_dim"]), int(d["block_size"]), d["dtype"])
+        compute = d.get("compute_dtype") or d["dtype"]
+        if d["dtype"] not in DTYPES or compute not in COMPUTE_DTYPES:
+            raise ValueError(f"unsupported KV dtype {d['dtype']!r} (computed in {compute!r})")
+        return cls(int(d["num_layers"]), int(d["num_kv_heads"]), int(d["head_dim"]), int(d["block_size"]), d["dtype"],
+                   compute)
+
+    @property
+    def q_dtype(self) -> str:
+        return self.compute_dtype or self.dtype
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -63,6 +72,9 @@ class BlockPool:
     def __init__(self, geometry: Geometry, num_blocks: int, device: str = "cpu", per_owner_cap: int | None = None):
         if num_blocks < 1:
             raise ValueError(f"a pool needs at least one block; {num_blocks} fit the capacity")
+        if geometry.dtype.startswith("float8") and not str(device).startswith("cpu"):
+            raise ValueError(f"the workers' KV is {geometry.dtype}, which is served on CPU only: start this "
+                             "memory server with --device cpu")
         self.geometry = geometry
         self.num_blocks = num_blocks
         self.per_owner_cap = per_owner_cap
@@ -164,7 +176,10 @@ class BlockPool:
             return
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.kv.device)
         for i, buffer in enumerate(buffers):
-            self.kv[i // 2, i % 2].index_copy_(0, ids, buffer)
+            dst = self.kv[i // 2, i % 2]
+            if dst.element_size() == 1:  # fp8 KV: index_copy_ has no fp8 kernel; the bytes are the values
+                dst, buffer = dst.view(torch.uint8), buffer.view(torch.uint8)
+            dst.index_copy_(0, ids, buffer)
 
     def attention(self, owner: str, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +225,8 @@ class BlockPool:
         tables = tables.to(device)
         lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
         query_starts = torch.tensor(starts, dtype=torch.int32, device=device)
-        plan = plan_paged_attention(tables, lens, query_starts, self.kv[0, 0], self.kv.dtype, causal=False)
+        plan = plan_paged_attention(tables, lens, query_starts, self.kv[0, 0], DTYPES[self.geometry.q_dtype],
+                                    causal=False)
         prepared = _Prepared(tables, lens, query_starts, starts[-1], plan)
         self._prepared[owner] = (self._generation, key, prepared)
         return prepared

@@ -11,7 +11,7 @@ import structlog
 import torch
 
 from services.memserver.messages import Attend, Attended, BlocksStored, FreeBlocks, Freed, FreeOwner, StoreBlocks
-from services.memserver.pool import BlockPool, NotOwner, PoolError
+from services.memserver.pool import DTYPES, BlockPool, NotOwner, PoolError
 from services.runtime.host import run_on_threads
 from transport.client import Reply
 from transport.server import Request
@@ -118,13 +118,14 @@ class MemoryService:
         self._bind(request, msg.owner)
         self._require_current(msg.owner, msg.epoch)
         geo, kv = self.pool.geometry, self.pool.kv
-        if msg.q_dtype != geo.dtype:
-            raise BadAttend(f"q is {msg.q_dtype}; this pool holds {geo.dtype} KV")
+        if msg.q_dtype != geo.q_dtype:
+            raise BadAttend(f"q is {msg.q_dtype}; this pool's KV ({geo.dtype}) is attended in {geo.q_dtype}")
+        q_dtype = DTYPES[geo.q_dtype]
         try:
-            msg.check_frames(request.frame_sizes, geo.head_dim, kv.element_size())
+            msg.check_frames(request.frame_sizes, geo.head_dim, q_dtype.itemsize)
         except ValueError as e:
             raise BadAttend(str(e)) from None
-        q = torch.empty(msg.num_tokens, msg.num_heads, geo.head_dim, dtype=kv.dtype, device=kv.device)
+        q = torch.empty(msg.num_tokens, msg.num_heads, geo.head_dim, dtype=q_dtype, device=kv.device)
         tables = torch.empty(msg.num_seqs, msg.table_width, dtype=torch.int32)
         seq_lens = torch.empty(3, msg.num_seqs, dtype=torch.int32)
         await request.recv_frames([q, tables, seq_lens])

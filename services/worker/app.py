@@ -53,7 +53,8 @@ def _engine_ctx(factory: EngineFactory):
         app[ENGINE] = engine
         log.info("engine_started", model=engine.model_name, max_model_len=engine.max_model_len,
                  num_blocks=engine.stats().num_total_blocks,
-                 dtype=(getattr(engine, "kv_geometry", None) or {}).get("dtype"),
+                 dtype=(getattr(engine, "kv_geometry", None) or {}).get("compute_dtype"),
+                 kv_cache_dtype=(getattr(engine, "kv_geometry", None) or {}).get("dtype"),
                  sampling_defaults=engine.sampling_defaults)  # the generation config's, for unset fields
         yield
         await engine.stop()
@@ -185,7 +186,7 @@ async def stats(request: web.Request) -> web.Response:
         "num_used_blocks": s.num_total_blocks - s.num_free_blocks, "block_size": s.block_size,
         "num_spec_proposed": s.num_spec_proposed, "num_spec_accepted": s.num_spec_accepted,
         "num_inflight": len(inflight), "outstanding_tokens": inflight.outstanding_tokens(),
-        "draining": inflight.draining, "dtype": (getattr(request.app[ENGINE], "kv_geometry", None) or {}).get("dtype"),
+        "draining": inflight.draining, **_dtypes(request.app[ENGINE]),
     })
 
 
@@ -219,3 +220,9 @@ async def ready(request: web.Request) -> web.Response:
     if request.app[INFLIGHT].draining:
         raise ApiError("worker is draining", status=503, code="draining")
     return json_response({"status": "ready"})
+
+
+def _dtypes(engine) -> dict:
+    """The model's dtype and its KV cache's (they differ with --kv-cache-dtype fp8)."""
+    geometry = getattr(engine, "kv_geometry", None) or {}
+    return {"dtype": geometry.get("compute_dtype"), "kv_cache_dtype": geometry.get("dtype")}

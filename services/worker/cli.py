@@ -11,7 +11,7 @@ from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
 from services.worker.engine.client import EngineStartFailed
 from services.worker.config import WorkerConfig, lora_modules, served_names
-from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SCHEDULING_POLICIES
+from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, KV_CACHE_DTYPES, SCHEDULING_POLICIES
 from services.worker.model.chat_template import load_chat_template
 
 
@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model name(s) clients use (default: --model); with several, any of them works and "
                         "responses name the first, as vLLM")
     add_lora_arguments(parser)
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="what the KV cache holds (here and on memory servers): auto, the model's dtype; fp8 "
+                        "(= fp8_e4m3) or fp8_e5m2, 8-bit floats with scale 1 as vLLM's: 2x (bf16) or 4x (fp32) the "
+                        "tokens in the same memory, for slightly different attention (CPU only)")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help="vLLM's: speculative decoding, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 5, "
                         "\"prompt_lookup_max\": 4}': greedy requests check up to that many tokens proposed from "
@@ -90,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         scheduling_policy=args.scheduling_policy,
         enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules),
         max_lora_rank=args.max_lora_rank, speculative_config=args.speculative_config,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

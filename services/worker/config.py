@@ -40,6 +40,7 @@ class WorkerConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()  # vLLM's --lora-modules: (name, adapter directory)
     max_lora_rank: int = 16  # vLLM's --max-lora-rank
     speculative_config: str | None = None  # vLLM's --speculative-config (JSON, method "ngram")
+    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype
 
     def __post_init__(self) -> None:
         if not self.cluster_token:
@@ -77,7 +78,8 @@ class WorkerConfig:
                             enable_prefix_caching=self.enable_prefix_caching, max_model_len=self.max_model_len,
                             generation_config=self.generation_config, chat_template=self.chat_template,
                             scheduling_policy=self.scheduling_policy, lora_modules=self.lora_modules,
-                            max_lora_rank=self.max_lora_rank, speculative_config=self.speculative_config)
+                            max_lora_rank=self.max_lora_rank, speculative_config=self.speculative_config,
+                            kv_cache_dtype=self.kv_cache_dtype)
 
 
 def served_names(names: list[str] | None) -> dict:

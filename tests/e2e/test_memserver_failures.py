@@ -214,7 +214,7 @@ async def _attend_checks(alice, bob, alice_blocks) -> None:
     torch.testing.assert_close(out, torch.ones(1, 8, 32))  # every value in alice's blocks is 1
     with pytest.raises(RemoteError, match="not_owner"):
         await bob.request(Attend("bob", 0, 8, 0.2, "float32", 1, 1, 2), [q, tables, seq_lens])
-    with pytest.raises(RemoteError, match="q is bfloat16; this pool holds float32"):
+    with pytest.raises(RemoteError, match=r"q is bfloat16; this pool.s KV \(float32\) is attended in float32"):
         await alice.request(Attend("alice", 0, 8, 0.2, "bfloat16", 1, 1, 2), [q.bfloat16(), tables, seq_lens])
     with pytest.raises(RemoteError, match=r"frame 1 holds 16 B; block_tables \[1, 2\] int32 needs 8 B") as info:
         await alice.request(good, [q, tables.long(), seq_lens])

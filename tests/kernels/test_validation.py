@@ -34,8 +34,8 @@ def _bad_attention_inputs():
 
     return [
         ("heads", setter(0, lambda q: q[:, :7].contiguous()), "multiple of num_kv_heads"),
-        ("q_dtype", setter(0, lambda q: q.half()), "share one dtype"),
-        ("v_dtype", setter(2, lambda v: v.double()), "share one dtype"),
+        ("q_dtype", setter(0, lambda q: q.half()), "must share q.s dtype"),
+        ("v_dtype", setter(2, lambda v: v.double()), "must share q.s dtype"),
         ("head_dim", setter(0, lambda q: q[..., :32].contiguous()), "head_dim"),
         ("q_strided", setter(0, lambda q: q.transpose(1, 2).contiguous().transpose(1, 2)), "contiguous in its last"),
         ("q_2d", setter(0, lambda q: q.flatten(1)), "3-D"),

@@ -77,7 +77,8 @@ class LLMEngine:
         cfg = self.model_config
         return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
                 "num_heads": cfg.num_heads, "block_size": self.blocks.block_size,
-                "dtype": str(self.runner.dtype).removeprefix("torch.")}
+                "dtype": str(self.runner.kv_dtype).removeprefix("torch."),
+                "compute_dtype": str(self.runner.dtype).removeprefix("torch.")}
 
     # --- admission (any thread) ---
     def prepare(self, request: GenerateRequest, grammar: RequestGrammar | None = None) -> ActiveRequest:

@@ -17,6 +17,8 @@ from services.worker.model.config import ModelConfig, load_model_config
 from services.worker.model.loader import load_model, resolve_dtype
 from services.worker.model.lora import LoRAAdapter, LoRABatch, LoRAError, load_adapter
 
+# --kv-cache-dtype: 8-bit floats with scale 1, as vLLM's without calibrated scales ("auto": the model's dtype)
+_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: plenty for the embedded model; set kv_cache_bytes for more
 
 
@@ -47,15 +49,16 @@ class ModelRunner:
         self.logits_threads = config.logits_threads if self.device.type == "cpu" else None
         self.model_config = load_model_config(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.kv_dtype = _KV_DTYPES.get(config.kv_cache_dtype, self.dtype)  # what the cache holds
         self.model = load_model(model_dir, self.dtype, self.device)
         self.block_size = config.block_size
-        self.num_blocks = default_num_blocks(self.model_config, config, self.dtype, self.device)
+        self.num_blocks = default_num_blocks(self.model_config, config, self.kv_dtype, self.device)
         cfg = self.model_config
         # Zero-filled: the CPU attention path reads whole blocks and masks the unused tail, and
         # 0 * garbage could be NaN.
         self.kv_cache = torch.zeros(
             cfg.num_layers, 2, self.num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
+            dtype=self.kv_dtype, device=self.device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.max_lora_rank = config.max_lora_rank

@@ -1,0 +1,60 @@
+"""vLLM's --kv-cache-dtype fp8, end to end: the memory servers size their pools for 8-bit blocks (4x
+the fp32 model's blocks in the same capacity, as /cluster shows) and hold spilled fp8 KV; a request
+whose KV spills gets the same greedy text as an all-local engine with an fp8 cache."""
+
+from __future__ import annotations
+
+import random
+
+import openai
+import pytest
+
+from services.worker.engine.api import GenerateRequest, SamplingParams
+from tests.e2e.cluster import cluster_view, running_cluster
+
+LOCAL_BLOCKS = 8  # 128 tokens: the prompts below spill most of their KV
+CAPACITY = "4MiB"  # tiny model blocks: 32 KiB in fp32, 8 KiB in fp8
+MAX_TOKENS = 24
+
+
+def _prompt(seed: int, n: int = 300) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 32000) for _ in range(n)]
+
+
+def _fp8_reference(prompts: list[list[int]]) -> list[str]:
+    from services.worker.engine.config import EngineConfig
+    from services.worker.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=4096, kv_cache_dtype="fp8"))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.submit(engine.prepare(GenerateRequest(f"ref{i}", params, prompt_token_ids=tuple(ids))))
+    out = {f"ref{i}": "" for i in range(len(prompts))}
+    while engine.has_work():
+        for d in engine.step():
+            out[d.request_id] += d.text
+    return [out[f"ref{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    worker_args = ("--kv-blocks", str(LOCAL_BLOCKS), "--kv-cache-dtype", "fp8")
+    with running_cluster(tmp_path_factory.mktemp("fp8"), worker_args=worker_args, num_memservers=1,
+                         memserver_capacity=CAPACITY) as c:
+        yield c
+        c.wait_zero_used_blocks()
+        exit_codes = c.stop()
+    assert set(exit_codes.values()) == {0}
+
+
+def test_spilled_fp8_kv_gives_the_all_local_fp8_text(cluster):
+    view = cluster_view(cluster.router)
+    (memserver,) = view["memservers"]
+    assert memserver["num_blocks"] == 4 * 1024 * 1024 // (8 * 1024)  # fp8 blocks: 4x the fp32 ones
+    prompts = [_prompt(1), _prompt(2)]
+    expected = _fp8_reference(prompts)
+    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as client:
+        got = [client.completions.create(model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    assert got == expected
