@@ -201,7 +201,7 @@ def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale, k_buf=None, v_buf=
     else:
         k_blocks, v_blocks = _gather(k_cache, g.ids, k_buf), _gather(v_cache, g.ids, v_buf)
     if k_blocks.dtype != q.dtype:  # an fp8 cache: computed in q's dtype (contiguous copies, same layout)
-        k_blocks, v_blocks = k_blocks.to(q.dtype), v_blocks.to(q.dtype)
+        k_blocks, v_blocks = upcast(k_blocks, q.dtype), upcast(v_blocks, q.dtype)
     k, v = k_blocks.as_strided(shape, strides), v_blocks.as_strided(shape, strides)
     # The query heads sharing a KV head ride as that head's query rows: no K/V expansion for GQA.
     qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -215,6 +215,20 @@ def _decode_one(q, k_cache, v_cache, g: _DecodeGather, scale, k_buf=None, v_buf=
         out = out.masked_fill(g.empty.view(-1, 1, 1), 0.0)
         lse = lse.masked_fill(g.empty.view(-1, 1), NEG_INF)
     return out, lse
+
+
+_UPCAST_TABLES: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
+
+
+def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype) for a contiguous 8-bit float tensor, through a 256-entry table: torch's fp8
+    conversion is scalar code on CPU (~3x slower than this gather). Other dtypes: t.to(dtype)."""
+    if t.element_size() != 1 or not t.is_contiguous():
+        return t.to(dtype)
+    table = _UPCAST_TABLES.get((t.dtype, dtype))
+    if table is None:
+        table = _UPCAST_TABLES[t.dtype, dtype] = torch.arange(256, dtype=torch.uint8).view(t.dtype).to(dtype)
+    return table.index_select(0, t.view(torch.uint8).reshape(-1).int()).view(t.shape)
 
 
 def _gather(cache, ids, buf):
@@ -232,8 +246,8 @@ def _prefill(q, k_cache, v_cache, seqs: tuple[_PrefillSeq, ...], scale):
     lse = torch.full((num_tokens, num_heads), NEG_INF, dtype=torch.float32)
     for s in seqs:
         # k, v: [1, H, kv_len, D] (KV heads repeated for their query heads); q: [1, H, q_len, D]
-        k = k_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len].to(q.dtype).repeat_interleave(group, dim=1)
-        v = v_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len].to(q.dtype).repeat_interleave(group, dim=1)
+        k = upcast(k_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len], q.dtype).repeat_interleave(group, dim=1)
+        v = upcast(v_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len], q.dtype).repeat_interleave(group, dim=1)
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[s.start:s.end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0), 0.0, s.is_causal, attn_mask=s.bias, scale=scale,

@@ -118,3 +118,13 @@ def test_a_memory_server_pool_holds_fp8_blocks_on_cpu_only():
     with pytest.raises(ValueError, match="unsupported KV dtype"):
         Geometry.from_dict({"num_layers": 2, "num_kv_heads": 2, "head_dim": 32, "block_size": 16,
                             "dtype": "float8_e4m3fn", "compute_dtype": "float8_e4m3fn"})
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_table_upcast_is_torchs_conversion_for_every_byte(fp8, dtype):
+    from kernels.cpu_attention import upcast
+
+    every = torch.arange(256, dtype=torch.uint8).view(fp8).reshape(4, 8, 8)
+    torch.testing.assert_close(upcast(every, dtype), every.to(dtype), rtol=0, atol=0, equal_nan=True)
+    assert upcast(every, dtype).shape == (4, 8, 8)
