@@ -183,15 +183,9 @@ async def call_worker_json(pool: WorkerPool, model: str, path: str, body: dict) 
             raise ApiError(f"no live worker is serving model '{model}'; retry when a worker has registered",
                            status=503, code="no_worker_available", headers={"Retry-After": "1"})
         worker_id = min(candidates, key=lambda c: c.outstanding_tokens).worker_id
-        url = pool.registry.get(worker_id).info.url + path
         try:
-            async with pool.session.post(url, json=body, headers=cluster_headers(pool.cluster_token)) as response:
-                payload = await response.read()
-                if response.status != 200:
-                    raise api_error_from_payload(response.status, payload)
-                return json.loads(payload)
+            return await _post_json(pool, worker_id, path, body)
         except (aiohttp.ClientConnectionError, TimeoutError) as e:
-            pool.registry.mark_failed(worker_id)
             log.warning("worker_unreachable", worker_id=worker_id, error=repr(e))
             tried.add(worker_id)
 
@@ -199,16 +193,24 @@ async def call_worker_json(pool: WorkerPool, model: str, path: str, body: dict) 
 async def post_worker_json(pool: WorkerPool, worker_id: str, path: str, body: dict) -> dict:
     """POST body to `path` on one worker; its JSON answer, or its error as ApiError (502 when it
     cannot be reached)."""
-    state = pool.registry.get(worker_id)
-    if state is None:
+    if pool.registry.get(worker_id) is None:
         raise ApiError(f"worker {worker_id} is gone", status=502, code="worker_unreachable")
     try:
-        async with pool.session.post(state.info.url + path, json=body,
-                                     headers=cluster_headers(pool.cluster_token)) as response:
+        return await _post_json(pool, worker_id, path, body)
+    except (aiohttp.ClientConnectionError, TimeoutError) as e:
+        raise ApiError(f"worker {worker_id} is unreachable: {e!r}", status=502, code="worker_unreachable") from e
+
+
+async def _post_json(pool: WorkerPool, worker_id: str, path: str, body: dict) -> dict:
+    """The worker's JSON answer, or its error as ApiError; a worker that cannot be reached is
+    marked failed (the connection error propagates)."""
+    url = pool.registry.get(worker_id).info.url + path
+    try:
+        async with pool.session.post(url, json=body, headers=cluster_headers(pool.cluster_token)) as response:
             payload = await response.read()
             if response.status != 200:
                 raise api_error_from_payload(response.status, payload)
             return json.loads(payload)
-    except (aiohttp.ClientConnectionError, TimeoutError) as e:
+    except (aiohttp.ClientConnectionError, TimeoutError):
         pool.registry.mark_failed(worker_id)
-        raise ApiError(f"worker {worker_id} is unreachable: {e!r}", status=502, code="worker_unreachable") from e
+        raise

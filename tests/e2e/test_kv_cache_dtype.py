@@ -9,8 +9,8 @@ import random
 import openai
 import pytest
 
-from services.worker.engine.api import GenerateRequest, SamplingParams
 from tests.e2e.cluster import cluster_view, running_cluster
+from tests.e2e.test_memservers import offline_texts
 
 LOCAL_BLOCKS = 8  # 128 tokens: the prompts below spill most of their KV
 CAPACITY = "4MiB"  # tiny model blocks: 32 KiB in fp32, 8 KiB in fp8
@@ -20,21 +20,6 @@ MAX_TOKENS = 24
 def _prompt(seed: int, n: int = 300) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 32000) for _ in range(n)]
-
-
-def _fp8_reference(prompts: list[list[int]]) -> list[str]:
-    from services.worker.engine.config import EngineConfig
-    from services.worker.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=4096, kv_cache_dtype="fp8"))
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.submit(engine.prepare(GenerateRequest(f"ref{i}", params, prompt_token_ids=tuple(ids))))
-    out = {f"ref{i}": "" for i in range(len(prompts))}
-    while engine.has_work():
-        for d in engine.step():
-            out[d.request_id] += d.text
-    return [out[f"ref{i}"] for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +38,7 @@ def test_spilled_fp8_kv_gives_the_all_local_fp8_text(cluster):
     (memserver,) = view["memservers"]
     assert memserver["num_blocks"] == 4 * 1024 * 1024 // (8 * 1024)  # fp8 blocks: 4x the fp32 ones
     prompts = [_prompt(1), _prompt(2)]
-    expected = _fp8_reference(prompts)
+    expected = offline_texts(prompts, MAX_TOKENS, kv_cache_dtype="fp8")
     with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as client:
         got = [client.completions.create(model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text for p in prompts]

@@ -24,12 +24,13 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 32000) for _ in range(n)]
 
 
-def offline_texts(prompts: list[list[int]], max_tokens: int) -> list[str]:
-    """All-local reference: one engine whose pool holds everything (text of the greedy tokens)."""
+def offline_texts(prompts: list[list[int]], max_tokens: int, **engine_config) -> list[str]:
+    """All-local reference: one engine whose pool holds everything (text of the greedy tokens);
+    engine_config: more EngineConfig settings (e.g. kv_cache_dtype)."""
     from services.worker.engine.config import EngineConfig
     from services.worker.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=4096))
+    engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=4096, **engine_config))
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for i, ids in enumerate(prompts):
         engine.submit(engine.prepare(GenerateRequest(f"ref{i}", params, prompt_token_ids=tuple(ids))))
