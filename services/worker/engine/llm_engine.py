@@ -172,10 +172,16 @@ class LLMEngine:
                        if c.seq.sampling.max_tokens == 0]
             rows = [i for i, c in enumerate(sampled) if c.seq.sampling.max_tokens]
             logits, sampled = logits[rows], [sampled[i] for i in rows]
-        if not sampled:
-            return deltas
+        if sampled:
+            deltas += self._sample(sampled, logits)
+            self._propose()
+        return deltas
+
+    def _sample(self, sampled: list, logits: torch.Tensor) -> list[Delta]:
+        """The next tokens of the sampling chunks (logits: their rows, 1 + num_proposed each, in
+        order): plain rows and greedy checks of proposals in one batched `sample`, a sampled
+        request's proposals apart (sample_proposed)."""
         actives = [self._active[c.seq.request_id] for c in sampled]
-        # rows per sequence; a sampled request's proposals are checked apart (sample_proposed)
         counts = [1 + c.num_proposed for c in sampled]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         apart = [n > 1 and not a.seq.sampling.greedy for a, n in zip(actives, counts)]
@@ -190,6 +196,7 @@ class LLMEngine:
             [self._history(a) if a.seq.sampling.uses_history else None for a, n in batched for _ in range(n)],
             constrain=(lambda x: apply_grammars(x, grammars)) if any(grammars) else None,
         ) if rows else ())
+        deltas = []
         for active, chunk, start, n, skip in zip(actives, sampled, starts, counts, apart):
             if n == 1:
                 deltas.append(self._advance(active, next(results)))
@@ -198,7 +205,6 @@ class LLMEngine:
             taken = (sample_proposed(logits[start:start + n], active.seq.sampling, active.generator, proposed)
                      if skip else [next(results) for _ in range(n)])
             deltas.append(self._advance_proposed(active, chunk, taken))
-        self._propose()
         return deltas
 
     def _advance_proposed(self, active: ActiveRequest, chunk, results: list) -> Delta:
