@@ -24,6 +24,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memserver-capacity", default="64MiB")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--worker-threads", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))
+    g.add_argument("--speculative-config", default=None, metavar="JSON")
     g.add_argument("--out", type=Path, default=Path("loadtest-results"))
 
 
@@ -31,7 +33,8 @@ def launch_config(args: argparse.Namespace, num_memservers: int, log_dir: Path) 
     return LaunchConfig(model=args.model, num_workers=args.workers, num_memservers=num_memservers,
                         memserver_capacity=args.memserver_capacity, worker_kv_blocks=args.worker_kv_blocks,
                         block_size=args.block_size, worker_threads=args.worker_threads, port=0, log_dir=log_dir,
-                        cluster_token=DEV_CLUSTER_TOKEN, stop_timeout_s=20)
+                        cluster_token=DEV_CLUSTER_TOKEN, stop_timeout_s=20, kv_cache_dtype=args.kv_cache_dtype,
+                        speculative_config=args.speculative_config)
 
 
 def local_cluster(args: argparse.Namespace, num_memservers: int, name: str) -> LocalCluster:

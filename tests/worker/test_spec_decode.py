@@ -161,7 +161,8 @@ def test_requests_whose_logits_are_edited_do_not_speculate():
     prompts = [[5, 6, 7, 8] * 8]
     for params in (SamplingParams(max_tokens=20, temperature=0.5, seed=2, ignore_eos=True, logprobs=2),
                    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1.3),
-                   SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, min_tokens=5)):
+                   SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, min_tokens=5),
+                   SamplingParams(max_tokens=20, temperature=1.0, top_k=1, seed=7, ignore_eos=True)):
         want, _ = _run(LLMEngine(EngineConfig(model="tiny")), prompts, params)
         spec = LLMEngine(EngineConfig(model="tiny", speculative_config=SPEC))
         got, steps = _run(spec, prompts, params)
@@ -201,7 +202,7 @@ def test_a_sampled_request_that_cannot_vary_speculates_to_the_greedy_tokens():
     want, plain_steps = _run(LLMEngine(EngineConfig(model="tiny")), prompts,
                              SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
     spec = LLMEngine(EngineConfig(model="tiny", speculative_config=SPEC))
-    got, steps = _run(spec, prompts, SamplingParams(max_tokens=48, temperature=1.0, top_k=1, seed=3, ignore_eos=True))
+    got, steps = _run(spec, prompts, SamplingParams(max_tokens=48, temperature=1.0, top_k=1, ignore_eos=True))
     assert got == want and spec.spec_stats.num_accepted > 0 and steps < plain_steps
 
 

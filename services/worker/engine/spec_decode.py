@@ -111,10 +111,13 @@ class NgramIndex:
 def speculates(params: SamplingParams) -> bool:
     """Requests whose next token's distribution depends only on the model's logits and the
     sampling settings (temperature, top_k, top_p, min_p): no penalties, bias, allowed or bad words,
-    min_tokens, grammar or prompt scoring; logprobs only when greedy (each row's come with it)."""
+    min_tokens, grammar or prompt scoring; logprobs only when greedy (each row's come with it).
+    Not a seeded sampled request: checking proposals draws other random numbers than sampling one
+    token a step, and where proposals fall depends on the steps (a preemption, a recompute after a
+    memory server is lost), so its text would no longer be a function of its seed."""
     return (not params.uses_history and (params.logprobs is None or params.greedy) and not params.min_tokens
-            and not params.bad_words and params.structured is None and not params.scores_prompt
-            and params.max_tokens > 1)
+            and (params.greedy or params.seed is None) and not params.bad_words and params.structured is None
+            and not params.scores_prompt and params.max_tokens > 1)
 
 
 @dataclass(slots=True)
