@@ -14,7 +14,6 @@ from kernels.cpu_attention import CpuAttentionPlan, block_bytes, paged_attention
 from kernels.cpu_merge import merge_states_cpu
 from kernels.reference import paged_attention_partial_ref, store_kv_ref
 from kernels.validate import (
-    FP8_DTYPES,
     check_attention_inputs,
     check_attention_values,
     check_merge_inputs,
@@ -79,8 +78,6 @@ def paged_attention_partial(
     if q.is_cuda:
         from kernels.triton_attention import paged_attention_partial_triton
 
-        if k_cache.dtype in FP8_DTYPES:
-            raise ValueError(f"an fp8 KV cache ({k_cache.dtype}) is served on CPU only: use --kv-cache-dtype auto on CUDA")
         return paged_attention_partial_triton(
             q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, causal,
             max_query_len=max_query_len, check_values=_values_checked(check_values, q.device),
@@ -114,8 +111,6 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, *, check_values: bool |
     if key.device.type == "cuda":
         from kernels.triton_store import store_kv_triton
 
-        if k_cache.dtype in FP8_DTYPES:
-            raise ValueError(f"an fp8 KV cache ({k_cache.dtype}) is served on CPU only: use --kv-cache-dtype auto on CUDA")
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping,
                         check_values=_values_checked(check_values, key.device))
         return

@@ -48,7 +48,12 @@ def _check_head_dim_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def _fp8_cache(cache: torch.Tensor) -> bool:
-    return cache.dtype in FP8_DTYPES and cache.device.type == "cpu"
+    """An 8-bit cache, which the CPU path serves; the Triton kernels read only caches of q's dtype."""
+    if cache.dtype not in FP8_DTYPES:
+        return False
+    if cache.device.type != "cpu":
+        _fail(f"an fp8 KV cache ({cache.dtype}) is served on CPU only: use --kv-cache-dtype auto on {cache.device}")
+    return True
 
 
 def check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale) -> None:
@@ -167,7 +172,7 @@ def check_store_inputs(key, value, k_cache, v_cache, slot_mapping) -> None:
     _check_ndim("k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     _check_ndim("v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     _check_ndim("slot_mapping", slot_mapping, 1, "[num_tokens]")
-    _check_dtype("k_cache", k_cache, FLOAT_DTYPES + (FP8_DTYPES if k_cache.device.type == "cpu" else ()))
+    _check_dtype("k_cache", k_cache, FLOAT_DTYPES + (FP8_DTYPES if _fp8_cache(k_cache) else ()))
     if v_cache.dtype != k_cache.dtype:
         _fail(f"v_cache.dtype {v_cache.dtype} must equal k_cache.dtype {k_cache.dtype}")
     for name, t in (("key", key), ("value", value)):

@@ -23,6 +23,7 @@ from pathlib import Path
 from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
 from services.worker.config import lora_modules, served_names
+from services.worker.engine.config import KV_CACHE_DTYPES
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
 from services.router.lora_api import runtime_updating_allowed
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the workers': LoRA adapters (PEFT directories) served as models named NAME")
     parser.add_argument("--max-lora-rank", type=int, default=16,
                         help="the workers': adapters of a higher rank are refused (default 16)")
-    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"), default="auto",
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="the workers' (and so the memory servers'): fp8 holds 2x (bf16) or 4x (fp32) the "
                              "tokens in the same memory, as vLLM's (CPU only)")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -123,7 +124,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         worker_threads=args.worker_threads, port=args.port,
         enable_prefix_caching=args.enable_prefix_caching, generation_config=args.generation_config,
         chat_template=args.chat_template, scheduling_policy=args.scheduling_policy,
-        speculative_config=args.speculative_config, kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora, lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
+        speculative_config=args.speculative_config, kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora,
+        lora_modules=lora_modules(args.enable_lora, args.lora_modules), max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),

@@ -14,6 +14,7 @@ from services.launch.cluster import LocalCluster
 from services.launch.config import LaunchConfig
 from services.launch.progress import Progress
 from services.runtime.auth import DEV_CLUSTER_TOKEN
+from services.worker.engine.config import KV_CACHE_DTYPES
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memserver-capacity", default="64MiB")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--worker-threads", type=int, default=None)
-    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     g.add_argument("--speculative-config", default=None, metavar="JSON")
     g.add_argument("--out", type=Path, default=Path("loadtest-results"))
 

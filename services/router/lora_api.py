@@ -66,6 +66,12 @@ async def _update(request: web.Request, states: list[WorkerState], body: dict) -
     return [r if isinstance(r, BaseException) else None for r in results]
 
 
+def _as_reply(error: BaseException, op: str) -> ApiError:
+    """A worker's failure as the answer: its own ApiError, else a 502."""
+    return error if isinstance(error, ApiError) else ApiError(f"{op} the adapter failed: {error!r}", status=502,
+                                                              code="worker_error")
+
+
 @routes.post("/v1/load_lora_adapter")
 async def load_lora_adapter(request: web.Request) -> web.Response:
     """{"lora_name", "lora_path" (a directory on the workers' hosts), "model" (optional: the base)}."""
@@ -84,8 +90,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
         loaded = [s for s, e in zip(states, errors) if e is None]
         await _update(request, loaded, {"op": "unload", "lora_name": name})
         log.warning("lora_load_failed", lora_name=name, lora_path=path, error=str(failed[0]))
-        raise failed[0] if isinstance(failed[0], ApiError) else ApiError(
-            f"loading the adapter failed: {failed[0]!r}", status=502, code="worker_error")
+        raise _as_reply(failed[0], "loading")
     log.info("lora_loaded", lora_name=name, lora_path=path, num_workers=len(states))
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -102,7 +107,6 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
                        param="lora_name")
     errors = [e for e in await _update(request, states, {"op": "unload", "lora_name": name}) if e is not None]
     if errors:
-        raise errors[0] if isinstance(errors[0], ApiError) else ApiError(
-            f"unloading the adapter failed: {errors[0]!r}", status=502, code="worker_error")
+        raise _as_reply(errors[0], "unloading")
     log.info("lora_unloaded", lora_name=name, num_workers=len(states))
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")

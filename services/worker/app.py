@@ -53,8 +53,7 @@ def _engine_ctx(factory: EngineFactory):
         app[ENGINE] = engine
         log.info("engine_started", model=engine.model_name, max_model_len=engine.max_model_len,
                  num_blocks=engine.stats().num_total_blocks,
-                 dtype=(getattr(engine, "kv_geometry", None) or {}).get("compute_dtype"),
-                 kv_cache_dtype=(getattr(engine, "kv_geometry", None) or {}).get("dtype"),
+                 **_dtypes(engine),
                  sampling_defaults=engine.sampling_defaults)  # the generation config's, for unset fields
         yield
         await engine.stop()

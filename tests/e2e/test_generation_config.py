@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 
 from services.worker.model.tiny import materialize_tiny
-from tests.e2e.cluster import running_cluster, wait_zero_used_blocks
+from tests.e2e.cluster import running_cluster
 from services.worker.engine.api import GenerateRequest, SamplingParams
 from tests.e2e.offline import offline_generate
 
@@ -38,9 +37,8 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture
 def client(cluster):
-    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as c:
+    with cluster.openai_client() as c:
         yield c
-    wait_zero_used_blocks(cluster.workers)
 
 
 def _texts(client, model: str, **extra) -> list[str]:

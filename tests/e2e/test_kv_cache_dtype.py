@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 
-import openai
 import pytest
 
 from tests.e2e.cluster import cluster_view, running_cluster
@@ -39,7 +38,7 @@ def test_spilled_fp8_kv_gives_the_all_local_fp8_text(cluster):
     assert memserver["num_blocks"] == 4 * 1024 * 1024 // (8 * 1024)  # fp8 blocks: 4x the fp32 ones
     prompts = [_prompt(1), _prompt(2)]
     expected = offline_texts(prompts, MAX_TOKENS, kv_cache_dtype="fp8")
-    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as client:
+    with cluster.openai_client() as client:
         got = [client.completions.create(model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
     assert got == expected

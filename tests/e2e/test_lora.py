@@ -45,9 +45,8 @@ def cluster(tmp_path_factory, adapter):
 
 @pytest.fixture
 def client(cluster):
-    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as c:
+    with cluster.openai_client() as c:
         yield c
-    cluster.wait_zero_used_blocks()
 
 
 def test_models_lists_the_adapter_under_its_base(client, adapter):

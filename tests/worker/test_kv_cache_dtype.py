@@ -128,3 +128,16 @@ def test_the_table_upcast_is_torchs_conversion_for_every_byte(fp8, dtype):
     every = torch.arange(256, dtype=torch.uint8).view(fp8).reshape(4, 8, 8)
     torch.testing.assert_close(upcast(every, dtype), every.to(dtype), rtol=0, atol=0, equal_nan=True)
     assert upcast(every, dtype).shape == (4, 8, 8)
+
+
+def test_the_kernels_launch_checks_refuse_an_fp8_cache_off_cpu():
+    """The check the Triton launchers run first (shown on the meta device: no GPU needed)."""
+    from kernels.validate import check_attention_inputs, check_store_inputs
+
+    cache = torch.empty(4, 16, 2, 32, dtype=torch.float8_e4m3fn, device="meta")
+    q, kv = torch.empty(1, 8, 32, device="meta"), torch.empty(1, 2, 32, device="meta")
+    index = torch.zeros(1, 1, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="fp8 KV cache .* is served on CPU only"):
+        check_attention_inputs(q, cache, cache, index, index[0], torch.zeros(2, dtype=torch.int32, device="meta"), 1.0)
+    with pytest.raises(ValueError, match="fp8 KV cache .* is served on CPU only"):
+        check_store_inputs(kv, kv, cache, cache, torch.zeros(1, dtype=torch.int64, device="meta"))
