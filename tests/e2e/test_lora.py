@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from services.worker.model.tiny import materialize_tiny
-from tests.e2e.cluster import running_cluster
+from tests.e2e.cluster import TOKEN_HEADER, running_cluster
 from tests.worker.test_lora import ALL_PROJECTIONS, peft_greedy, save_adapter
 
 LOCAL_BLOCKS = 8  # 128 tokens: a 300-token prompt spills most of its KV to the memory server
@@ -87,12 +87,12 @@ def test_unknown_model_lists_the_adapter(client):
 
 
 
-def _post(cluster, path: str, body: dict) -> tuple[int, str]:
+def _post(cluster, path: str, body: dict, base: str | None = None, headers: dict | None = None) -> tuple[int, str]:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(cluster.router.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request((base or cluster.router.url) + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
             return resp.status, resp.read().decode()
@@ -125,6 +125,12 @@ def test_adapters_load_and_unload_at_runtime(cluster, client, tmp_path_factory):
     assert status == 400 and "has no adapter_config.json" in text
     status, text = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(root / "v3")})
     assert status == 400 and "is a base model's name" in text
+    worker = cluster.workers[0].url  # the worker's own endpoint, as the router calls it
+    for body, message in [({"op": "reload", "lora_name": "x"}, "expected {op: load|unload"),
+                          ({"op": "load", "lora_name": "x"}, "expected {op: load|unload"),
+                          ({"op": "load", "lora_name": "tiny", "lora_path": str(root / "v3")}, "base model's name")]:
+        status, text = _post(cluster, "/internal/lora", body, base=worker, headers=TOKEN_HEADER)
+        assert status == 400 and message in text, (body, text)
     assert {m.id for m in client.models.list().data} == {"tiny", "sql", "extra"}
 
     assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "extra"}) == (

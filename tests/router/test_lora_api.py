@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from services.router.lora_api import runtime_updating_allowed
-from tests.router.stack import running_stack
+from tests.router.stack import internal_headers, running_stack
 
 
 async def test_runtime_lora_updating_is_off_unless_allowed():
@@ -45,3 +45,14 @@ def test_vllm_environment_variable_allows_it_too(monkeypatch, flag, env, allowed
     else:
         monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", env)
     assert runtime_updating_allowed(flag) is allowed
+
+
+async def test_a_worker_without_enable_lora_refuses_the_routers_lora_call():
+    async with running_stack(1) as stack:
+        url = str(stack.workers[0].make_url("/internal/lora"))
+        async with stack.client.post(url, json={"op": "load", "lora_name": "sql", "lora_path": "/a"},
+                                     headers=internal_headers()) as resp:
+            assert resp.status == 400 and "start it with --enable-lora" in (await resp.json())["error"]["message"]
+        resp = await stack.post("/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 2})
+        assert resp.status == 200  # and it still serves
+        await stack.wait_blocks_free()
