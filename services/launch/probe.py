@@ -62,8 +62,16 @@ def cluster_view(router_url: str, token: str, workers: list[str] | None = None) 
     return view_from_worker_stats(stats)
 
 
+def reset_prefix_caches(router_url: str, token: str) -> None:
+    """Every worker forgets the prefixes it caches (on memory servers, they hold blocks)."""
+    for url in worker_urls(router_url, token):
+        get_json(url + "/internal/reset_prefix_cache", token, method="POST")  # best effort: it may be gone
+
+
 def wait_zero_used_blocks(router_url: str, token: str, timeout_s: float = 10.0) -> ClusterView:
-    """Poll until no KV block is in use (blocks are freed just after a stream ends); the last view."""
+    """Poll until no KV block is in use (blocks are freed just after a stream ends; cached prefixes
+    are forgotten first, see reset_prefix_caches); the last view."""
+    reset_prefix_caches(router_url, token)
     deadline = time.monotonic() + timeout_s
     while True:
         view = cluster_view(router_url, token)

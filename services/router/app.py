@@ -6,7 +6,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from services.router import internal_api, kv_api, lora_api, openai_api
+from services.router import cache_api, internal_api, kv_api, lora_api, openai_api
 from services.router.admission import Admission
 from services.router.config import RouterConfig
 from services.router.cors import cors_middleware, cors_on_prepare
@@ -55,6 +55,7 @@ def create_app(config: RouterConfig, policy: RoutingPolicy | None = None) -> web
     app.cleanup_ctx.append(kv_api._ledger_expiry_ctx(max(0.2, config.heartbeat_timeout_s / 4)))
     app.add_routes(openai_api.routes)
     app.add_routes(lora_api.routes)
+    app.add_routes(cache_api.routes)
     app.add_routes(internal_api.routes)
     app.add_routes(kv_api.routes)
     return app

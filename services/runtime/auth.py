@@ -26,7 +26,7 @@ CLUSTER_TOKEN_HEADER = "X-Kvmesh-Cluster-Token"
 DEV_CLUSTER_TOKEN = "kvmesh-dev-insecure-token"
 INTERNAL_PREFIX = "/internal/"
 API_KEY_ENV = "KVMESH_API_KEY"
-API_KEY_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+API_KEY_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/reset_prefix_cache")
 
 
 def is_loopback(host: str) -> bool:

@@ -3,6 +3,7 @@
 Routes (all but /health need the cluster token):
   POST /internal/generate  msgpack GenerateCall -> 200 stream of msgpack DeltaFrames, or error JSON
   GET  /internal/stats     block accounting and load, JSON
+  POST /internal/tokenize, /internal/lora, /internal/reset_prefix_cache  engine calls, JSON
 """
 
 from __future__ import annotations
@@ -175,6 +176,12 @@ async def update_lora(request: web.Request) -> web.Response:
     return json_response({"lora_modules": modules})
 
 
+@routes.post("/internal/reset_prefix_cache")
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """Forget the KV cached for prefixes that no running request uses, here and on memory servers."""
+    return json_response(await request.app[ENGINE].reset_prefix_cache())
+
+
 @routes.get("/internal/stats")
 async def stats(request: web.Request) -> web.Response:
     s = request.app[ENGINE].stats()
@@ -184,6 +191,7 @@ async def stats(request: web.Request) -> web.Response:
         "num_total_blocks": s.num_total_blocks, "num_free_blocks": s.num_free_blocks,
         "num_used_blocks": s.num_total_blocks - s.num_free_blocks, "block_size": s.block_size,
         "num_spec_proposed": s.num_spec_proposed, "num_spec_accepted": s.num_spec_accepted,
+        "num_remote_blocks": s.num_remote_blocks, "num_remote_cached_blocks": s.num_remote_cached_blocks,
         "num_inflight": len(inflight), "outstanding_tokens": inflight.outstanding_tokens(),
         "draining": inflight.draining, **_dtypes(request.app[ENGINE]),
     })

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
 
 import aiohttp
 import structlog
@@ -141,8 +142,8 @@ class RemoteKVClient:
             future.cancel()
             raise SpillFailed(f"spill of {kv.shape[2]} blocks timed out") from e
 
-    def release(self, spans: list[RemoteSpan]) -> None:
-        asyncio.run_coroutine_threadsafe(self._release(list(spans)), self._loop)
+    def release(self, spans: list[RemoteSpan]) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._release(list(spans)), self._loop)
 
     def submit_attention(self, calls: list[tuple[str, AttentionCall]]) -> list:
         return self._attention.submit(calls)
@@ -194,14 +195,18 @@ class RemoteKVClient:
             by_server.setdefault((span.memserver_id, span.epoch), []).extend(span.block_ids)
         for (memserver_id, epoch), block_ids in sorted(by_server.items()):
             address = self._addresses.get(memserver_id)
+            freed = False
             try:
                 if address is not None:
                     conn = await self._node.pool.get(address)
                     await conn.request(FreeBlocks(self.owner, tuple(block_ids), epoch), timeout=self._timeout)
+                    freed = True
             except _TRANSPORT_ERRORS as e:  # a dead server's blocks are gone anyway
                 log.info("free_failed", memserver=memserver_id, num_blocks=len(block_ids), error=str(e))
             try:
                 await self._ledger.repay(memserver_id, len(block_ids))
+                if freed:  # lendable again now; the next heartbeat re-bases the hint
+                    self._free_hint += len(block_ids)
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("repay_failed", memserver=memserver_id, error=repr(e))
 

@@ -125,6 +125,21 @@ def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
         return 0, b""
 
 
+def _post_json(url: str, headers: dict | None = None) -> tuple[int, dict | None]:
+    request = urllib.request.Request(url, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30.0) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            status, body = e.code, e.read()
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, None
+
+
 def _get_json(url: str, headers: dict | None = None) -> tuple[int, dict | None]:
     status, body = get(url, headers)
     try:
@@ -184,8 +199,18 @@ class Cluster:
         watched = [p for p in self.procs if p.alive]
         wait_for(lambda: len(cluster_view(self.router)["memservers"]) == num, timeout, f"{num} memservers", watched)
 
+    def reset_prefix_caches(self) -> None:
+        """Workers forget their cached prefixes (those on memory servers hold blocks there)."""
+        for worker in self.workers:
+            if worker.alive:
+                status, body = _post_json(worker.url + "/internal/reset_prefix_cache", TOKEN_HEADER)
+                assert status == 200, f"{worker.name} reset_prefix_cache: HTTP {status} {body}"
+
     def wait_zero_used_blocks(self, timeout: float = 5.0) -> None:
-        """Every process's own accounting, then the router's ledger, show no block in use."""
+        """Every process's own accounting, then the router's ledger, show no block in use once the
+        workers have forgotten their cached prefixes."""
+        wait_zero_used_blocks(self.workers, timeout)  # streams end before their blocks are freed
+        self.reset_prefix_caches()
         wait_zero_used_blocks([*self.workers, *self.memservers], timeout)
         wait_for(lambda: not cluster_view(self.router)["lent"], timeout, "the ledger to show nothing lent")
 

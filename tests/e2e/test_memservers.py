@@ -105,6 +105,47 @@ def _transformers_text(prompt: list[int], max_tokens: int) -> str:
     return tok.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True)
 
 
+def test_the_next_question_on_a_long_document_reads_its_cached_kv_on_the_memservers(cluster):
+    import openai
+
+    from tests.e2e.cluster import worker_stats
+
+    doc = _prompt(4 * LOCAL_BLOCKS * 16, seed=3)  # 2048 tokens: 4x the worker's pool
+    question = _prompt(24, seed=4)
+    expected = offline_texts([doc, doc + question], 8)
+    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as client:
+        first = client.completions.create(model="tiny", prompt=doc, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert first.choices[0].text == expected[0] and first.usage.prompt_tokens_details.cached_tokens == 0
+        # The document's spilled blocks stay on the memory servers, and no running request uses them.
+        stats = worker_stats(cluster.workers[0])
+        assert stats["num_remote_blocks"] == stats["num_remote_cached_blocks"] >= 2048 // 16 - LOCAL_BLOCKS
+        held = sum(used_per_memserver(cluster_view(cluster.router)).values())
+        assert held == stats["num_remote_cached_blocks"]
+        second = client.completions.create(model="tiny", prompt=doc + question, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert second.choices[0].text == expected[1]
+    assert second.usage.prompt_tokens_details.cached_tokens == 2048  # every block of the document
+    cluster.wait_zero_used_blocks()  # which first tells the workers to forget cached prefixes
+
+    # vLLM's POST /reset_prefix_cache on the router does the same.
+    with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0) as client:
+        again = client.completions.create(model="tiny", prompt=doc, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert again.choices[0].text == expected[0] and again.usage.prompt_tokens_details.cached_tokens == 0
+    status, body = _post(cluster.router.url + "/reset_prefix_cache")
+    assert status == 200 and body["workers"][worker_stats(cluster.workers[0])["worker_id"]]["num_remote_blocks"] > 0
+    assert sum(used_per_memserver(cluster_view(cluster.router)).values()) == 0
+    cluster.wait_zero_used_blocks()
+
+
+def _post(url: str) -> tuple[int, dict]:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=30) as resp:
+        return resp.status, json.loads(resp.read())
+
+
 async def test_concurrent_long_requests_use_both_memservers(cluster):
     prompts = [_prompt(700 + 90 * i, seed=10 + i) for i in range(8)]
     expected = await asyncio.to_thread(offline_texts, prompts, 12)

@@ -51,11 +51,16 @@ class FakeRemoteKV:
         self.num_spills += 1
         return spans
 
-    def release(self, spans: list[RemoteSpan]) -> None:
+    def release(self, spans: list[RemoteSpan]) -> Future:
         for span in spans:
             server = self.servers[span.memserver_id]
             if server.alive:
+                if set(span.block_ids) & set(server.free_ids):
+                    raise AssertionError(f"{span.memserver_id}: blocks freed twice: {span.block_ids}")
                 server.free_ids.extend(span.block_ids)
+        done: Future = Future()
+        done.set_result(None)
+        return done
 
     def submit_attention(self, calls: list[tuple[str, AttentionCall]]) -> list[Future]:
         return [self._attend(memserver_id, call) for memserver_id, call in calls]

@@ -181,3 +181,42 @@ def test_spilling_prefers_blocks_whose_move_frees_memory():
     out = sched.schedule()  # only r0 and r1, both starting with the shared blocks
     assert [(p.seq.request_id, len(p.block_ids)) for p in out.spills] == [("r1", 5)]
     assert b.num_remote_tokens == 20 and a.num_remote_tokens == 0
+
+
+def _cache_remote(sched: Scheduler, seq: Sequence, num_blocks: int) -> None:
+    """As if seq's first num_blocks blocks had been spilled to m0 and seq had then finished."""
+    from services.worker.engine.prefix_hash import extend_block_hashes
+    from services.worker.engine.remote import RemoteSpan
+
+    bs = sched.blocks.block_size
+    extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_blocks, seq.hash_root)
+    sched.stored(seq, [RemoteSpan("m0", tuple(range(100, 100 + num_blocks)), 0)])
+    seq.num_remote_tokens = num_blocks * bs
+    sched.finish(seq)
+
+
+def test_a_cached_prefix_is_remote_then_local_blocks_only_when_that_covers_more():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, remote_free_blocks=lambda: 0)
+    local = _seq(1, 17)
+    sched.add(local)
+    _complete(sched.schedule().chunks)
+    sched.cache_computed(local)
+    sched.finish(local)  # tokens 0..15 cached here
+    _cache_remote(sched, _seq(0, 17), 2)  # and 0..7 on a memory server: all local covers more
+    again = _seq(2, 17)
+    sched.add(again)
+    (chunk,) = sched.schedule().chunks
+    assert (again.num_remote_tokens, chunk.start, again.remote_spans) == (0, 16, [])
+    sched.finish(again)
+    assert sched.reset_prefix_cache() == (4, 2)
+    assert [(s.memserver_id, s.block_ids) for s in sched.released] == [("m0", (100, 101))]  # to free there
+
+    _cache_remote(sched, _seq(3, 17), 4)  # tokens 0..15 there, nothing here: remote it is
+    remote = _seq(4, 17)
+    sched.add(remote)
+    (chunk,) = sched.schedule().chunks
+    assert (remote.num_remote_tokens, chunk.start, remote.num_computed_tokens) == (16, 16, 16)
+    assert [s.block_ids for s in remote.remote_spans] == [(100, 101, 102, 103)]
+    sched.finish(remote)
+    assert sched.fits_ever(16 * 4 + 4 * 4) and not sched.fits_ever(16 * 4 + 4 * 4 + 1)  # cached counts as free

@@ -286,3 +286,6 @@ class EngineStats:
     # speculative decoding since start: tokens proposed, and those the model agreed with
     num_spec_proposed: int = 0
     num_spec_accepted: int = 0
+    # KV blocks we hold on memory servers: all of them, and those only cached (no sequence uses them)
+    num_remote_blocks: int = 0
+    num_remote_cached_blocks: int = 0

@@ -96,6 +96,22 @@ class BlockManager:
         self._hash_of[block_id] = block_hash
         self._block_of[block_hash] = block_id
 
+    def num_cached(self, block_hashes: list[bytes]) -> int:
+        """How many of the first `block_hashes` are cached here (taking nothing)."""
+        num = 0
+        while self.enable_caching and num < len(block_hashes) and block_hashes[num] in self._block_of:
+            num += 1
+        return num
+
+    def reset_cache(self) -> int:
+        """Forget the cached KV of every block nobody uses; returns how many."""
+        num = len(self._evictable)
+        for block_id in self._evictable:
+            del self._block_of[self._hash_of.pop(block_id)]
+            self._free.append(block_id)
+        self._evictable.clear()
+        return num
+
     def match(self, block_hashes: list[bytes]) -> list[int]:
         """Take the cached blocks of the longest prefix of `block_hashes` (one reference each)."""
         block_ids = []

@@ -160,6 +160,10 @@ class EngineProcess:
         self.lora_modules = await self._call("unload_lora", {"lora_name": name})
         return self.lora_modules
 
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        """LLMEngine.reset_prefix_cache: how many cached blocks were forgotten, local and remote."""
+        return await self._call("reset_prefix_cache", {})
+
     async def _call(self, kind: str, body: dict):
         """One of the engine's calls (core.EngineServer._answer), answered between its steps."""
         if self._dead is not None:

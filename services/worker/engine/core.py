@@ -122,8 +122,10 @@ class EngineServer:
     def run(self) -> None:
         while not self.channel.closed:
             busy = self.engine.has_work()
-            # While grammars compile, look for finished ones every 5 ms even when nothing else runs.
-            wait = 0 if busy else 0.005 if self._compiling else 0.05 if self._stopping else None
+            # While grammars compile, look for finished ones every 5 ms even when nothing else runs;
+            # while it keeps blocks on memory servers, for lost servers every 250 ms (engine.tend).
+            wait = (0 if busy else 0.005 if self._compiling else 0.05 if self._stopping
+                    else 0.25 if self.engine.stats().num_remote_blocks else None)
             for message in self.channel.receive(timeout=wait):
                 self._handle(message)
             if self._compiling:
@@ -133,6 +135,7 @@ class EngineServer:
             elif self._stopping:
                 return
             else:
+                self.engine.tend()
                 stats = self._stats()
                 if stats != self._last_stats:  # e.g. an abort freed blocks while nothing runs
                     self.channel.send(["stats", stats])
@@ -156,6 +159,8 @@ class EngineServer:
             return self.engine.load_lora(body["lora_name"], body["lora_path"])
         if name == "unload_lora":
             return self.engine.unload_lora(body["lora_name"])
+        if name == "reset_prefix_cache":
+            return self.engine.reset_prefix_cache()
         raise InvalidRequest(f"unknown engine call {name!r}")
 
     def _handle(self, message: list) -> None:

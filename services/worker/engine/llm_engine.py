@@ -42,6 +42,8 @@ from services.worker.model.tokenizer import Tokenizer
 
 log = structlog.get_logger()
 
+_RELEASE_WAIT_S = 30.0
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, remote: RemoteKV | None = None):
@@ -132,6 +134,8 @@ class LLMEngine:
             block_size=self.blocks.block_size,
             num_spec_proposed=self.spec_stats.num_proposed,
             num_spec_accepted=self.spec_stats.num_accepted,
+            num_remote_blocks=self.scheduler.remote_blocks.num_blocks,
+            num_remote_cached_blocks=self.scheduler.remote_blocks.num_evictable,
         )
 
     # --- the step (one thread) ---
@@ -279,6 +283,8 @@ class LLMEngine:
 
     def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
         # Runs before the forward pass reuses the freed blocks: the gather copies them first.
+        if plans:
+            self._free_released(wait=True)  # evicted cached blocks' room may be what the spill borrows
         for plan in plans:
             if not plan.valid:
                 continue
@@ -291,7 +297,7 @@ class LLMEngine:
                 log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
                 self._recompute(seq, deltas)  # its spilled blocks are gone
                 continue
-            seq.remote_spans.extend(spans)
+            self.scheduler.stored(seq, spans)
             log.debug("blocks_spilled", request_id=seq.request_id, num_blocks=len(plan.block_ids),
                       memservers=sorted({s.memserver_id for s in spans}))
 
@@ -302,6 +308,7 @@ class LLMEngine:
                 self._recompute_sequences_on(lost, deltas)
 
     def _recompute_sequences_on(self, memserver_ids: set[str], deltas: list[Delta]) -> None:
+        self.scheduler.forget_memservers(memserver_ids)
         for seq in list(self.scheduler.running):
             if any(span.memserver_id in memserver_ids for span in seq.remote_spans):
                 log.warning("sequence_recomputed", request_id=seq.request_id, memservers=sorted(memserver_ids))
@@ -321,10 +328,29 @@ class LLMEngine:
             log.warning("sequence_failed", request_id=seq.request_id, reason=reason)
             deltas.append(self._end(seq, FinishReason.ERROR, reason))
 
-    def _free_released(self) -> None:
+    def _free_released(self, wait: bool = False) -> None:
         released, self.scheduler.released = self.scheduler.released, []
         if released and self.remote is not None:
-            self.remote.release(released)
+            done = self.remote.release(released)
+            try:
+                if wait:
+                    done.result(timeout=_RELEASE_WAIT_S)
+            except TimeoutError:  # a spill may then be refused, and its sequence recomputed
+                log.warning("release_slow", num_blocks=sum(len(s.block_ids) for s in released))
+
+    def tend(self) -> None:
+        """While nothing runs: let go of cached blocks on lost or leaving memory servers (a step
+        does it when busy), so a leaving server does not wait on them."""
+        self._recover_lost_memservers([])
+        self._free_released()
+
+    def reset_prefix_cache(self) -> dict[str, int]:
+        """vLLM's /reset_prefix_cache (step thread, between steps): forget the cached KV nobody
+        uses, here and on memory servers (freed there before this returns)."""
+        num_local, num_remote = self.scheduler.reset_prefix_cache()
+        self._free_released(wait=True)
+        log.info("prefix_cache_reset", num_local_blocks=num_local, num_remote_blocks=num_remote)
+        return {"num_local_blocks": num_local, "num_remote_blocks": num_remote}
 
     def _drain_inbox(self) -> list[Delta]:
         while self._inbox:

@@ -55,8 +55,9 @@ class RemoteKV(Protocol):
         (a copy the call may keep). near: memservers already holding the sequence, preferred (one
         request per server per layer). Blocking. Raises SpillFailed (nothing kept) on failure."""
 
-    def release(self, spans: list[RemoteSpan]) -> None:
-        """Free blocks on their memory servers (best effort, never raises)."""
+    def release(self, spans: list[RemoteSpan]) -> Future:
+        """Free blocks on their memory servers and repay the ledger (best effort, never raises).
+        The future is done once both are (the engine waits on it before borrowing again)."""
 
     def submit_attention(self, calls: list[tuple[str, AttentionCall]]) -> list[Future]:
         """Start one layer's partial attention on each memory server named (one call each). One

@@ -10,7 +10,9 @@ servers (if the cluster has room); the newest stay local, since decoding appends
 nothing can be spilled is the newest (or least urgent) running sequence preempted: its blocks are freed and it goes
 back to the front of the queue, later recomputing its KV from its tokens (output unchanged).
 A sequence joining the batch first takes the cached blocks of its longest cached prefix
-(block_manager: prefix caching); at least its last token is computed, since sampling needs it.
+(block_manager: prefix caching), local or, for its first blocks, on memory servers (remote_cache);
+at least its last token is computed, since sampling needs it. Unused cached blocks on memory
+servers are given up when a spill needs their room.
 I/O (moving and freeing remote blocks) is left to the engine: `schedule` returns what to do.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.prefix_hash import extend_block_hashes
 from services.worker.engine.remote import RemoteSpan
+from services.worker.engine.remote_cache import RemoteBlock, RemoteBlockCache, blocks_of, spans_of
 from services.worker.engine.sequence import Sequence, SeqStatus
 
 
@@ -84,9 +87,11 @@ class Scheduler:
         self.by_priority = by_priority
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
+        self.remote_blocks = RemoteBlockCache(block_manager.enable_caching)  # ours on memory servers
         self.released: list[RemoteSpan] = []  # remote blocks the engine must free
         self._out = SchedulerOutput()
         self._spilled_this_step = 0
+        self._evicted_this_step = 0
         self._num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -100,7 +105,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self._out = SchedulerOutput()
-        self._spilled_this_step = 0
+        self._spilled_this_step = self._evicted_this_step = 0
         num_preemptions = self._num_preemptions
         budget = self.max_num_batched_tokens
         # A preemption victim (the newest running sequence) is never one already scheduled.
@@ -142,8 +147,18 @@ class Scheduler:
         if num_blocks < 1:
             return
         extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_blocks, seq.hash_root)
-        seq.block_ids = self.blocks.match(seq.block_hashes[:num_blocks])
-        seq.num_registered_blocks = len(seq.block_ids)
+        hashes = seq.block_hashes[:num_blocks]
+        # Remote blocks come first in a sequence: the cached prefix is either all local, or
+        # remote blocks then local ones, whichever covers more (all local on a tie: no round trips).
+        num_remote = self.remote_blocks.num_cached(hashes)
+        if num_remote and num_remote + self.blocks.num_cached(hashes[num_remote:]) > self.blocks.num_cached(hashes):
+            remote = self.remote_blocks.match(hashes[:num_remote])
+            seq.remote_spans = spans_of(remote, 0, bs)
+            seq.num_remote_tokens = num_remote * bs
+        else:
+            num_remote = 0
+        seq.block_ids = self.blocks.match(hashes[num_remote:])
+        seq.num_registered_blocks = num_remote + len(seq.block_ids)
         seq.num_computed_tokens = seq.num_registered_blocks * bs
 
     def cache_computed(self, seq: Sequence) -> None:
@@ -157,6 +172,19 @@ class Scheduler:
         for j in range(max(seq.num_registered_blocks, first_local), num_full):
             self.blocks.register(seq.block_ids[j - first_local], seq.block_hashes[j])
         seq.num_registered_blocks = num_full
+
+    def stored(self, seq: Sequence, spans: list[RemoteSpan]) -> None:
+        """seq's oldest local blocks (a SpillPlan's) now live in `spans`: count them, and cache
+        those whose tokens are known, for later prefixes to reuse where they are."""
+        seq.remote_spans.extend(spans)
+        bs = self.blocks.block_size
+        for span in spans:
+            blocks = blocks_of([span])
+            self.remote_blocks.add(blocks)
+            first = span.start_token // bs
+            for j, block in enumerate(blocks, first):
+                if j < len(seq.block_hashes):
+                    self.remote_blocks.register(block, seq.block_hashes[j])
 
     def _blocks_needed(self, seq: Sequence, num: int) -> int:
         local_tokens = seq.num_computed_tokens + num - seq.num_remote_tokens
@@ -192,8 +220,10 @@ class Scheduler:
         spilled only when the others cannot free enough."""
         if self.remote_free_blocks is None:
             return 0
-        room = self.remote_free_blocks() - self._spilled_this_step
         goal = max(need, self.spill_batch)
+        room = self.remote_free_blocks() - self._spilled_this_step + self._evicted_this_step
+        if room < goal:  # running sequences come before cached prefixes nobody uses
+            room += self._evict_remote(goal - room)
         moved = freed = 0
         order = [s for s in sorted(self.running, key=lambda s: -s.num_tokens) if s.status is SeqStatus.RUNNING]
         for through_shared in (False, True):
@@ -227,6 +257,28 @@ class Scheduler:
         seq.num_remote_tokens += n * self.blocks.block_size
         self.blocks.free(ids)
 
+    def _evict_remote(self, num_blocks: int) -> int:
+        gone = self.remote_blocks.evict(num_blocks)
+        self._give_back(gone)
+        self._evicted_this_step += len(gone)
+        return len(gone)
+
+    def _give_back(self, blocks: list[RemoteBlock]) -> None:
+        """The engine frees these on their servers (and repays the ledger) after the step, or
+        before it spills (their room may be what the spill needs)."""
+        self.released.extend(spans_of(blocks, 0, self.blocks.block_size))
+
+    def forget_memservers(self, memserver_ids: set[str]) -> None:
+        """Lost or leaving: their cached blocks are matched no more, the unused ones released."""
+        self._give_back(self.remote_blocks.forget(memserver_ids))
+
+    def reset_prefix_cache(self) -> tuple[int, int]:
+        """Forget every cached block nobody uses (vLLM's reset_prefix_cache): returns how many,
+        (local, remote). The remote ones are released by the engine."""
+        remote = self.remote_blocks.evict(self.remote_blocks.num_evictable)
+        self._give_back(remote)
+        return self.blocks.reset_cache(), len(remote)
+
     def preempt(self, seq: Sequence) -> None:
         self._num_preemptions += 1
         self._release(seq)
@@ -253,12 +305,14 @@ class Scheduler:
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
         seq.num_registered_blocks = 0
-        self.released.extend(seq.remote_spans)
+        self._give_back(self.remote_blocks.free(blocks_of(seq.remote_spans)))
         seq.remote_spans = []
         seq.num_remote_tokens = 0
 
     def fits_ever(self, num_tokens: int, extra_blocks: int = 0) -> bool:
         """Could a sequence of this many tokens be held by the local pool plus the cluster (plus
-        `extra_blocks` known to be coming free)?"""
-        remote = self.remote_free_blocks() if self.remote_free_blocks is not None else 0
+        `extra_blocks` known to be coming free)? Cached blocks nobody uses count as free."""
+        remote = 0
+        if self.remote_free_blocks is not None:
+            remote = self.remote_free_blocks() + self.remote_blocks.num_evictable
         return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote + extra_blocks
