@@ -31,7 +31,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise ApiError("worker_id in path and body differ", param="worker_id")
     if not request.app[REGISTRY].heartbeat(load):
         raise ApiError(f"unknown worker {load.worker_id}; register first", status=404, code="unknown_worker")
-    return json_response({"ok": True, "kv": kv_summary(request.app)})
+    return json_response({"ok": True, "kv": kv_summary(request.app, load.worker_id)})
 
 
 @routes.delete("/internal/workers/{worker_id}")
@@ -54,6 +54,7 @@ async def list_workers(request: web.Request) -> web.Response:
             "load": None if s.load is None else {
                 "num_running": s.load.num_running, "num_waiting": s.load.num_waiting,
                 "num_free_blocks": s.load.num_free_blocks, "num_total_blocks": s.load.num_total_blocks,
-                "outstanding_tokens": s.load.outstanding_tokens, "draining": s.load.draining},
+                "outstanding_tokens": s.load.outstanding_tokens, "draining": s.load.draining,
+                "num_remote_cached_blocks": s.load.num_remote_cached_blocks},
         })
     return json_response({"workers": workers})

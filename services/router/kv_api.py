@@ -26,19 +26,26 @@ def kv_geometry(app: web.Application) -> dict | None:
     return None
 
 
-def kv_summary(app: web.Application) -> dict:
-    """What workers need each heartbeat: how much the cluster could lend, and who is leaving."""
-    ledger = app[LEDGER]
-    return {
+def kv_summary(app: web.Application, worker_id: str | None = None) -> dict:
+    """What workers need each heartbeat: how much the cluster could lend, and who is leaving; for
+    `worker_id`, also what other workers only cache (they give it up when asked:
+    "reclaimable_blocks") and how much of its own cache others need now ("reclaim")."""
+    ledger, registry = app[LEDGER], app[REGISTRY]
+    summary = {
         "free_blocks": ledger.free_blocks(),
         "memservers": {s.memserver_id: s.address for s in ledger.servers()},
         "leaving": [s.memserver_id for s in ledger.servers() if s.leaving],
     }
+    if worker_id is not None:
+        summary["reclaimable_blocks"] = sum(s.load.num_remote_cached_blocks for s in registry.live()
+                                            if s.load is not None and s.info.worker_id != worker_id)
+        summary["reclaim"] = ledger.wanted_by_others(worker_id)
+    return summary
 
 
 @routes.get("/internal/kv/summary")
 async def summary(request: web.Request) -> web.Response:
-    return json_response(kv_summary(request.app))
+    return json_response(kv_summary(request.app, request.query.get("worker_id")))
 
 
 @routes.get("/internal/kv/geometry")
@@ -83,7 +90,9 @@ async def borrow(request: web.Request) -> web.Response:
     if not isinstance(req.near, (list, tuple)) or not all(isinstance(m, str) for m in req.near):
         raise ApiError(f"near must be a list of memserver ids, got {req.near!r}", param="near")
     try:
-        grants = request.app[LEDGER].borrow(req.worker_id, req.num_blocks, tuple(req.near))
+        if not isinstance(req.need, int) or req.need < 0:
+            raise ApiError(f"need must be an integer >= 0, got {req.need!r}", param="need")
+        grants = request.app[LEDGER].borrow(req.worker_id, req.num_blocks, tuple(req.near), req.need)
     except InsufficientCapacity as e:
         raise ApiError(str(e), status=409, code="insufficient_capacity") from e
     except ValueError as e:
@@ -125,14 +134,16 @@ def cluster_view(app: web.Application) -> dict:
         free = s.load.num_free_blocks if s.load else total
         workers.append({"worker_id": s.info.worker_id, "live": registry.is_live(s), "url": s.info.url,
                         "block_size": s.info.block_size, "num_blocks": total, "num_free_blocks": free,
-                        "num_used_blocks": total - free})
+                        "num_used_blocks": total - free,
+                        # its blocks on memory servers that only cache a prefix (room, when needed)
+                        "num_remote_cached_blocks": s.load.num_remote_cached_blocks if s.load else 0})
     memservers = [{"memserver_id": s.memserver_id, "address": s.address, "device": s.device,
                    "num_blocks": s.num_blocks, "num_free_blocks": s.num_free,
                    "num_used_blocks": s.num_blocks - s.num_free, "leaving": s.leaving,
                    "unreachable": s.unreachable} for s in ledger.servers()]
     lent = [{"worker_id": w, "memserver_id": m, "num_blocks": n} for (w, m), n in sorted(ledger.lent().items())]
     remote_total = sum(m["num_blocks"] for m in memservers)
-    remote_free = ledger.free_blocks()
+    remote_free = ledger.free_blocks() + sum(w["num_remote_cached_blocks"] for w in workers if w["live"])
     live_workers = [w for w in workers if w["live"]]
     best_total = max((w["num_blocks"] for w in live_workers), default=0)
     best_free = max((w["num_free_blocks"] for w in live_workers), default=0)

@@ -68,6 +68,7 @@ class Ledger:
         self._servers: dict[str, MemserverState] = {}
         self._reservations: dict[str, _Reservation] = {}
         self._ids = itertools.count(1)
+        self._refused: dict[str, tuple[int, float]] = {}  # worker id -> (blocks it could not borrow, when)
 
     # --- membership ---
     def register(self, memserver_id: str, address: str, device: str, num_blocks: int, num_free: int) -> None:
@@ -119,15 +120,19 @@ class Ledger:
     def free_blocks(self) -> int:
         return sum(self.available(m) for m in self._servers)
 
-    def borrow(self, worker_id: str, num_blocks: int, near: tuple[str, ...] = ()) -> list[Grant]:
+    def borrow(self, worker_id: str, num_blocks: int, near: tuple[str, ...] = (), need: int = 0) -> list[Grant]:
         """Reserve num_blocks, spreading a sequence over few servers: first the ones in ``near``
         (those already holding it, in that order), then the most free. Every layer of every step
-        sends one request to each server that holds part of a sequence."""
+        sends one request to each server that holds part of a sequence. Refused, the worker's
+        ``need`` (what its sequence needs in all, at least num_blocks) is asked of the other
+        workers' cached blocks (wanted_by_others)."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         total = self.free_blocks()
         if total < num_blocks:
+            self._refused[worker_id] = (max(num_blocks, need), self._clock())
             raise InsufficientCapacity(num_blocks, total)
+        self._refused.pop(worker_id, None)
         grants, left = [], num_blocks
         rank: dict[str, int] = {}
         for i, memserver_id in enumerate(near):
@@ -145,6 +150,16 @@ class Ledger:
             if left == 0:
                 break
         return grants
+
+    def wanted_by_others(self, worker_id: str) -> int:
+        """Blocks other workers could not borrow lately, beyond what is free now: what `worker_id`
+        should give up of the blocks it only caches (its heartbeat answer says so). Zero once
+        enough is free again, or once the refusal is older than the heartbeat timeout."""
+        now = self._clock()
+        for w in [w for w, (_, when) in self._refused.items() if now - when > self._timeout]:
+            del self._refused[w]
+        wanted = sum(n for w, (n, _) in self._refused.items() if w != worker_id)
+        return max(0, wanted - self.free_blocks())
 
     def settle(self, reservation_id: str, num_stored: int, unreachable: bool = False) -> str | None:
         """The worker stored num_stored of the reserved blocks (0: the creditor refused, or with

@@ -96,6 +96,7 @@ class WorkerLoad:
     draining: bool = False
     num_spec_proposed: int = 0  # speculative decoding since the worker started: tokens proposed
     num_spec_accepted: int = 0  # ... and those the model agreed with
+    num_remote_cached_blocks: int = 0  # its blocks on memory servers only cached: it gives them up when asked
     v: int = WIRE_VERSION
 
 
@@ -124,6 +125,9 @@ class BorrowRequest:
     worker_id: str
     num_blocks: int
     near: tuple[str, ...] = ()  # memservers that already hold the sequence's blocks: lend from them first
+    # Blocks the sequence still needs there in all, these included (0: just these). Refused, the
+    # ledger asks the other workers to give up that much of the blocks they only cache.
+    need: int = 0
     v: int = WIRE_VERSION
 
 

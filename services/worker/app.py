@@ -67,7 +67,7 @@ def _load(app: web.Application) -> WorkerLoad:
     inflight = app[INFLIGHT]
     return WorkerLoad(app[CONFIG].id, stats.num_running, stats.num_waiting, stats.num_free_blocks,
                       stats.num_total_blocks, inflight.outstanding_tokens(), inflight.draining,
-                      stats.num_spec_proposed, stats.num_spec_accepted)
+                      stats.num_spec_proposed, stats.num_spec_accepted, stats.num_remote_cached_blocks)
 
 
 async def router_link_ctx(app: web.Application):

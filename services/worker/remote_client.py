@@ -38,8 +38,8 @@ class LedgerClient:
         async with self._session.post(self._base + path, data=data, headers=self._headers) as resp:
             return resp.status, await resp.json()
 
-    async def borrow(self, num_blocks: int, near: tuple[str, ...] = ()) -> list[dict]:
-        status, body = await self._post("/borrow", encode(BorrowRequest(self.owner, num_blocks, near)))
+    async def borrow(self, num_blocks: int, near: tuple[str, ...] = (), need: int = 0) -> list[dict]:
+        status, body = await self._post("/borrow", encode(BorrowRequest(self.owner, num_blocks, near, need)))
         if status != 200:
             raise SpillFailed(body.get("error", {}).get("message", f"borrow refused: HTTP {status}"))
         return body["grants"]
@@ -48,7 +48,8 @@ class LedgerClient:
         await self._post("/settle", encode(Settle(self.owner, reservation_id, num_stored, unreachable)))
 
     async def summary(self) -> dict:
-        async with self._session.get(self._base + "/summary", headers=self._headers) as resp:
+        async with self._session.get(self._base + "/summary", params={"worker_id": self.owner},
+                                     headers=self._headers) as resp:
             return await resp.json() if resp.status == 200 else {}
 
     async def repay(self, memserver_id: str, num_blocks: int) -> None:
@@ -65,6 +66,8 @@ class RemoteKVClient:
         self._block_size = 0
         self._timeout = timeout_s
         self._free_hint = 0
+        self._reclaimable_hint = 0  # blocks other workers only cache
+        self._reclaim = 0  # of our cached blocks, how many others need (taken once: take_reclaim)
         self._addresses: dict[str, str] = {}
         self._lost: set[str] = set()
         self._lock = threading.Lock()
@@ -90,6 +93,8 @@ class RemoteKVClient:
     # --- fed by the worker's heartbeat (event loop) ---
     def update(self, kv: dict) -> None:
         self._free_hint = int(kv.get("free_blocks", 0))
+        self._reclaimable_hint = int(kv.get("reclaimable_blocks", 0))
+        self._reclaim = int(kv.get("reclaim", 0))
         self._addresses.update(kv.get("memservers", {}))
         for memserver_id in kv.get("leaving", []):
             self._mark_lost(memserver_id, "leaving")  # move off it: recompute what lives there
@@ -118,6 +123,13 @@ class RemoteKVClient:
     def free_blocks(self) -> int:
         return self._free_hint
 
+    def reclaimable_blocks(self) -> int:
+        return self._reclaimable_hint
+
+    def take_reclaim(self) -> int:
+        reclaim, self._reclaim = self._reclaim, 0
+        return reclaim
+
     def lost_memservers(self) -> set[str]:
         with self._lock:
             lost, self._lost = self._lost, set()
@@ -134,8 +146,9 @@ class RemoteKVClient:
             if self.epoch_of(memserver_id) == epoch:
                 self._written_off.discard(memserver_id)
 
-    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
-        future = asyncio.run_coroutine_threadsafe(self._spill(request_id, kv, start_token, near), self._loop)
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = (),
+              need: int = 0) -> list[RemoteSpan]:
+        future = asyncio.run_coroutine_threadsafe(self._spill(request_id, kv, start_token, near, need), self._loop)
         try:
             return future.result(timeout=self._timeout * 3)
         except TimeoutError as e:
@@ -149,7 +162,8 @@ class RemoteKVClient:
         return self._attention.submit(calls)
 
     # --- on the event loop ---
-    async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...]) -> list[RemoteSpan]:
+    async def _spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...],
+                     need: int) -> list[RemoteSpan]:
         # kv: [num_layers, 2, n, block_size, Hkv, D]; a store sends K and V of each layer as frames
         spans: list[RemoteSpan] = []
         num_blocks, layer_kv = kv.shape[2], kv.flatten(0, 1)  # [2 * num_layers, n, ...]
@@ -162,7 +176,7 @@ class RemoteKVClient:
                 raise SpillFailed(f"memory servers refused {num_blocks - done} of {num_blocks} blocks")
             try:
                 holding = tuple(dict.fromkeys((*near, *(s.memserver_id for s in spans))))
-                grants = await self._ledger.borrow(num_blocks - done, holding)
+                grants = await self._ledger.borrow(num_blocks - done, holding, max(0, need - done))
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise SpillFailed(f"router unreachable: {e!r}") from e
             except SpillFailed:

@@ -139,6 +139,35 @@ async def test_two_workers_share_memservers_and_owners_stay_apart(tmp_path):
         cluster.wait_zero_used_blocks()
 
 
+def test_a_workers_cached_prefix_makes_room_for_another_workers_request(tmp_path):
+    import openai
+
+    doc, other = _prompt(2048, seed=70), _prompt(2048, seed=71)
+    expected = offline_texts([doc, other], 8)
+    with running_cluster(tmp_path, 0) as cluster:
+        a = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "a")  # the same weights, apart
+        b = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "b")
+        cluster.wait_ready(2)
+        cluster.add_memserver(capacity="4MiB")  # 128 blocks; each prompt needs ~97 of them
+        cluster.wait_memservers(1)
+        with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            def answer(model: str, prompt: list[int]) -> str:
+                return client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+
+            assert answer("a", doc) == expected[0]
+            cached = worker_stats(a)["num_remote_cached_blocks"]
+            assert cached >= 2048 // 16 - 32  # A keeps the document there
+            # The router hears of it with A's next heartbeat, and counts it as room.
+            wait_for(lambda: cluster_view(cluster.router)["free_context_tokens"] == (32 + 128) * 16, 10,
+                     "the router to count A's cached blocks as room")
+            # B's request fits only in the room A's cache holds: admitted, and A gives the room up.
+            assert answer("b", other) == expected[1]
+            assert worker_stats(a)["num_remote_cached_blocks"] < cached
+            assert "spill_failed" in b.log_text() or worker_stats(b)["num_remote_cached_blocks"] > 0
+        cluster.wait_zero_used_blocks()
+
+
 async def test_memserver_refuses_another_owners_blocks(tmp_path):
     import torch
 

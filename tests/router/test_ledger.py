@@ -111,3 +111,26 @@ def test_stale_reservations_expire():
     clock.now = 6
     ledger.expire()
     assert ledger.free_blocks() == 10
+
+
+def test_a_refused_borrow_asks_the_other_workers_for_their_cached_blocks_until_room_is_free():
+    clock = Clock()
+    ledger = _ledger(clock)
+    for g in ledger.borrow("w1", 150):  # w1 holds (say, only caches) 150 of 160
+        ledger.settle(g.reservation_id, g.num_blocks)
+    with pytest.raises(InsufficientCapacity):
+        ledger.borrow("w2", 40)  # 10 free
+    assert (ledger.wanted_by_others("w1"), ledger.wanted_by_others("w2")) == (30, 0)
+    ledger.repay("w1", "ms-a", 20)  # w1 gave up 20: 10 more wanted
+    assert ledger.wanted_by_others("w1") == 10
+    ledger.repay("w1", "ms-a", 10)
+    assert ledger.wanted_by_others("w1") == 0
+    ledger.borrow("w2", 40)  # and w2's next try is served
+    with pytest.raises(InsufficientCapacity):
+        ledger.borrow("w2", 10)
+    assert ledger.wanted_by_others("w1") == 10
+    clock.now += 3.5  # a refusal older than the heartbeat timeout is no longer a need
+    assert ledger.wanted_by_others("w1") == 0
+    with pytest.raises(InsufficientCapacity):
+        ledger.borrow("w2", 4, need=60)  # a spill of 4 blocks, of a sequence that needs 60 there
+    assert ledger.wanted_by_others("w1") == 60

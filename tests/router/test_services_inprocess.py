@@ -216,6 +216,10 @@ async def test_borrow_with_a_malformed_near_is_refused_clearly():
         async with s.client.post(s.url("/internal/kv/borrow"), data=body, headers=headers) as resp:
             error = (await resp.json())["error"]
             assert resp.status == 400 and error["param"] == "near" and "memserver ids" in error["message"]
+        async with s.client.post(s.url("/internal/kv/borrow"), data=encode(BorrowRequest("w", 4, need=-1)),
+                                 headers=headers) as resp:
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and error["param"] == "need" and ">= 0" in error["message"]
         # the ledger still answers a well-formed borrow (no memserver registered: nothing to lend)
         body = encode(BorrowRequest("w", 4, near=("ms-0",)))
         async with s.client.post(s.url("/internal/kv/borrow"), data=body, headers=headers) as resp:

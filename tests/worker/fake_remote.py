@@ -30,10 +30,17 @@ class FakeRemoteKV:
     def free_blocks(self) -> int:
         return sum(len(s.free_ids) for s in self.servers.values() if s.alive)
 
+    def reclaimable_blocks(self) -> int:
+        return 0  # no other worker
+
+    def take_reclaim(self) -> int:
+        return 0
+
     def used_blocks(self) -> int:
         return sum(s.pool.shape[2] - len(s.free_ids) for s in self.servers.values() if s.alive)
 
-    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = (),
+              need: int = 0) -> list[RemoteSpan]:
         num_blocks = kv.shape[2]  # kv: [L, 2, n, bs, Hkv, D]
         if num_blocks > self.free_blocks():
             raise SpillFailed("cluster full")

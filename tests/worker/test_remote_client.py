@@ -141,7 +141,7 @@ class SpillLedger:
         self.settled: list[tuple[str, int, bool]] = []
         self.cut_off: set[str] = set()
 
-    async def borrow(self, num_blocks, near=()):
+    async def borrow(self, num_blocks, near=(), need=0):
         order = [m for m in ("ms0", "ms1") if m not in self.cut_off]
         return [{"reservation_id": f"r{len(self.settled)}-{m}", "memserver_id": m, "address": f"{m}:1",
                  "num_blocks": num_blocks} for m in order[:1]]

@@ -79,8 +79,10 @@ def test_cached_blocks_give_way_to_a_request_that_needs_their_room(model):
     tokens, cached = generate(engine, prompts["other"])
     assert (tokens, cached) == (expected["other"], 0)
     assert remote.num_spills and engine.scheduler._num_preemptions == 0
-    # The document's blocks were evicted for it: asking it again recomputes from scratch.
-    assert generate(engine, prompts["doc+q"]) == (expected["doc+q"], 0)
+    # The document's last blocks were evicted for it, its first ones stayed: asking it again
+    # reuses those, and recomputes the rest.
+    tokens, cached = generate(engine, prompts["doc+q"])
+    assert tokens == expected["doc+q"] and 0 < cached < 900 // 16 * 16
     assert_no_block_leaked(engine, remote)
 
 

@@ -210,7 +210,7 @@ def test_a_cached_prefix_is_remote_then_local_blocks_only_when_that_covers_more(
     assert (again.num_remote_tokens, chunk.start, again.remote_spans) == (0, 16, [])
     sched.finish(again)
     assert sched.reset_prefix_cache() == (4, 2)
-    assert [(s.memserver_id, s.block_ids) for s in sched.released] == [("m0", (100, 101))]  # to free there
+    assert [(s.memserver_id, s.block_ids) for s in sched.released] == [("m0", (101, 100))]  # to free there, tail first
 
     _cache_remote(sched, _seq(3, 17), 4)  # tokens 0..15 there, nothing here: remote it is
     remote = _seq(4, 17)
@@ -220,3 +220,32 @@ def test_a_cached_prefix_is_remote_then_local_blocks_only_when_that_covers_more(
     assert [s.block_ids for s in remote.remote_spans] == [(100, 101, 102, 103)]
     sched.finish(remote)
     assert sched.fits_ever(16 * 4 + 4 * 4) and not sched.fits_ever(16 * 4 + 4 * 4 + 1)  # cached counts as free
+
+
+def test_cached_remote_blocks_go_when_other_workers_need_their_room_and_count_as_room():
+    asks = [3]
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=100, remote_free_blocks=lambda: 2,
+                      remote_reclaimable=lambda: 5, remote_take_reclaim=lambda: asks.pop() if asks else 0)
+    _cache_remote(sched, _seq(0, 33), 8)
+    assert sched.remote_room_blocks() == 2 + 8 + 5  # free, ours cached, others' cached
+    assert sched.fits_ever(4 * (16 + 15)) and not sched.fits_ever(4 * (16 + 15) + 1)
+    sched.schedule()  # the ledger asked for 3, once
+    assert sched.remote_blocks.num_evictable == 5
+    assert [s.block_ids for s in sched.released] == [(107, 106, 105)]  # the prefix's tail first
+    sched.schedule()
+    assert sched.remote_blocks.num_evictable == 5
+
+
+def test_a_joining_sequence_whose_cached_prefix_fills_the_pool_spills_it_and_runs():
+    bm = BlockManager(4, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, remote_free_blocks=lambda: 100, spill_batch=1)
+    first = _seq(0, 17)
+    sched.add(first)
+    _complete(sched.schedule().chunks)  # 17 + 1 tokens: needs 5 blocks, one spilled to make room
+    sched.cache_computed(first)
+    sched.finish(first)
+    longer = Sequence("r1", list(range(16)) + [99] * 8, SamplingParams(max_tokens=8), arrival=1)
+    sched.add(longer)
+    out = sched.schedule()  # its cached blocks are the whole pool; before, it waited forever
+    assert [(c.seq.request_id, c.start) for c in out.chunks] == [("r1", longer.num_computed_tokens)]
+    assert [p.seq for p in out.spills] == [longer] and longer.num_remote_tokens > 0

@@ -136,8 +136,9 @@ class EngineServer:
                 return
             else:
                 self.engine.tend()
+                last = self._last_stats
                 stats = self._stats()
-                if stats != self._last_stats:  # e.g. an abort freed blocks while nothing runs
+                if stats != last:  # e.g. an abort freed blocks, or cached ones went, while nothing runs
                     self.channel.send(["stats", stats])
 
     def _stats(self) -> list:

@@ -59,6 +59,8 @@ class LLMEngine:
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
             remote_free_blocks=remote.free_blocks if remote is not None else None,
             spill_batch=max(4, self.blocks.num_blocks // 8), by_priority=config.scheduling_policy == "priority",
+            remote_reclaimable=remote.reclaimable_blocks if remote is not None else None,
+            remote_take_reclaim=remote.take_reclaim if remote is not None else None,
         )
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_model_len)
         # What a request that leaves a sampling field unset gets (the worker front applies them)
@@ -290,11 +292,17 @@ class LLMEngine:
                 continue
             seq = plan.seq
             near = tuple(dict.fromkeys(span.memserver_id for span in seq.remote_spans))
+            # What it needs there at most: its whole length, less what is here and what is there.
+            held = len(seq.block_ids) + plan.start_token // self.blocks.block_size
+            need = self.blocks.blocks_for(seq.num_prompt_tokens + seq.sampling.max_tokens) - held
             try:
                 spans = self.remote.spill(seq.request_id, self.runner.gather_blocks(plan.block_ids), plan.start_token,
-                                          near)
+                                          near, max(need, len(plan.block_ids)))
             except SpillFailed as e:
                 log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
+                # Our cached blocks may be what stood in the way (a stale free count, a per-owner cap):
+                # the sequence's next try finds their room.
+                self.scheduler.give_up_cached(len(plan.block_ids))
                 self._recompute(seq, deltas)  # its spilled blocks are gone
                 continue
             self.scheduler.stored(seq, spans)
@@ -322,7 +330,7 @@ class LLMEngine:
         self.scheduler.preempt(seq)
         total = seq.num_prompt_tokens + seq.sampling.max_tokens
         if not self.scheduler.fits_ever(total, extra_blocks=own):
-            capacity = self.blocks.num_blocks + own + (self.remote.free_blocks() if self.remote is not None else 0)
+            capacity = self.blocks.num_blocks + own + self.scheduler.remote_room_blocks()
             reason = (f"the cluster lost KV capacity: this sequence needs {total} tokens, "
                       f"{capacity * self.blocks.block_size} remain")
             log.warning("sequence_failed", request_id=seq.request_id, reason=reason)
@@ -339,9 +347,10 @@ class LLMEngine:
                 log.warning("release_slow", num_blocks=sum(len(s.block_ids) for s in released))
 
     def tend(self) -> None:
-        """While nothing runs: let go of cached blocks on lost or leaving memory servers (a step
-        does it when busy), so a leaving server does not wait on them."""
+        """While nothing runs, what a step does when busy: let go of cached blocks on lost or
+        leaving memory servers (a leaving server waits on them), and of those other workers need."""
         self._recover_lost_memservers([])
+        self.scheduler.answer_reclaim()
         self._free_released()
 
     def reset_prefix_cache(self) -> dict[str, int]:

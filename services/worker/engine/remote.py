@@ -50,10 +50,20 @@ class RemoteKV(Protocol):
     def free_blocks(self) -> int:
         """Blocks the cluster could lend now (a hint: a spill may still be refused)."""
 
-    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = ()) -> list[RemoteSpan]:
+    def reclaimable_blocks(self) -> int:
+        """Blocks other workers only cache there (a hint: they give them up when the ledger runs short)."""
+
+    def take_reclaim(self) -> int:
+        """How many of our cached blocks other workers need (the ledger refused them); each
+        heartbeat's figure is returned once, then 0."""
+
+    def spill(self, request_id: str, kv: torch.Tensor, start_token: int, near: tuple[str, ...] = (),
+              need: int = 0) -> list[RemoteSpan]:
         """Move blocks off the worker. kv: [num_layers, 2, n, block_size, num_kv_heads, head_dim]
         (a copy the call may keep). near: memservers already holding the sequence, preferred (one
-        request per server per layer). Blocking. Raises SpillFailed (nothing kept) on failure."""
+        request per server per layer). need: blocks the sequence needs there in all, these included
+        (what to ask of other workers' caches if refused). Blocking. Raises SpillFailed (nothing
+        kept) on failure."""
 
     def release(self, spans: list[RemoteSpan]) -> Future:
         """Free blocks on their memory servers and repay the ledger (best effort, never raises).

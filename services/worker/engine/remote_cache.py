@@ -8,8 +8,9 @@ cached remote prefix costs no transfer. This is what makes a long document's nex
 its first blocks were spilled, and were freed with the request before.
 
 Unused cached blocks still hold room on their servers. They are given up (evicted, least recently
-used first) when this worker needs that room to spill, when their server is lost, and on
-reset; `Scheduler` decides when. Blocks to free on their servers are returned, never freed here.
+used first) when this worker or another one needs that room to spill, when their server is lost,
+and on reset; `Scheduler` decides when. Blocks to free on their servers are returned, never freed
+here.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ class RemoteBlockCache:
         return blocks
 
     def free(self, blocks: list[RemoteBlock]) -> list[RemoteBlock]:
-        """One use of each is over; returns those to free on their servers (unused, not cached)."""
+        """One use of each (a sequence's, in token order) is over; returns those to free on their
+        servers (unused, not cached). A sequence's last blocks are evicted before its first: a
+        prefix missing its head is of no use, one missing its tail still is."""
         gone = []
-        for block in blocks:
+        for block in reversed(blocks):
             count = self._users.get(block, 0)
             if count < 1:
                 raise RuntimeError(f"remote block {block} freed twice")
@@ -123,6 +126,7 @@ class RemoteBlockCache:
                 self._evictable[block] = None
             else:
                 gone.append(block)
+        gone.reverse()  # token order
         return gone
 
     def evict(self, num_blocks: int) -> list[RemoteBlock]:

@@ -76,11 +76,17 @@ class Scheduler:
         remote_free_blocks: Callable[[], int] | None = None,
         spill_batch: int = 4,
         by_priority: bool = False,
+        remote_reclaimable: Callable[[], int] | None = None,
+        remote_take_reclaim: Callable[[], int] | None = None,
     ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.remote_free_blocks = remote_free_blocks
+        # Other workers' cached blocks there (room once they give it up), and how many of ours
+        # they need now (RemoteKV.reclaimable_blocks, take_reclaim)
+        self.remote_reclaimable = remote_reclaimable
+        self.remote_take_reclaim = remote_take_reclaim
         self.spill_batch = spill_batch  # spill at least this many blocks at once (fewer round trips)
         # --scheduling-policy priority: the queue is kept in Sequence.order (FCFS: arrival, a
         # preempted sequence first); running and preemption follow Sequence.order either way
@@ -106,6 +112,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self._out = SchedulerOutput()
         self._spilled_this_step = self._evicted_this_step = 0
+        self.answer_reclaim()
         num_preemptions = self._num_preemptions
         budget = self.max_num_batched_tokens
         # A preemption victim (the newest running sequence) is never one already scheduled.
@@ -199,7 +206,7 @@ class Scheduler:
             if need <= free:
                 seq.block_ids.extend(self.blocks.allocate(need))
                 return want
-            if self._spill(need - free):
+            if self._spill(need - free, seq):
                 continue
             local_computed = seq.num_computed_tokens - seq.num_remote_tokens
             fit = (len(seq.block_ids) + free) * self.blocks.block_size - local_computed
@@ -213,7 +220,7 @@ class Scheduler:
             if victim is seq:
                 return 0
 
-    def _spill(self, need: int) -> int:
+    def _spill(self, need: int, joining: Sequence) -> int:
         """Plan moving the oldest computed full blocks of the longest sequences off the worker;
         returns how many local blocks that frees. A block another sequence also uses (a shared
         cached prefix) frees nothing when moved, so sequences whose oldest block is shared are
@@ -225,7 +232,10 @@ class Scheduler:
         if room < goal:  # running sequences come before cached prefixes nobody uses
             room += self._evict_remote(goal - room)
         moved = freed = 0
-        order = [s for s in sorted(self.running, key=lambda s: -s.num_tokens) if s.status is SeqStatus.RUNNING]
+        # A sequence joining the batch may spill too: its cached prefix may fill the local pool.
+        candidates = self.running if joining in self.running else [*self.running, joining]
+        order = [s for s in sorted(candidates, key=lambda s: -s.num_tokens)
+                 if s.status is SeqStatus.RUNNING or s is joining]
         for through_shared in (False, True):
             for seq in order:
                 if freed >= goal or moved >= room:
@@ -258,9 +268,21 @@ class Scheduler:
         self.blocks.free(ids)
 
     def _evict_remote(self, num_blocks: int) -> int:
-        gone = self.remote_blocks.evict(num_blocks)
+        num = self.give_up_cached(num_blocks)
+        self._evicted_this_step += num
+        return num
+
+    def answer_reclaim(self) -> None:
+        """Other workers' sequences come before our cached prefixes too: give up what the ledger
+        says they could not borrow."""
+        if self.remote_take_reclaim is not None:
+            self.give_up_cached(self.remote_take_reclaim())
+
+    def give_up_cached(self, num_blocks: int) -> int:
+        """Release up to num_blocks of our cached blocks on memory servers nobody uses (least
+        recently used first); returns how many."""
+        gone = self.remote_blocks.evict(num_blocks) if num_blocks > 0 else []
         self._give_back(gone)
-        self._evicted_this_step += len(gone)
         return len(gone)
 
     def _give_back(self, blocks: list[RemoteBlock]) -> None:
@@ -309,10 +331,16 @@ class Scheduler:
         seq.remote_spans = []
         seq.num_remote_tokens = 0
 
+    def remote_room_blocks(self) -> int:
+        """Blocks memory servers could take: free ones, and cached ones nobody uses (ours, and other
+        workers' as far as we know), since those are given up when the room is needed."""
+        if self.remote_free_blocks is None:
+            return 0
+        others = self.remote_reclaimable() if self.remote_reclaimable is not None else 0
+        return self.remote_free_blocks() + self.remote_blocks.num_evictable + others
+
     def fits_ever(self, num_tokens: int, extra_blocks: int = 0) -> bool:
         """Could a sequence of this many tokens be held by the local pool plus the cluster (plus
-        `extra_blocks` known to be coming free)? Cached blocks nobody uses count as free."""
-        remote = 0
-        if self.remote_free_blocks is not None:
-            remote = self.remote_free_blocks() + self.remote_blocks.num_evictable
+        `extra_blocks` known to be coming free)?"""
+        remote = self.remote_room_blocks()
         return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote + extra_blocks
