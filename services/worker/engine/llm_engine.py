@@ -285,8 +285,8 @@ class LLMEngine:
 
     def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
         # Runs before the forward pass reuses the freed blocks: the gather copies them first.
-        if plans:
-            self._free_released(wait=True)  # evicted cached blocks' room may be what the spill borrows
+        if plans and self.scheduler.evicted_for_spill:
+            self._free_released(wait=True)  # the room the spills borrow is the evicted blocks'; free it first
         for plan in plans:
             if not plan.valid:
                 continue

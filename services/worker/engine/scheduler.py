@@ -267,6 +267,11 @@ class Scheduler:
         seq.num_remote_tokens += n * self.blocks.block_size
         self.blocks.free(ids)
 
+    @property
+    def evicted_for_spill(self) -> bool:
+        """This step's spills count on the room of cached blocks given up for them."""
+        return self._evicted_this_step > 0
+
     def _evict_remote(self, num_blocks: int) -> int:
         num = self.give_up_cached(num_blocks)
         self._evicted_this_step += num
