@@ -27,6 +27,10 @@ class WorkerLoadCollector:
                                        "Tokens proposed by speculative decoding, per worker", labels=["worker"])
         accepted = CounterMetricFamily("kvmesh_worker_spec_decode_accepted_tokens",
                                        "Proposed tokens the model agreed with, per worker", labels=["worker"])
+        remote_cached = GaugeMetricFamily(
+            "kvmesh_worker_kv_blocks_remote_cached",
+            "KV blocks a worker keeps on memory servers as a cached prefix no request uses (room when needed)",
+            labels=["worker"])
         for state in self._workers.all():
             wid = state.info.worker_id
             live.add_metric([wid], 1.0 if self._workers.is_live(state) else 0.0)
@@ -38,7 +42,8 @@ class WorkerLoadCollector:
             free.add_metric([wid], state.load.num_free_blocks)
             proposed.add_metric([wid], state.load.num_spec_proposed)
             accepted.add_metric([wid], state.load.num_spec_accepted)
-        return [running, waiting, used, free, live, proposed, accepted]
+            remote_cached.add_metric([wid], state.load.num_remote_cached_blocks)
+        return [running, waiting, used, free, live, proposed, accepted, remote_cached]
 
 
 class LedgerCollector:

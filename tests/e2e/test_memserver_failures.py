@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from services.memserver.messages import Attend, FreeBlocks, StoreBlocks, attend_layout
-from tests.e2e.cluster import TOKEN, cluster_view, running_cluster, wait_for, worker_stats
+from tests.e2e.cluster import TOKEN, cluster_view, get, running_cluster, wait_for, worker_stats
 from tests.e2e.test_memservers import MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
 
 
@@ -161,6 +161,8 @@ def test_a_workers_cached_prefix_makes_room_for_another_workers_request(tmp_path
             # The router hears of it with A's next heartbeat, and counts it as room.
             wait_for(lambda: cluster_view(cluster.router)["free_context_tokens"] == (32 + 128) * 16, 10,
                      "the router to count A's cached blocks as room")
+            metric = f'kvmesh_worker_kv_blocks_remote_cached{{worker="{worker_stats(a)["worker_id"]}"}} {cached}.0'
+            assert metric in get(cluster.router.url + "/metrics")[1].decode()
             # B's request fits only in the room A's cache holds: admitted, and A gives the room up.
             assert answer("b", other) == expected[1]
             assert worker_stats(a)["num_remote_cached_blocks"] < cached
