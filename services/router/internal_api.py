@@ -7,6 +7,7 @@ from aiohttp import web
 
 from services.router.keys import REGISTRY
 from services.router.kv_api import kv_summary
+from services.router.lora_api import RUNTIME_ADAPTERS
 from services.runtime.bodies import json_response, read_message
 from services.runtime.errors import ApiError
 from services.runtime.wire import WorkerLoad, WorkerRegistration
@@ -19,6 +20,7 @@ routes = web.RouteTableDef()
 async def register(request: web.Request) -> web.Response:
     info: WorkerRegistration = await read_message(request, WorkerRegistration)
     request.app[REGISTRY].register(info)
+    request.app[RUNTIME_ADAPTERS].give(request.app, info)  # those loaded at runtime before it came
     log.info("worker_registered", worker_id=info.worker_id, url=info.url, model=info.model_name,
              num_blocks=info.num_total_blocks)
     return json_response({"registered": info.worker_id})

@@ -5,6 +5,9 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=true): anyone holding an API key could otherwis
 read a directory of their choosing. A load goes to every live worker started with --enable-lora (of
 the base model named by `model`, when several are served); all load it or none keeps it. An unload
 goes to every worker that has it; requests already admitted finish with the adapter.
+
+The router remembers what was loaded (RuntimeAdapters): a worker that registers later with
+--enable-lora, a replacement for one that died or one more, is given the adapters of its base model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from aiohttp import web
 from services.router.keys import CONFIG, POOL, REGISTRY
 from services.router.params import get_str
 from services.router.registry import WorkerState
+from services.runtime.wire import WorkerRegistration
 from services.router.worker_client import post_worker_json
 from services.runtime.bodies import read_json_object
 from services.runtime.errors import ApiError
@@ -25,6 +29,45 @@ from services.runtime.errors import ApiError
 routes = web.RouteTableDef()
 log = structlog.get_logger()
 VLLM_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+class RuntimeAdapters:
+    """Adapters loaded through /v1/load_lora_adapter and not unloaded: name -> (directory, base model)."""
+
+    def __init__(self):
+        self.adapters: dict[str, tuple[str, str]] = {}
+        self._giving: dict[str, asyncio.Task] = {}  # worker id -> the task loading adapters into it
+
+    def missing(self, info: WorkerRegistration) -> list[tuple[str, str]]:
+        """(name, directory) of the adapters a worker serving LoRA adapters lacks."""
+        if info.lora_modules is None:
+            return []
+        return [(name, path) for name, (path, base) in sorted(self.adapters.items())
+                if base == info.model_name and name not in info.lora_modules]
+
+    def give(self, app: web.Application, info: WorkerRegistration) -> None:
+        """Load what the worker lacks into it, in the background; once it has them it registers
+        again (with each one), and is looked at again then."""
+        worker_id = info.worker_id
+        if worker_id in self._giving or not (missing := self.missing(info)):
+            return
+        task = asyncio.create_task(_give(app, worker_id, missing), name=f"lora-give-{worker_id}")
+        self._giving[worker_id] = task
+        task.add_done_callback(lambda _: self._giving.pop(worker_id, None))
+
+
+async def _give(app: web.Application, worker_id: str, adapters: list[tuple[str, str]]) -> None:
+    for name, path in adapters:
+        try:
+            await post_worker_json(app[POOL], worker_id, "/internal/lora",
+                                   {"op": "load", "lora_name": name, "lora_path": path})
+        except ApiError as e:  # the worker serves the rest; a request for this one goes elsewhere
+            log.warning("lora_give_failed", worker_id=worker_id, lora_name=name, error=e.message)
+            continue
+        log.info("lora_given", worker_id=worker_id, lora_name=name, lora_path=path)
+
+
+RUNTIME_ADAPTERS = web.AppKey("runtime_lora_adapters", RuntimeAdapters)
 
 
 def runtime_updating_allowed(flag: bool) -> bool:
@@ -92,6 +135,10 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
         log.warning("lora_load_failed", lora_name=name, lora_path=path, error=str(failed[0]))
         raise _as_reply(failed[0], "loading")
     log.info("lora_loaded", lora_name=name, lora_path=path, num_workers=len(states))
+    runtime = request.app[RUNTIME_ADAPTERS]
+    runtime.adapters[name] = (path, states[0].info.model_name)
+    for state in request.app[REGISTRY].live():  # workers that registered while it was loading
+        runtime.give(request.app, state.info)
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -105,8 +152,13 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     if not states:
         raise ApiError(f"The lora adapter '{name}' cannot be found.", status=404, code="not_found",
                        param="lora_name")
+    # Forgotten first: each worker registers again as it unloads it, and must not be given it back.
+    runtime = request.app[RUNTIME_ADAPTERS].adapters
+    remembered = runtime.pop(name, None)
     errors = [e for e in await _update(request, states, {"op": "unload", "lora_name": name}) if e is not None]
     if errors:
+        if remembered is not None:
+            runtime[name] = remembered
         raise _as_reply(errors[0], "unloading")
     log.info("lora_unloaded", lora_name=name, num_workers=len(states))
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")

@@ -161,3 +161,32 @@ def test_a_stream_keeps_its_adapter_when_it_is_unloaded(cluster, client, tmp_pat
             assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "going"})[0] == 200
             unloaded = True
     assert ids == expected and len(ids) == 160
+
+
+def test_a_worker_that_joins_later_is_given_the_adapters_loaded_at_runtime(tmp_path_factory):
+    from tests.e2e.cluster import num_live_workers, wait_for
+
+    root = tmp_path_factory.mktemp("given_adapters")
+    save_adapter(materialize_tiny(), root / "late", seed=9, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    prompt = _prompt(5)[:60]
+    expected = peft_greedy(materialize_tiny(), root / "late", [prompt])[0]
+    with running_cluster(tmp_path_factory.mktemp("given"), worker_args=("--enable-lora",),
+                         router_args=("--allow-runtime-lora-updating",)) as cluster:
+        assert _post(cluster, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(root / "late")})[0] == 200
+        cluster.add_worker("--enable-lora")  # say, the replacement of a worker that died
+        cluster.wait_ready(2)
+        wait_for(lambda: "event='lora_given'" in cluster.router.log_text(), 60, "the router to give it the adapter",
+                 cluster.procs)
+        first = cluster.workers[0]
+        assert first.terminate() == 0
+        wait_for(lambda: num_live_workers(cluster.router) == 1, 30, "the first worker to leave")
+        with cluster.openai_client() as client:  # only the newcomer is left to answer
+            assert _greedy_ids(client, "late", prompt) == expected
+        # Unloaded, it is no longer given to workers that join
+        assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "late"})[0] == 200
+        third = cluster.add_worker("--enable-lora")
+        cluster.wait_ready(2)
+        with cluster.openai_client() as client:
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model="late", prompt=prompt, max_tokens=2)
+        assert cluster.router.log_text().count("event='lora_given'") == 1 and third.alive
