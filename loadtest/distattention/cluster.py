@@ -131,7 +131,11 @@ class BenchCluster:
         return used
 
     def wait_zero_used(self, timeout_s: float = 15.0) -> dict[str, int | None]:
-        """Blocks are freed just after a stream ends and the ledger catches up on heartbeats: poll."""
+        """Blocks are freed just after a stream ends and the ledger catches up on heartbeats: poll.
+        The workers first forget their cached prefixes: on memory servers they hold blocks, and the
+        next case (another worker, the memservers sized for one request) would wait on them."""
+        for worker in self.workers.values():
+            probe.get_json(worker.url + "/internal/reset_prefix_cache", self.token, method="POST", timeout=30.0)
         deadline = time.monotonic() + timeout_s
         while True:
             used = self.used_blocks()

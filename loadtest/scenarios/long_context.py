@@ -9,6 +9,7 @@ import asyncio
 from loadtest import report
 from loadtest.scenarios.common import add_cluster_arguments, fixed_load, local_cluster, run_bench
 from loadtest.workloads import Workload
+from services.launch import probe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         with local_cluster(args, m, f"longctx-m{m}") as cluster:
             view = cluster.view()
             n = asyncio.run(longest(cluster.url, view.capacity_tokens, args))
-            after = cluster.view()
+            after = probe.wait_zero_used_blocks(cluster.url, cluster.config.cluster_token)  # cached prefixes too
             rows.append({"num_memservers": m, "capacity_tokens": view.capacity_tokens, "longest_prompt": n,
                          "num_used_blocks_after": after.num_used_blocks})
             print(f"{m} memserver(s): capacity {view.capacity_tokens:,} tokens, longest servable prompt {n:,}, "

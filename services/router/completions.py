@@ -40,15 +40,22 @@ class RequestClock:
     first_token: float | None = None
 
 
-def resolve_model(registry: WorkerRegistry, requested: str | None) -> tuple[str, int]:
-    """(model name, its context length) or 503 / 404."""
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    name: str  # what responses say: for an alias, its worker's model name (vLLM answers with the first)
+    route: str  # what picks the workers: the name asked for (a worker without that alias never gets it)
+    max_model_len: int
+
+
+def resolve_model(registry: WorkerRegistry, requested: str | None) -> ResolvedModel:
+    """The model asked for (default: the first served), or 503 / 404."""
     models = registry.live_models()
     if not models:
         raise ApiError("no worker available: no live worker is registered with the router",
                        status=503, code="no_worker_available", headers={"Retry-After": "1"})
     name = requested if requested is not None else next(iter(models))
     if name in models:
-        return registry.canonical(name), models[name]
+        return ResolvedModel(registry.canonical(name), name, models[name])
     if registry.knows(name):
         raise ApiError(f"no live worker is serving model '{name}'", status=503, code="no_worker_available",
                        headers={"Retry-After": "1"})
@@ -136,7 +143,8 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
     formatter: Formatter | None = None
     opened: list[RoutedSequence] = []
     try:
-        model, max_model_len = resolve_model(app[REGISTRY], parsed.model)
+        resolved = resolve_model(app[REGISTRY], parsed.model)
+        model, max_model_len = resolved.name, resolved.max_model_len
         if parsed.max_tokens is not None and parsed.max_tokens > max_model_len:
             raise ApiError(
                 f"max_tokens={parsed.max_tokens} exceeds the model's context length of {max_model_len} tokens",
@@ -147,7 +155,7 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
             metrics.inflight.inc()
             try:
                 formatter = make_formatter(parsed, model)
-                await _open_all(request, parsed, model, max_tokens, formatter, opened)
+                await _open_all(request, parsed, resolved.route, max_tokens, formatter, opened)
                 opened.sort(key=lambda seq: seq[0].index)
                 if parsed.stream:
                     response, outcome = await _stream(request, formatter, opened, clock)

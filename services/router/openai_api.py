@@ -100,8 +100,8 @@ async def detokenize(request: web.Request) -> web.Response:
 async def _worker_tokenizer(request: web.Request, parse) -> web.Response:
     """The request, checked by ``parse``, answered by a worker serving its model (/internal/tokenize)."""
     model, body = parse(await read_json_object(request))
-    name, _ = resolve_model(request.app[REGISTRY], model)
-    return json_response(await call_worker_json(request.app[POOL], name, "/internal/tokenize", body))
+    route = resolve_model(request.app[REGISTRY], model).route
+    return json_response(await call_worker_json(request.app[POOL], route, "/internal/tokenize", body))
 
 
 @routes.get("/v1/models")

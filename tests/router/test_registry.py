@@ -71,7 +71,7 @@ def test_candidates_use_router_side_tokens_and_heartbeat_free_blocks():
 def test_a_model_answers_to_each_of_its_names_under_the_first():
     """--served-model-name big gpt-4o: both names route to the worker, /v1/models lists both, and
     responses name the first (vLLM's rule); a name no worker serves is unknown."""
-    from services.router.completions import resolve_model
+    from services.router.completions import ResolvedModel, resolve_model
     from services.runtime.errors import ApiError
 
     reg = WorkerRegistry(3.0, Clock())
@@ -79,17 +79,33 @@ def test_a_model_answers_to_each_of_its_names_under_the_first():
     reg.register(info("b", "small"))
     assert reg.live_models() == {"big": 1000, "gpt-4o": 1000, "small": 1000}
     assert [s.info.worker_id for s in reg.live("gpt-4o")] == ["a"] and reg.canonical("gpt-4o") == "big"
-    assert resolve_model(reg, "gpt-4o") == ("big", 1000) and resolve_model(reg, "small") == ("small", 1000)
+    assert resolve_model(reg, "gpt-4o") == ResolvedModel("big", "gpt-4o", 1000)
+    assert resolve_model(reg, "small") == ResolvedModel("small", "small", 1000)
+    assert resolve_model(reg, None) == ResolvedModel("big", "big", 1000)  # the first served
     assert reg.knows("gpt-4o") and not reg.knows("gpt-5")
     with pytest.raises(ApiError) as e:
         resolve_model(reg, "gpt-5")
     assert e.value.status == 404
 
 
+def test_an_alias_routes_only_to_the_workers_that_have_it():
+    """Two workers of one model name, each with an alias of its own: a request for one alias never
+    goes to the other worker (it was routed by the model name, so to either); responses name the model."""
+    from services.router.completions import ResolvedModel, resolve_model
+
+    reg = WorkerRegistry(3.0, Clock())
+    reg.register(WorkerRegistration("a", "http://a", "tiny", 1000, 16, 100, model_aliases=["prod"]))
+    reg.register(WorkerRegistration("b", "http://b", "tiny", 1000, 16, 100, model_aliases=["canary"]))
+    resolved = resolve_model(reg, "canary")
+    assert resolved == ResolvedModel("tiny", "canary", 1000)
+    assert [c.worker_id for c in reg.candidates(resolved.route)] == ["b"]
+    assert [c.worker_id for c in reg.candidates(resolve_model(reg, "tiny").route)] == ["a", "b"]
+
+
 def test_lora_adapters_are_models_named_as_themselves():
     """--lora-modules sql=DIR: the adapter routes to its worker only, /v1/models' card names its
     directory and base model, and responses name the adapter (vLLM's)."""
-    from services.router.completions import resolve_model
+    from services.router.completions import ResolvedModel, resolve_model
 
     reg = WorkerRegistry(3.0, Clock())
     reg.register(WorkerRegistration("a", "http://a", "base", 1000, 16, 100, lora_modules={"sql": "/adapters/sql"}))
@@ -98,4 +114,4 @@ def test_lora_adapters_are_models_named_as_themselves():
     assert [s.info.worker_id for s in reg.live("sql")] == ["a"] and [c.worker_id for c in reg.candidates("sql")] == ["a"]
     assert [s.info.worker_id for s in reg.live("base")] == ["a", "b"]
     assert reg.lora_adapter("sql") == ("/adapters/sql", "base") and reg.lora_adapter("base") is None
-    assert resolve_model(reg, "sql") == ("sql", 1000) and reg.knows("sql")
+    assert resolve_model(reg, "sql") == ResolvedModel("sql", "sql", 1000) and reg.knows("sql")
