@@ -190,7 +190,9 @@ def _cache_remote(sched: Scheduler, seq: Sequence, num_blocks: int) -> None:
 
     bs = sched.blocks.block_size
     extend_block_hashes(seq.block_hashes, seq.token_ids, bs, num_blocks, seq.hash_root)
-    sched.stored(seq, [RemoteSpan("m0", tuple(range(100, 100 + num_blocks)), 0)])
+    spans = [RemoteSpan("m0", tuple(range(100, 100 + num_blocks)), 0)]
+    seq.remote_spans.extend(spans)
+    sched.remote.stored(spans, seq.block_hashes)
     seq.num_remote_tokens = num_blocks * bs
     sched.finish(seq)
 
@@ -210,7 +212,7 @@ def test_a_cached_prefix_is_remote_then_local_blocks_only_when_that_covers_more(
     assert (again.num_remote_tokens, chunk.start, again.remote_spans) == (0, 16, [])
     sched.finish(again)
     assert sched.reset_prefix_cache() == (4, 2)
-    assert [(s.memserver_id, s.block_ids) for s in sched.released] == [("m0", (101, 100))]  # to free there, tail first
+    assert [(s.memserver_id, s.block_ids) for s in sched.remote.released] == [("m0", (101, 100))]  # tail first
 
     _cache_remote(sched, _seq(3, 17), 4)  # tokens 0..15 there, nothing here: remote it is
     remote = _seq(4, 17)
@@ -227,13 +229,13 @@ def test_cached_remote_blocks_go_when_other_workers_need_their_room_and_count_as
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=100, remote_free_blocks=lambda: 2,
                       remote_reclaimable=lambda: 5, remote_take_reclaim=lambda: asks.pop() if asks else 0)
     _cache_remote(sched, _seq(0, 33), 8)
-    assert sched.remote_room_blocks() == 2 + 8 + 5  # free, ours cached, others' cached
+    assert sched.remote.room() == 2 + 8 + 5  # free, ours cached, others' cached
     assert sched.fits_ever(4 * (16 + 15)) and not sched.fits_ever(4 * (16 + 15) + 1)
     sched.schedule()  # the ledger asked for 3, once
-    assert sched.remote_blocks.num_evictable == 5
-    assert [s.block_ids for s in sched.released] == [(107, 106, 105)]  # the prefix's tail first
+    assert sched.remote.cache.num_evictable == 5
+    assert [s.block_ids for s in sched.remote.released] == [(107, 106, 105)]  # the prefix's tail first
     sched.schedule()
-    assert sched.remote_blocks.num_evictable == 5
+    assert sched.remote.cache.num_evictable == 5
 
 
 def test_a_joining_sequence_whose_cached_prefix_fills_the_pool_spills_it_and_runs():

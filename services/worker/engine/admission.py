@@ -111,7 +111,7 @@ class Admission:
         if not self.scheduler.fits_ever(total):
             blocks = self.scheduler.blocks
             local = blocks.num_blocks * blocks.block_size
-            remote = self.scheduler.remote_room_blocks() * blocks.block_size
+            remote = self.scheduler.remote.room() * blocks.block_size
             where = f"the KV cache holds {local} tokens"
             if self.remote is not None:
                 where += f" here plus {remote} free on memory servers"

@@ -136,8 +136,8 @@ class LLMEngine:
             block_size=self.blocks.block_size,
             num_spec_proposed=self.spec_stats.num_proposed,
             num_spec_accepted=self.spec_stats.num_accepted,
-            num_remote_blocks=self.scheduler.remote_blocks.num_blocks,
-            num_remote_cached_blocks=self.scheduler.remote_blocks.num_evictable,
+            num_remote_blocks=self.scheduler.remote.cache.num_blocks,
+            num_remote_cached_blocks=self.scheduler.remote.cache.num_evictable,
         )
 
     # --- the step (one thread) ---
@@ -285,7 +285,7 @@ class LLMEngine:
 
     def _spill(self, plans: list[SpillPlan], deltas: list[Delta]) -> None:
         # Runs before the forward pass reuses the freed blocks: the gather copies them first.
-        if plans and self.scheduler.evicted_for_spill:
+        if plans and self.scheduler.remote.num_evicted_for_spill:
             self._free_released(wait=True)  # the room the spills borrow is the evicted blocks'; free it first
         for plan in plans:
             if not plan.valid:
@@ -302,10 +302,11 @@ class LLMEngine:
                 log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
                 # Our cached blocks may be what stood in the way (a stale free count, a per-owner cap):
                 # the sequence's next try finds their room.
-                self.scheduler.give_up_cached(len(plan.block_ids))
+                self.scheduler.remote.give_up(len(plan.block_ids))
                 self._recompute(seq, deltas)  # its spilled blocks are gone
                 continue
-            self.scheduler.stored(seq, spans)
+            seq.remote_spans.extend(spans)
+            self.scheduler.remote.stored(spans, seq.block_hashes)
             log.debug("blocks_spilled", request_id=seq.request_id, num_blocks=len(plan.block_ids),
                       memservers=sorted({s.memserver_id for s in spans}))
 
@@ -316,7 +317,7 @@ class LLMEngine:
                 self._recompute_sequences_on(lost, deltas)
 
     def _recompute_sequences_on(self, memserver_ids: set[str], deltas: list[Delta]) -> None:
-        self.scheduler.forget_memservers(memserver_ids)
+        self.scheduler.remote.forget(memserver_ids)
         for seq in list(self.scheduler.running):
             if any(span.memserver_id in memserver_ids for span in seq.remote_spans):
                 log.warning("sequence_recomputed", request_id=seq.request_id, memservers=sorted(memserver_ids))
@@ -330,14 +331,15 @@ class LLMEngine:
         self.scheduler.preempt(seq)
         total = seq.num_prompt_tokens + seq.sampling.max_tokens
         if not self.scheduler.fits_ever(total, extra_blocks=own):
-            capacity = self.blocks.num_blocks + own + self.scheduler.remote_room_blocks()
+            capacity = self.blocks.num_blocks + own + self.scheduler.remote.room()
             reason = (f"the cluster lost KV capacity: this sequence needs {total} tokens, "
                       f"{capacity * self.blocks.block_size} remain")
             log.warning("sequence_failed", request_id=seq.request_id, reason=reason)
             deltas.append(self._end(seq, FinishReason.ERROR, reason))
 
     def _free_released(self, wait: bool = False) -> None:
-        released, self.scheduler.released = self.scheduler.released, []
+        holdings = self.scheduler.remote
+        released, holdings.released = holdings.released, []
         if released and self.remote is not None:
             done = self.remote.release(released)
             try:
@@ -350,7 +352,7 @@ class LLMEngine:
         """While nothing runs, what a step does when busy: let go of cached blocks on lost or
         leaving memory servers (a leaving server waits on them), and of those other workers need."""
         self._recover_lost_memservers([])
-        self.scheduler.answer_reclaim()
+        self.scheduler.remote.answer_reclaim()
         self._free_released()
 
     def reset_prefix_cache(self) -> dict[str, int]:

@@ -9,7 +9,7 @@ its first blocks were spilled, and were freed with the request before.
 
 Unused cached blocks still hold room on their servers. They are given up (evicted, least recently
 used first) when this worker or another one needs that room to spill, when their server is lost,
-and on reset; `Scheduler` decides when. Blocks to free on their servers are returned, never freed
+and on reset; `remote_holdings` decides when. Blocks to free on their servers are returned, never freed
 here.
 """
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.prefix_hash import extend_block_hashes
-from services.worker.engine.remote import RemoteSpan
-from services.worker.engine.remote_cache import RemoteBlock, RemoteBlockCache, blocks_of, spans_of
+from services.worker.engine.remote_holdings import RemoteHoldings
 from services.worker.engine.sequence import Sequence, SeqStatus
 
 
@@ -82,22 +81,18 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.remote_free_blocks = remote_free_blocks
-        # Other workers' cached blocks there (room once they give it up), and how many of ours
-        # they need now (RemoteKV.reclaimable_blocks, take_reclaim)
-        self.remote_reclaimable = remote_reclaimable
-        self.remote_take_reclaim = remote_take_reclaim
+        # Our KV on memory servers, and the room there (RemoteKV.free_blocks, reclaimable_blocks,
+        # take_reclaim); the engine frees what lands in self.remote.released
+        self.remote = RemoteHoldings(block_manager.block_size, block_manager.enable_caching,
+                                     remote_free_blocks, remote_reclaimable, remote_take_reclaim)
         self.spill_batch = spill_batch  # spill at least this many blocks at once (fewer round trips)
         # --scheduling-policy priority: the queue is kept in Sequence.order (FCFS: arrival, a
         # preempted sequence first); running and preemption follow Sequence.order either way
         self.by_priority = by_priority
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
-        self.remote_blocks = RemoteBlockCache(block_manager.enable_caching)  # ours on memory servers
-        self.released: list[RemoteSpan] = []  # remote blocks the engine must free
         self._out = SchedulerOutput()
         self._spilled_this_step = 0
-        self._evicted_this_step = 0
         self._num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -111,8 +106,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self._out = SchedulerOutput()
-        self._spilled_this_step = self._evicted_this_step = 0
-        self.answer_reclaim()
+        self._spilled_this_step = 0
+        self.remote.new_step()
         num_preemptions = self._num_preemptions
         budget = self.max_num_batched_tokens
         # A preemption victim (the newest running sequence) is never one already scheduled.
@@ -157,10 +152,9 @@ class Scheduler:
         hashes = seq.block_hashes[:num_blocks]
         # Remote blocks come first in a sequence: the cached prefix is either all local, or
         # remote blocks then local ones, whichever covers more (all local on a tie: no round trips).
-        num_remote = self.remote_blocks.num_cached(hashes)
+        num_remote = self.remote.num_cached(hashes)
         if num_remote and num_remote + self.blocks.num_cached(hashes[num_remote:]) > self.blocks.num_cached(hashes):
-            remote = self.remote_blocks.match(hashes[:num_remote])
-            seq.remote_spans = spans_of(remote, 0, bs)
+            seq.remote_spans = self.remote.take_prefix(hashes[:num_remote])
             seq.num_remote_tokens = num_remote * bs
         else:
             num_remote = 0
@@ -179,19 +173,6 @@ class Scheduler:
         for j in range(max(seq.num_registered_blocks, first_local), num_full):
             self.blocks.register(seq.block_ids[j - first_local], seq.block_hashes[j])
         seq.num_registered_blocks = num_full
-
-    def stored(self, seq: Sequence, spans: list[RemoteSpan]) -> None:
-        """seq's oldest local blocks (a SpillPlan's) now live in `spans`: count them, and cache
-        those whose tokens are known, for later prefixes to reuse where they are."""
-        seq.remote_spans.extend(spans)
-        bs = self.blocks.block_size
-        for span in spans:
-            blocks = blocks_of([span])
-            self.remote_blocks.add(blocks)
-            first = span.start_token // bs
-            for j, block in enumerate(blocks, first):
-                if j < len(seq.block_hashes):
-                    self.remote_blocks.register(block, seq.block_hashes[j])
 
     def _blocks_needed(self, seq: Sequence, num: int) -> int:
         local_tokens = seq.num_computed_tokens + num - seq.num_remote_tokens
@@ -225,12 +206,12 @@ class Scheduler:
         returns how many local blocks that frees. A block another sequence also uses (a shared
         cached prefix) frees nothing when moved, so sequences whose oldest block is shared are
         spilled only when the others cannot free enough."""
-        if self.remote_free_blocks is None:
+        if not self.remote.usable:
             return 0
         goal = max(need, self.spill_batch)
-        room = self.remote_free_blocks() - self._spilled_this_step + self._evicted_this_step
+        room = self.remote.free_blocks() - self._spilled_this_step + self.remote.num_evicted_for_spill
         if room < goal:  # running sequences come before cached prefixes nobody uses
-            room += self._evict_remote(goal - room)
+            room += self.remote.evict_for_spill(goal - room)
         moved = freed = 0
         # A sequence joining the batch may spill too: its cached prefix may fill the local pool.
         candidates = self.running if joining in self.running else [*self.running, joining]
@@ -267,44 +248,10 @@ class Scheduler:
         seq.num_remote_tokens += n * self.blocks.block_size
         self.blocks.free(ids)
 
-    @property
-    def evicted_for_spill(self) -> bool:
-        """This step's spills count on the room of cached blocks given up for them."""
-        return self._evicted_this_step > 0
-
-    def _evict_remote(self, num_blocks: int) -> int:
-        num = self.give_up_cached(num_blocks)
-        self._evicted_this_step += num
-        return num
-
-    def answer_reclaim(self) -> None:
-        """Other workers' sequences come before our cached prefixes too: give up what the ledger
-        says they could not borrow."""
-        if self.remote_take_reclaim is not None:
-            self.give_up_cached(self.remote_take_reclaim())
-
-    def give_up_cached(self, num_blocks: int) -> int:
-        """Release up to num_blocks of our cached blocks on memory servers nobody uses (least
-        recently used first); returns how many."""
-        gone = self.remote_blocks.evict(num_blocks) if num_blocks > 0 else []
-        self._give_back(gone)
-        return len(gone)
-
-    def _give_back(self, blocks: list[RemoteBlock]) -> None:
-        """The engine frees these on their servers (and repays the ledger) after the step, or
-        before it spills (their room may be what the spill needs)."""
-        self.released.extend(spans_of(blocks, 0, self.blocks.block_size))
-
-    def forget_memservers(self, memserver_ids: set[str]) -> None:
-        """Lost or leaving: their cached blocks are matched no more, the unused ones released."""
-        self._give_back(self.remote_blocks.forget(memserver_ids))
-
     def reset_prefix_cache(self) -> tuple[int, int]:
         """Forget every cached block nobody uses (vLLM's reset_prefix_cache): returns how many,
         (local, remote). The remote ones are released by the engine."""
-        remote = self.remote_blocks.evict(self.remote_blocks.num_evictable)
-        self._give_back(remote)
-        return self.blocks.reset_cache(), len(remote)
+        return self.blocks.reset_cache(), self.remote.reset()
 
     def preempt(self, seq: Sequence) -> None:
         self._num_preemptions += 1
@@ -332,20 +279,12 @@ class Scheduler:
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
         seq.num_registered_blocks = 0
-        self._give_back(self.remote_blocks.free(blocks_of(seq.remote_spans)))
+        self.remote.release(seq.remote_spans)
         seq.remote_spans = []
         seq.num_remote_tokens = 0
-
-    def remote_room_blocks(self) -> int:
-        """Blocks memory servers could take: free ones, and cached ones nobody uses (ours, and other
-        workers' as far as we know), since those are given up when the room is needed."""
-        if self.remote_free_blocks is None:
-            return 0
-        others = self.remote_reclaimable() if self.remote_reclaimable is not None else 0
-        return self.remote_free_blocks() + self.remote_blocks.num_evictable + others
 
     def fits_ever(self, num_tokens: int, extra_blocks: int = 0) -> bool:
         """Could a sequence of this many tokens be held by the local pool plus the cluster (plus
         `extra_blocks` known to be coming free)?"""
-        remote = self.remote_room_blocks()
+        remote = self.remote.room()
         return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote + extra_blocks
