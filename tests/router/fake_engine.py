@@ -40,6 +40,9 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, self.num_blocks - self.used, self.num_blocks, self.block_size)
 
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        return {"num_local_blocks": 0, "num_remote_blocks": 0}
+
     async def abort(self, request_id: str) -> None:
         if request_id in self.running:
             self._aborted.add(request_id)

@@ -129,10 +129,13 @@ async def test_with_api_keys_the_openai_routes_need_one_and_the_probes_do_not():
                 assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
                 error = (await resp.json())["error"]
                 assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
-        for path in ("/v1/models", "/tokenize", "/detokenize"):
+        for path in ("/v1/models", "/tokenize", "/detokenize", "/reset_prefix_cache"):
             method = s.client.get if path == "/v1/models" else s.client.post
             async with method(s.url(path), json={}) as resp:
                 assert resp.status == 401, path
+        async with s.client.post(s.url("/reset_prefix_cache"), headers={"Authorization": "Bearer sk-two"}) as resp:
+            assert resp.status == 200 and list((await resp.json())["workers"].values()) == [
+                {"num_local_blocks": 0, "num_remote_blocks": 0}]
         for key in ("sk-one", "sk-two"):
             headers = {"Authorization": f"Bearer {key}"}
             async with s.client.post(s.url("/v1/chat/completions"), json=CHAT, headers=headers) as resp:
