@@ -22,7 +22,7 @@ from pathlib import Path
 
 from services.launch.cluster import ClusterError, LocalCluster
 from services.launch.config import DTYPES, LaunchConfig
-from services.worker.config import lora_modules, served_names
+from services.worker.config import add_lora_arguments, lora_modules, served_names
 from services.worker.engine.config import KV_CACHE_DTYPES
 from services.launch.progress import Progress
 from services.launch.supervisor import RestartBudget
@@ -71,11 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                         help="the workers': where requests' unset sampling fields come from ('auto': the model's "
                              "generation_config.json, as vLLM; 'vllm': OpenAI's defaults)")
-    parser.add_argument("--enable-lora", action="store_true", help="the workers': serve LoRA adapters (vLLM's)")
-    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                        help="the workers': LoRA adapters (PEFT directories) served as models named NAME")
-    parser.add_argument("--max-lora-rank", type=int, default=16,
-                        help="the workers': adapters of a higher rank are refused (default 16)")
+    add_lora_arguments(parser, whose="the workers': ")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="the workers' (and so the memory servers'): fp8 holds 2x (bf16) or 4x (fp32) the "
                              "tokens in the same memory, as vLLM's (CPU only)")

@@ -10,7 +10,7 @@ from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
 from services.worker.app import create_app, drain
 from services.worker.engine.client import EngineStartFailed
-from services.worker.config import WorkerConfig, lora_modules, served_names
+from services.worker.config import WorkerConfig, add_lora_arguments, lora_modules, served_names
 from services.worker.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, KV_CACHE_DTYPES, SCHEDULING_POLICIES
 from services.worker.model.chat_template import load_chat_template
 
@@ -68,15 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reuse the KV of earlier prompts' full blocks for prompts that start with the "
                         "same tokens (default: on)")
     parser.add_argument("--log-level", default="info")
-
-
-def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (vLLM's flag)")
-    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                        help="LoRA adapters (PEFT directories) served as models: a request whose model is NAME "
-                        "runs with that adapter; also JSON {\"name\": ..., \"path\": ...}, as vLLM")
-    parser.add_argument("--max-lora-rank", type=int, default=16,
-                        help="adapters of a higher rank are refused at start-up (default 16)")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

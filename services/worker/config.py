@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,13 @@ def parse_lora_module(spec: str) -> tuple[str, str]:
     if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
         raise ValueError(f"--lora-modules {spec!r}: name and path must be non-empty")
     return name.strip(), path.strip()
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    """vLLM's LoRA flags, for `kvmesh worker` and (whose="the workers': ") `kvmesh up`."""
+    parser.add_argument("--enable-lora", action="store_true", help=f"{whose}serve LoRA adapters (vLLM's flag)")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help=f"{whose}LoRA adapters (PEFT directories) served as models: a request whose model is "
+                        "NAME runs with that adapter; also JSON {\"name\": ..., \"path\": ...}, as vLLM")
+    parser.add_argument("--max-lora-rank", type=int, default=16,
+                        help=f"{whose}adapters of a higher rank are refused at start-up (default 16)")
