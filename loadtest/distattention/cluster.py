@@ -135,7 +135,7 @@ class BenchCluster:
         The workers first forget their cached prefixes: on memory servers they hold blocks, and the
         next case (another worker, the memservers sized for one request) would wait on them."""
         for worker in self.workers.values():
-            probe.get_json(worker.url + "/internal/reset_prefix_cache", self.token, method="POST", timeout=30.0)
+            probe.reset_prefix_cache(worker.url, self.token)
         deadline = time.monotonic() + timeout_s
         while True:
             used = self.used_blocks()

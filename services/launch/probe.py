@@ -62,10 +62,16 @@ def cluster_view(router_url: str, token: str, workers: list[str] | None = None) 
     return view_from_worker_stats(stats)
 
 
+def reset_prefix_cache(worker_url: str, token: str) -> tuple[int, dict | None]:
+    """The worker forgets the prefixes it caches (on memory servers they hold blocks, freed before
+    it answers)."""
+    return get_json(worker_url + "/internal/reset_prefix_cache", token, timeout=30.0, method="POST")
+
+
 def reset_prefix_caches(router_url: str, token: str) -> None:
-    """Every worker forgets the prefixes it caches (on memory servers, they hold blocks)."""
+    """Every worker the router lists: reset_prefix_cache (best effort: one may be gone)."""
     for url in worker_urls(router_url, token):
-        get_json(url + "/internal/reset_prefix_cache", token, method="POST")  # best effort: it may be gone
+        reset_prefix_cache(url, token)
 
 
 def wait_zero_used_blocks(router_url: str, token: str, timeout_s: float = 10.0) -> ClusterView:

@@ -8,13 +8,11 @@ has any.
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 from aiohttp import web
 
 from services.router.keys import POOL, REGISTRY
-from services.router.worker_client import post_worker_json
+from services.router.worker_client import post_each_worker_json
 from services.runtime.bodies import json_response
 from services.runtime.errors import ApiError
 
@@ -25,14 +23,12 @@ log = structlog.get_logger()
 @routes.post("/reset_prefix_cache")
 async def reset_prefix_cache(request: web.Request) -> web.Response:
     """200 {"workers": {worker id: {"num_local_blocks", "num_remote_blocks"}}}: blocks forgotten."""
-    states = request.app[REGISTRY].live()
-    pool = request.app[POOL]
-    results = await asyncio.gather(*(post_worker_json(pool, s.info.worker_id, "/internal/reset_prefix_cache", {})
-                                     for s in states), return_exceptions=True)
-    failed = [(s.info.worker_id, r) for s, r in zip(states, results) if isinstance(r, BaseException)]
+    worker_ids = [s.info.worker_id for s in request.app[REGISTRY].live()]
+    results = await post_each_worker_json(request.app[POOL], worker_ids, "/internal/reset_prefix_cache", {})
+    failed = [(w, r) for w, r in zip(worker_ids, results) if isinstance(r, BaseException)]
     if failed:
-        raise ApiError(f"{len(failed)} of {len(states)} workers did not reset their prefix cache "
+        raise ApiError(f"{len(failed)} of {len(worker_ids)} workers did not reset their prefix cache "
                        f"({failed[0][0]}: {failed[0][1]})", status=502, code="worker_error")
-    answers = {s.info.worker_id: r for s, r in zip(states, results)}
+    answers = dict(zip(worker_ids, results))
     log.info("prefix_cache_reset", num_workers=len(answers))
     return json_response({"workers": answers})

@@ -22,7 +22,7 @@ from services.router.keys import CONFIG, POOL, REGISTRY
 from services.router.params import get_str
 from services.router.registry import WorkerState
 from services.runtime.wire import WorkerRegistration
-from services.router.worker_client import post_worker_json
+from services.router.worker_client import post_each_worker_json, post_worker_json
 from services.runtime.bodies import read_json_object
 from services.runtime.errors import ApiError
 
@@ -103,9 +103,7 @@ def _lora_workers(request: web.Request, base: str | None) -> list[WorkerState]:
 
 
 async def _update(request: web.Request, states: list[WorkerState], body: dict) -> list[BaseException | None]:
-    pool = request.app[POOL]
-    results = await asyncio.gather(*(post_worker_json(pool, s.info.worker_id, "/internal/lora", body)
-                                     for s in states), return_exceptions=True)
+    results = await post_each_worker_json(request.app[POOL], [s.info.worker_id for s in states], "/internal/lora", body)
     return [r if isinstance(r, BaseException) else None for r in results]
 
 

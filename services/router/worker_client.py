@@ -8,6 +8,7 @@ WorkerLost (the caller turns it into an error for the client).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import json
@@ -199,6 +200,11 @@ async def post_worker_json(pool: WorkerPool, worker_id: str, path: str, body: di
         return await _post_json(pool, worker_id, path, body)
     except (aiohttp.ClientConnectionError, TimeoutError) as e:
         raise ApiError(f"worker {worker_id} is unreachable: {e!r}", status=502, code="worker_unreachable") from e
+
+
+async def post_each_worker_json(pool: WorkerPool, worker_ids: list[str], path: str, body: dict) -> list:
+    """post_worker_json to each worker at once; per worker, in order, its answer or its ApiError."""
+    return await asyncio.gather(*(post_worker_json(pool, w, path, body) for w in worker_ids), return_exceptions=True)
 
 
 async def _post_json(pool: WorkerPool, worker_id: str, path: str, body: dict) -> dict:

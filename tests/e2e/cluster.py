@@ -23,6 +23,7 @@ import json
 import urllib.error
 import urllib.request
 
+from services.launch import probe
 from services.runtime.ports import free_port
 
 TOKEN = "e2e-cluster-token"
@@ -125,21 +126,6 @@ def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _post_json(url: str, headers: dict | None = None) -> tuple[int, dict | None]:
-    request = urllib.request.Request(url, data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=30.0) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        with e:
-            status, body = e.code, e.read()
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, None
-
-
 def _get_json(url: str, headers: dict | None = None) -> tuple[int, dict | None]:
     status, body = get(url, headers)
     try:
@@ -203,7 +189,7 @@ class Cluster:
         """Workers forget their cached prefixes (those on memory servers hold blocks there)."""
         for worker in self.workers:
             if worker.alive:
-                status, body = _post_json(worker.url + "/internal/reset_prefix_cache", TOKEN_HEADER)
+                status, body = probe.reset_prefix_cache(worker.url, TOKEN)
                 assert status == 200, f"{worker.name} reset_prefix_cache: HTTP {status} {body}"
 
     def wait_zero_used_blocks(self, timeout: float = 5.0) -> None:

@@ -11,6 +11,7 @@ import random
 import aiohttp
 import pytest
 
+from services.launch.probe import get_json
 from services.worker.engine.api import GenerateRequest, SamplingParams
 from tests.e2e.cluster import cluster_view, running_cluster
 
@@ -133,17 +134,10 @@ def test_the_next_question_on_a_long_document_reads_its_cached_kv_on_the_memserv
         again = client.completions.create(model="tiny", prompt=doc, max_tokens=8, temperature=0,
                                           extra_body={"ignore_eos": True})
     assert again.choices[0].text == expected[0] and again.usage.prompt_tokens_details.cached_tokens == 0
-    status, body = _post(cluster.router.url + "/reset_prefix_cache")
+    status, body = get_json(cluster.router.url + "/reset_prefix_cache", method="POST", timeout=30.0)
     assert status == 200 and body["workers"][worker_stats(cluster.workers[0])["worker_id"]]["num_remote_blocks"] > 0
     assert sum(used_per_memserver(cluster_view(cluster.router)).values()) == 0
     cluster.wait_zero_used_blocks()
-
-
-def _post(url: str) -> tuple[int, dict]:
-    import urllib.request
-
-    with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=30) as resp:
-        return resp.status, json.loads(resp.read())
 
 
 async def test_concurrent_long_requests_use_both_memservers(cluster):
