@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -25,6 +27,7 @@ class ChatConfig:
     max_tokens: int | None
     temperature: float | None  # None: the server's default (the model's generation config, else 1)
     api_key: str | None
+    ca_certs: str | None = None  # PEM CAs to trust for an https URL, instead of the host's
 
 
 @dataclass(slots=True)
@@ -51,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="ask once and exit")
     parser.add_argument("--api-key", default=None,
                         help="sent as 'Authorization: Bearer KEY' (default: the first of $KVMESH_API_KEY)")
+    parser.add_argument("--ca-certs", default=None, metavar="FILE",
+                        help="for an https URL: trust the CAs (or the self-signed certificate) in this PEM file "
+                             "instead of the host's ($SSL_CERT_FILE works too)")
 
 
 def _base(config: ChatConfig) -> str:
@@ -124,13 +130,20 @@ async def stream_answer(session: aiohttp.ClientSession, config: ChatConfig, mode
 
 def _session(config: ChatConfig) -> aiohttp.ClientSession:
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None, connect=10))
+    connector = None
+    if config.ca_certs is not None:
+        connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=config.ca_certs))
+    return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None, connect=10),
+                                 connector=connector)
 
 
 def main(args: argparse.Namespace) -> int:
     env_keys = resolve_api_keys(None)  # $KVMESH_API_KEY, read as the router reads it
     api_key = args.api_key or (env_keys[0] if env_keys else None)
-    config = ChatConfig(args.url, args.model, args.max_tokens, args.temperature, api_key)
+    config = ChatConfig(args.url, args.model, args.max_tokens, args.temperature, api_key, args.ca_certs)
+    if config.ca_certs is not None and not Path(config.ca_certs).is_file():
+        print(f"error: --ca-certs {config.ca_certs!r}: no such file", file=sys.stderr)
+        return 2
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     with asyncio.Runner() as runner:  # Runner turns Ctrl-C into cancelling the running turn
         session = runner.run(_make_session(config))

@@ -31,6 +31,7 @@ from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choice
 from services.runtime.sizes import format_size, size_arg
 from services.runtime.auth import API_KEY_ENV, CLUSTER_TOKEN_ENV, DEV_CLUSTER_TOKEN, resolve_api_keys
+from services.runtime.tls import add_server_tls_arguments, server_tls_from_args
 
 LOG_DIR_ENV = "KVMESH_LOG_DIR"
 
@@ -93,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help=f"the router's --api-key: clients send 'Authorization: Bearer KEY' (repeatable; "
                              f"default: ${API_KEY_ENV}); --chat uses the first")
+    add_server_tls_arguments(parser, whose="the router's: ")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help=f"per-run log dir (default ${LOG_DIR_ENV}/<timestamp>, else ./.kvmesh/logs/<timestamp>)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
@@ -126,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         reasoning_parser=args.reasoning_parser,
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
         responses_store_size=args.responses_store_size, api_keys=resolve_api_keys(args.api_key),
-        log_dir=(args.log_dir or default_log_dir()).resolve(),
+        tls=server_tls_from_args(args), log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
         ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,
     )
@@ -139,6 +141,8 @@ def _raise_stop(signum, frame) -> None:
 def summary(cluster: LocalCluster, elapsed_s: float) -> str:
     c = cluster.config
     chat_hint = f"kvmesh chat --url {cluster.url}" + (" --api-key KEY" if c.api_keys else "")
+    if cluster.trust_file is not None:
+        chat_hint += f" --ca-certs {cluster.trust_file}"
     lines = [f"kvmesh up: ready in {elapsed_s:.1f}s",
              f"  url        {cluster.url}/v1  (OpenAI-compatible; try: {chat_hint})"]
     if c.api_keys:
@@ -156,7 +160,7 @@ def summary(cluster: LocalCluster, elapsed_s: float) -> str:
     return "\n".join(lines)
 
 
-def _run_chat(url: str, max_tokens: int | None, api_key: str | None) -> int:
+def _run_chat(url: str, max_tokens: int | None, api_key: str | None, ca_certs: Path | None) -> int:
     from services import chat
 
     parser = argparse.ArgumentParser()
@@ -164,6 +168,7 @@ def _run_chat(url: str, max_tokens: int | None, api_key: str | None) -> int:
     chat_args = parser.parse_args(["--url", url])
     chat_args.max_tokens = max_tokens
     chat_args.api_key = api_key
+    chat_args.ca_certs = str(ca_certs) if ca_certs is not None else None
     # the chat's own Ctrl-C handling: stop the current answer; Ctrl-D, /exit (or end of stdin) quits
     signal.signal(signal.SIGINT, signal.default_int_handler)
     return chat.main(chat_args)
@@ -202,7 +207,8 @@ def _chat_tended(cluster: LocalCluster, budget: RestartBudget, max_tokens: int |
     tender = threading.Thread(target=tend, name="kvmesh-up-tender", daemon=True)
     tender.start()
     try:
-        rc = _run_chat(cluster.url, max_tokens, cluster.config.api_keys[0] if cluster.config.api_keys else None)
+        rc = _run_chat(cluster.url, max_tokens, cluster.config.api_keys[0] if cluster.config.api_keys else None,
+                       cluster.trust_file)
     finally:
         stop.set()
         tender.join()  # before the cluster stops: nothing is replaced while it stops

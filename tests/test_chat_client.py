@@ -81,3 +81,15 @@ async def test_temperature_is_left_to_the_server_unless_given(temperature, sent)
         async with _session(config) as session:
             await stream_answer(session, config, "m", [{"role": "user", "content": "hi"}], io.StringIO(), TurnStats(), [])
     assert bodies[0].get("temperature") == sent and ("temperature" in bodies[0]) == (sent is not None)
+
+
+def test_chat_refuses_a_ca_file_that_does_not_exist(tmp_path, capsys):
+    import argparse
+
+    from services import chat
+
+    parser = argparse.ArgumentParser()
+    chat.add_arguments(parser)
+    args = parser.parse_args(["--url", "https://127.0.0.1:1", "--ca-certs", str(tmp_path / "nope.pem"), "--prompt", "x"])
+    assert chat.main(args) == 2
+    assert "--ca-certs" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from services.launch.view import ClusterView
 from services.runtime.auth import API_KEY_ENV
 from services.runtime.host import default_logits_threads, default_num_threads
 from services.runtime.ports import free_port
+from services.runtime.tls import write_trust_bundle
 
 
 class ClusterError(RuntimeError):
@@ -34,6 +35,8 @@ class LocalCluster:
         self.memservers: list[Child] = []
         self._num_memservers_started = 0
         self._worker_starts: list[int] = []  # per worker slot: how many processes it has had
+        # With HTTPS: the PEM file this process and its children verify the router's certificate with
+        self.trust_file: Path | None = None
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -63,7 +66,10 @@ class LocalCluster:
                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                # The keys reach the router through its environment: argv is visible to every local user.
                API_KEY_ENV: ",".join(self.config.api_keys)}
-        child = spawn(name, kind, kvmesh_argv(*cli_args), self.log_dir, port, self.config.host, env)
+        if self.trust_file is not None:  # OpenSSL's own variable: aiohttp's default context reads it
+            env["SSL_CERT_FILE"] = str(self.trust_file)
+        scheme = "https" if kind == "router" and self.config.tls is not None else "http"
+        child = spawn(name, kind, kvmesh_argv(*cli_args), self.log_dir, port, self.config.host, env, scheme)
         return child
 
     def _check_alive(self) -> None:
@@ -85,6 +91,8 @@ class LocalCluster:
             args += ["--allow-runtime-lora-updating"]
         if c.responses_store_size is not None:
             args += ["--responses-store-size", str(c.responses_store_size)]
+        if c.tls is not None:
+            args += self._tls_arguments()
         self.router = self._spawn("router", "router", args, port)
         self.progress.wait(f"router on :{port}", lambda: probe.get_json(self.url + "/health")[0] == 200,
                            60, self._check_alive)
@@ -101,6 +109,19 @@ class LocalCluster:
         self.progress.wait("router /ready", lambda: probe.get_json(self.url + "/ready")[0] == 200, 30,
                            self._check_alive)
         self.write_manifest()
+
+    def _tls_arguments(self) -> list[str]:
+        """The router's --ssl-* flags; and the trust its clients here need (router-trust.pem): the
+        CAs this process trusts plus the router's certificate, so a self-signed one works too. This
+        process's own probes (urllib) read $SSL_CERT_FILE as its children do."""
+        tls = self.config.tls
+        assert tls is not None
+        args = ["--ssl-certfile", str(Path(tls.certfile).resolve()), "--ssl-keyfile", str(Path(tls.keyfile).resolve())]
+        if tls.ca_certs is not None:
+            args += ["--ssl-ca-certs", str(Path(tls.ca_certs).resolve()), "--ssl-cert-reqs", str(tls.cert_reqs)]
+        self.trust_file = write_trust_bundle(tls.certfile, self.log_dir / "router-trust.pem")
+        os.environ["SSL_CERT_FILE"] = str(self.trust_file)
+        return args
 
     def _start_worker(self, index: int) -> Child:
         c = self.config

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.sizes import parse_size
+from services.runtime.tls import ServerTLS
 from services.worker.model.chat_template import load_chat_template
 from services.worker.config import check_lora_names
 from services.worker.engine.spec_decode import SpeculativeConfig
@@ -43,6 +44,7 @@ class LaunchConfig:
     allow_runtime_lora_updating: bool = False  # the router's --allow-runtime-lora-updating
     responses_store_size: int | None = None  # the router's --responses-store-size; None: its default
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
+    tls: ServerTLS | None = None  # the router's --ssl-* flags: HTTPS for everyone, the cluster's own processes too
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
     log_dir: Path = Path(".kvmesh/logs")
@@ -88,6 +90,9 @@ class LaunchConfig:
             raise ValueError("--lora-modules needs --enable-lora")
         check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})
         parse_size(self.memserver_capacity)
+        if self.tls is not None and self.tls.cert_reqs == 2:
+            raise ValueError("--ssl-cert-reqs 2: kvmesh up's own workers and memory servers present no client "
+                             "certificate to the router; use 1 (verified when sent), or run kvmesh router yourself")
 
     @property
     def memserver_capacity_bytes(self) -> int:

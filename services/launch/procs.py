@@ -63,7 +63,7 @@ def kvmesh_argv(*cli_args: str) -> list[str]:
 
 
 def spawn(name: str, kind: str, argv: list[str], log_dir: Path, port: int, host: str,
-          env: dict[str, str]) -> Child:
+          env: dict[str, str], scheme: str = "http") -> Child:
     """`argv` in a new session, stdout+stderr to log_dir/<name>.log, killed if we die."""
     log_path = log_dir / f"{name}.log"
     launcher_pid = os.getpid()
@@ -74,7 +74,7 @@ def spawn(name: str, kind: str, argv: list[str], log_dir: Path, port: int, host:
             start_new_session=True,  # Ctrl-C in the terminal reaches the launcher only; it stops children in order
             preexec_fn=lambda: _child_setup(launcher_pid),
         )
-    return Child(name, kind, popen, log_path, port, f"http://{host}:{port}")
+    return Child(name, kind, popen, log_path, port, f"{scheme}://{host}:{port}")
 
 
 def stop_children(children: list[Child], timeout_s: float) -> dict[str, int]:

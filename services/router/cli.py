@@ -14,6 +14,7 @@ from services.router.tool_parsers import TOOL_CALL_PARSERS, check_auto_tool_choi
 from services.runtime.auth import API_KEY_ENV, resolve_api_keys, resolve_cluster_token
 from services.runtime.logging import configure_logging
 from services.runtime.serve import run_service
+from services.runtime.tls import add_server_tls_arguments, server_tls_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (workers need "
                              "--enable-lora); also on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as vLLM")
+    add_server_tls_arguments(parser)
     parser.add_argument("--log-level", default="info")
 
 
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         allowed_origins=parse_origins(args.allowed_origins),
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
-        responses_store_size=args.responses_store_size,
+        responses_store_size=args.responses_store_size, tls=server_tls_from_args(args),
     )
 
 
@@ -73,10 +75,11 @@ def main(args: argparse.Namespace) -> int:
     log = configure_logging("router", args.log_level)
     try:
         config = config_from_args(args)
+        ssl_context = config.tls.context() if config.tls is not None else None
     except ValueError as e:
         log.error("bad_config", error=str(e))
         return 2
-    return run_service(create_app(config), config.host, config.port, drain=drain)
+    return run_service(create_app(config), config.host, config.port, drain=drain, ssl_context=ssl_context)
 
 
 if __name__ == "__main__":

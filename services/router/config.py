@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.router.reasoning import REASONING_PARSERS
 from services.router.tool_parsers import TOOL_CALL_PARSERS
+from services.runtime.tls import ServerTLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,7 @@ class RouterConfig:
     allowed_origins: tuple[str, ...] = ("*",)  # CORS: browser pages of these origins may call the API ("*": any)
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id and GET (0: none)
     allow_runtime_lora_updating: bool = False  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (lora_api)
+    tls: ServerTLS | None = None  # HTTPS on the listener (vLLM's --ssl-* flags); None: plain HTTP
 
     def __post_init__(self) -> None:
         if not self.cluster_token:

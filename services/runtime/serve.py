@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from typing import Awaitable, Callable
 
 import structlog
@@ -13,7 +14,8 @@ from aiohttp import web
 Drain = Callable[[web.Application], Awaitable[None]]
 
 
-async def _serve(app: web.Application, host: str, port: int, drain: Drain | None, shutdown_timeout: float) -> None:
+async def _serve(app: web.Application, host: str, port: int, drain: Drain | None, shutdown_timeout: float,
+                 ssl_context: ssl.SSLContext | None) -> None:
     log = structlog.get_logger()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -33,9 +35,10 @@ async def _serve(app: web.Application, host: str, port: int, drain: Drain | None
         log.info("shutdown_requested", during="start_up")
         return
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         bound = [a[1] for a in runner.addresses if isinstance(a, tuple)]
-        log.info("service_started", host=host, port=bound[0] if bound else port)
+        log.info("service_started", host=host, port=bound[0] if bound else port,
+                 scheme="https" if ssl_context is not None else "http")
         await stop.wait()
         log.info("shutdown_requested")
         if drain is not None:
@@ -59,8 +62,9 @@ async def _until_stopped(coro: Awaitable[None], stop: asyncio.Event) -> bool:
 
 
 def run_service(
-    app: web.Application, host: str, port: int, *, drain: Drain | None = None, shutdown_timeout: float = 2.0
+    app: web.Application, host: str, port: int, *, drain: Drain | None = None, shutdown_timeout: float = 2.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(app, host, port, drain, shutdown_timeout))
+        runner.run(_serve(app, host, port, drain, shutdown_timeout, ssl_context))
     return 0
