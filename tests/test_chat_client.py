@@ -90,6 +90,7 @@ def test_chat_refuses_a_ca_file_that_does_not_exist(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     chat.add_arguments(parser)
-    args = parser.parse_args(["--url", "https://127.0.0.1:1", "--ca-certs", str(tmp_path / "nope.pem"), "--prompt", "x"])
+    args = parser.parse_args(["--url", "https://127.0.0.1:1", "--ca-certs", str(tmp_path / "nope.pem"),
+                              "--prompt", "x"])
     assert chat.main(args) == 2
     assert "--ca-certs" in capsys.readouterr().err
