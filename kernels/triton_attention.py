@@ -88,7 +88,8 @@ def _paged_attention_partial_kernel(
         slots = toks % BLOCK_SIZE
         kv_mask = tok_valid[:, None] & dim_valid[None, :]
         k_offs = block_ids[:, None] * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
-        k = tl.load(k_cache_ptr + k_offs, mask=kv_mask, other=0.0)  # [TILE_N, HEAD_DIM_PAD]
+        # [TILE_N, HEAD_DIM_PAD]; an fp8 cache is read in q's dtype (exact: fp8 values are a subset)
+        k = tl.load(k_cache_ptr + k_offs, mask=kv_mask, other=0.0).to(q_ptr.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, TILE_N]
         visible = (toks[None, :] < row_limit[:, None]) & tok_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -98,7 +99,7 @@ def _paged_attention_partial_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_offs = block_ids[:, None] * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims[None, :]
-        v = tl.load(v_cache_ptr + v_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + v_offs, mask=kv_mask, other=0.0).to(q_ptr.dtype.element_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -143,6 +144,7 @@ def paged_attention_partial_triton(
     Shapes as kernels.reference.paged_attention_partial_ref; same semantics (bottom-right causal
     mask within each sequence's partition, every token visible with causal=False, out = 0 and
     lse = -inf for queries that see nothing). fp32 accumulation; out in q's dtype, lse fp32.
+    k_cache/v_cache may hold fp8 (vLLM's --kv-cache-dtype fp8, scale 1): read in q's dtype.
     max_query_len: longest chunk, if the caller knows it (else read from query_start_loc: a sync).
     num_kv_splits: split each sequence's KV across programs and merge (None: fill the GPU).
     check_values: read lengths and block ids to validate them (a device->host sync on CUDA).

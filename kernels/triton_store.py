@@ -47,7 +47,8 @@ def store_kv_triton(
 ) -> None:
     """k_cache.view(-1, Hkv, D)[slot_mapping[t]] = key[t], likewise value; in place.
 
-    key/value [num_tokens, num_kv_heads, head_dim] in the cache dtype (head_dim contiguous);
+    key/value [num_tokens, num_kv_heads, head_dim] in the cache dtype, or a float dtype for an fp8
+    cache (rounded to it by torch first, as the reference; head_dim contiguous);
     caches [num_blocks, block_size, num_kv_heads, head_dim] contiguous; slot = block_id *
     block_size + offset, in [0, num_blocks * block_size). check_values reads slot_mapping (a sync
     on CUDA) to reject out-of-range slots.
@@ -58,6 +59,8 @@ def store_kv_triton(
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    if key.dtype != k_cache.dtype:  # an fp8 cache: the kernel moves bytes, torch rounds (round to nearest even)
+        key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

@@ -14,7 +14,7 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# vLLM's --kv-cache-dtype fp8 (scale 1): K/V stored in 8 bits, computed in q's dtype (CPU path only)
+# vLLM's --kv-cache-dtype fp8 (scale 1): K/V stored in 8 bits, computed in q's dtype
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_BLOCK_SIZE = 128
@@ -48,11 +48,15 @@ def _check_head_dim_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def _fp8_cache(cache: torch.Tensor) -> bool:
-    """An 8-bit cache, which the CPU path serves; the Triton kernels read only caches of q's dtype."""
+    """An 8-bit cache (read in q's dtype). On CUDA, Triton converts e4m3 in hardware from compute
+    capability 8.9 (Ada, Hopper) on; e5m2 everywhere."""
     if cache.dtype not in FP8_DTYPES:
         return False
-    if cache.device.type != "cpu":
-        _fail(f"an fp8 KV cache ({cache.dtype}) is served on CPU only: use --kv-cache-dtype auto on {cache.device}")
+    if cache.device.type == "cuda" and cache.dtype == torch.float8_e4m3fn:
+        capability = torch.cuda.get_device_capability(cache.device)
+        if capability < (8, 9):
+            _fail(f"an fp8_e4m3 KV cache needs a GPU of compute capability >= 8.9; {cache.device} has "
+                  f"{capability[0]}.{capability[1]}: use --kv-cache-dtype fp8_e5m2 (or auto)")
     return True
 
 
@@ -66,7 +70,7 @@ def check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens, quer
     _check_ndim("query_start_loc", query_start_loc, 1, "[num_seqs + 1]")
     _check_dtype("q", q, FLOAT_DTYPES)
     if v_cache.dtype != k_cache.dtype or (k_cache.dtype != q.dtype and not _fp8_cache(k_cache)):
-        _fail(f"k_cache and v_cache must share q's dtype (or an fp8 dtype on CPU), got {q.dtype}, {k_cache.dtype}, "
+        _fail(f"k_cache and v_cache must share q's dtype (or one fp8 dtype), got {q.dtype}, {k_cache.dtype}, "
               f"{v_cache.dtype}")
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens),
                     ("query_start_loc", query_start_loc)):

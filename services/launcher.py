@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_lora_arguments(parser, whose="the workers': ")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="the workers' (and so the memory servers'): fp8 holds 2x (bf16) or 4x (fp32) the "
-                             "tokens in the same memory, as vLLM's (CPU only)")
+                             "tokens in the same memory, as vLLM's")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help="the workers': vLLM's speculative decoding, e.g. '{\"method\": \"ngram\", "
                              "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4}'")

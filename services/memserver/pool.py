@@ -72,9 +72,6 @@ class BlockPool:
     def __init__(self, geometry: Geometry, num_blocks: int, device: str = "cpu", per_owner_cap: int | None = None):
         if num_blocks < 1:
             raise ValueError(f"a pool needs at least one block; {num_blocks} fit the capacity")
-        if geometry.dtype.startswith("float8") and not str(device).startswith("cpu"):
-            raise ValueError(f"the workers' KV is {geometry.dtype}, which is served on CPU only: start this "
-                             "memory server with --device cpu")
         self.geometry = geometry
         self.num_blocks = num_blocks
         self.per_owner_cap = per_owner_cap

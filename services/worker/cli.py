@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="what the KV cache holds (here and on memory servers): auto, the model's dtype; fp8 "
                         "(= fp8_e4m3) or fp8_e5m2, 8-bit floats with scale 1 as vLLM's: 2x (bf16) or 4x (fp32) the "
-                        "tokens in the same memory, for slightly different attention (CPU only)")
+                        "tokens in the same memory, for slightly different attention (CUDA: fp8_e4m3 needs "
+                        "compute capability >= 8.9)")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help="vLLM's: speculative decoding, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 5, "
                         "\"prompt_lookup_max\": 4}': greedy requests check up to that many tokens proposed from "

@@ -17,10 +17,12 @@ class Case:
     block_size: int = 16
     dtype: torch.dtype = torch.float32
     shuffle: bool = True  # block ids in random order, not 0, 1, 2, ...
+    kv_dtype: torch.dtype | None = None  # the caches' dtype when not q's (an fp8 KV cache)
 
     def __str__(self) -> str:
+        kv = f"-kv_{str(self.kv_dtype).removeprefix('torch.')}" if self.kv_dtype is not None else ""
         return (f"q{list(self.q_lens)}-kv{list(self.kv_lens)}-h{self.num_heads}/{self.num_kv_heads}"
-                f"-d{self.head_dim}-bs{self.block_size}-{str(self.dtype).removeprefix('torch.')}")
+                f"-d{self.head_dim}-bs{self.block_size}-{str(self.dtype).removeprefix('torch.')}{kv}")
 
 
 @dataclass
@@ -52,8 +54,8 @@ def make_inputs(case: Case, device: str = "cpu", seed: int = 0) -> Inputs:
         tables[i, :n] = order[used:used + n]
         used += n
     shape = (num_blocks, bs, case.num_kv_heads, case.head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(case.dtype)
-    v_cache = torch.randn(shape, generator=gen).to(case.dtype)
+    k_cache = torch.randn(shape, generator=gen).to(case.kv_dtype or case.dtype)
+    v_cache = torch.randn(shape, generator=gen).to(case.kv_dtype or case.dtype)
     q = torch.randn(sum(case.q_lens), case.num_heads, case.head_dim, generator=gen).to(case.dtype)
     starts = [0]
     for n in case.q_lens:

@@ -23,10 +23,15 @@ CASES = [
     Case(q_lens=(20,), kv_lens=(52,), num_heads=8, num_kv_heads=1, head_dim=96, block_size=8),  # > 1 q tile
     Case(q_lens=(3,), kv_lens=(1,), num_heads=4, num_kv_heads=1, head_dim=32, block_size=128),  # q_len > kv
     Case(q_lens=(2, 1), kv_lens=(30, 1), num_heads=8, num_kv_heads=2, head_dim=64, shuffle=False),
+    # fp8 KV caches (vLLM's --kv-cache-dtype fp8 / fp8_e5m2), read in q's dtype (bf16 q: on CUDA only,
+    # as every bf16 case: the interpreter's bf16 is not IEEE bf16)
+    Case(q_lens=(1, 1, 1), kv_lens=(37, 0, 64), kv_dtype=torch.float8_e4m3fn),
+    Case(q_lens=(5, 1), kv_lens=(40, 17), head_dim=80, kv_dtype=torch.float8_e5m2),
+    Case(q_lens=(3, 1), kv_lens=(3, 50), num_heads=8, num_kv_heads=1, dtype=F16, kv_dtype=torch.float8_e4m3fn),
 ]
 GPU_CASES = CASES + [
     Case(q_lens=c.q_lens, kv_lens=c.kv_lens, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-         head_dim=c.head_dim, block_size=c.block_size, dtype=torch.bfloat16)
+         head_dim=c.head_dim, block_size=c.block_size, dtype=torch.bfloat16, kv_dtype=c.kv_dtype)
     for c in CASES
 ] + [Case(q_lens=(1,) * 16 + (64, 100), kv_lens=tuple(range(0, 4000, 250)) + (64, 900), dtype=F16)]
 

@@ -11,6 +11,7 @@ from kernels.reference import merge_states_ref, store_kv_ref
 
 triton_merge = pytest.importorskip("kernels.triton_merge")
 triton_store = pytest.importorskip("kernels.triton_store")
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]  # vLLM's --kv-cache-dtype fp8 / fp8_e5m2
 
 NEG_INF = float("-inf")
 
@@ -60,10 +61,13 @@ def test_merge_is_deterministic_and_single_state_is_identity():
     torch.testing.assert_close(out, states[0][0].masked_fill(states[0][1].isneginf().unsqueeze(-1), 0))
 
 
-def _check_store(dtype, device, num_blocks=6, block_size=16, num_kv_heads=2, head_dim=64):
+def _check_store(dtype, device, num_blocks=6, block_size=16, num_kv_heads=2, head_dim=64, kv_dtype=None):
+    # kv_dtype: the cache's, when it differs from the new rows' (an fp8 cache)
     gen = torch.Generator().manual_seed(0)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    cache_dtype = kv_dtype or dtype
+    k_cache = torch.randn(shape, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(shape, generator=gen).to(cache_dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:7].to(torch.int32)
     # key / value as strided views of a fused qkv projection, like the model produces.
     kv = torch.randn(7, 2, num_kv_heads, head_dim, generator=gen).to(dtype)
@@ -72,13 +76,20 @@ def _check_store(dtype, device, num_blocks=6, block_size=16, num_kv_heads=2, hea
     store_kv_ref(key, value, want_k, want_v, slots)
     k_dev, v_dev = k_cache.to(device), v_cache.to(device)
     triton_store.store_kv_triton(key.to(device), value.to(device), k_dev, v_dev, slots.to(device))
-    assert torch.equal(k_dev.cpu(), want_k) and torch.equal(v_dev.cpu(), want_v)
+    for got, want in ((k_dev, want_k), (v_dev, want_v)):  # bit for bit (fp8 compared as bytes)
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_store_matches_reference_interpreted(dtype):
     _check_store(dtype, "cpu")
     _check_store(dtype, "cpu", block_size=32, num_kv_heads=1, head_dim=80)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_rounds_into_an_fp8_cache_as_the_reference_interpreted(dtype, kv_dtype):
+    _check_store(dtype, "cpu", kv_dtype=kv_dtype)
 
 
 def test_store_into_slots_beyond_int32_offsets():
@@ -114,3 +125,5 @@ def test_merge_and_store_on_cuda(dtype):
         _check_merge(num_states, shape, dtype, "cuda")
     _check_store(dtype, "cuda")
     _check_store(dtype, "cuda", block_size=32, num_kv_heads=8, head_dim=128)
+    for kv_dtype in FP8:
+        _check_store(dtype, "cuda", kv_dtype=kv_dtype)

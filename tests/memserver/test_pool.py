@@ -134,17 +134,19 @@ def test_table_padding_is_ignored_even_if_it_names_foreign_blocks():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="no CUDA device (or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_cuda_pool_attention_matches_cpu_reference(dtype):
-    # A GPU memserver's pool, filled through the StoreBlocks path (views and staged copies).
-    geo = Geometry(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+@pytest.mark.parametrize("dtype, compute_dtype", [("float16", ""), ("bfloat16", ""),
+                                                   ("float8_e4m3fn", "bfloat16"), ("float8_e5m2", "float16")])
+def test_cuda_pool_attention_matches_cpu_reference(dtype, compute_dtype):
+    # A GPU memserver's pool, filled through the StoreBlocks path (views and staged copies); fp8:
+    # the workers' --kv-cache-dtype, attended in the model's dtype.
+    geo = Geometry(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype, compute_dtype=compute_dtype)
     pool = BlockPool(geo, num_blocks=40, device="cuda")
     pool.allocate("other", 3)
     ids = pool.allocate("w", 12)
     gen = torch.Generator().manual_seed(1)
     data = torch.randn(12, *geo.block_shape, generator=gen).to(getattr(torch, dtype))
     fill(pool, ids, data.cuda())
-    q = torch.randn(5, 8, 64, generator=gen).to(getattr(torch, dtype))
+    q = torch.randn(5, 8, 64, generator=gen).to(getattr(torch, geo.q_dtype))
     tables = [ids[:5], ids[5:12]]
     out, lse = attend(pool, "w", 2, q.cuda(), tables, [80, 112], [1, 4], 0.125)
     cpu_kv = pool.kv.cpu().float()

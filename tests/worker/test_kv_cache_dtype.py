@@ -99,22 +99,19 @@ def test_attention_over_an_fp8_cache_is_attention_over_its_values(dtype):
     torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
 
 
-def test_fp8_is_refused_off_cpu_and_unknown_names_are_refused():
-    with pytest.raises(ValueError, match="served on CPU only"):
-        EngineConfig(kv_cache_dtype="fp8", device="cuda")
+def test_fp8_is_served_on_cuda_too_and_unknown_names_are_refused():
+    assert EngineConfig(kv_cache_dtype="fp8", device="cuda").kv_cache_dtype == "fp8"  # Triton reads it
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig(kv_cache_dtype="int8")
 
 
-def test_a_memory_server_pool_holds_fp8_blocks_on_cpu_only():
+def test_a_memory_server_pool_holds_fp8_blocks():
     from services.memserver.pool import BlockPool, Geometry
 
     geometry = Geometry.from_dict({"num_layers": 2, "num_kv_heads": 2, "head_dim": 32, "block_size": 16,
                                    "dtype": "float8_e4m3fn", "compute_dtype": "bfloat16"})
     assert geometry.q_dtype == "bfloat16" and geometry.block_bytes == 2 * 2 * 16 * 2 * 32
     assert BlockPool(geometry, 4).kv.dtype == torch.float8_e4m3fn
-    with pytest.raises(ValueError, match="served on CPU only: start this memory server with --device cpu"):
-        BlockPool(geometry, 4, device="cuda")
     with pytest.raises(ValueError, match="unsupported KV dtype"):
         Geometry.from_dict({"num_layers": 2, "num_kv_heads": 2, "head_dim": 32, "block_size": 16,
                             "dtype": "float8_e4m3fn", "compute_dtype": "float8_e4m3fn"})
@@ -130,14 +127,36 @@ def test_the_table_upcast_is_torchs_conversion_for_every_byte(fp8, dtype):
     assert upcast(every, dtype).shape == (4, 8, 8)
 
 
-def test_the_kernels_launch_checks_refuse_an_fp8_cache_off_cpu():
-    """The check the Triton launchers run first (shown on the meta device: no GPU needed)."""
+def test_the_kernels_launch_checks_refuse_fp8_e4m3_on_gpus_that_cannot_convert_it(monkeypatch):
+    """Triton converts e4m3 in hardware from compute capability 8.9; older GPUs get e5m2. Shown with
+    a stand-in for a CUDA tensor (only its dtype and device are read): no GPU needed."""
+    from types import SimpleNamespace
+
+    from kernels.validate import _fp8_cache
+
+    cuda = torch.device("cuda", 0)
+    for capability, e4m3_ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert _fp8_cache(SimpleNamespace(dtype=torch.float8_e5m2, device=cuda))
+        e4m3 = SimpleNamespace(dtype=torch.float8_e4m3fn, device=cuda)
+        if e4m3_ok:
+            assert _fp8_cache(e4m3)
+        else:
+            with pytest.raises(ValueError, match="compute capability >= 8.9.*use --kv-cache-dtype fp8_e5m2"):
+                _fp8_cache(e4m3)
+    assert not _fp8_cache(SimpleNamespace(dtype=torch.bfloat16, device=cuda))
+
+
+def test_the_kernels_launch_checks_take_an_fp8_cache_beside_a_float_q():
+    """The metadata checks the Triton launchers run first (on the meta device: no data, no GPU)."""
     from kernels.validate import check_attention_inputs, check_store_inputs
 
     cache = torch.empty(4, 16, 2, 32, dtype=torch.float8_e4m3fn, device="meta")
     q, kv = torch.empty(1, 8, 32, device="meta"), torch.empty(1, 2, 32, device="meta")
     index = torch.zeros(1, 1, dtype=torch.int32, device="meta")
-    with pytest.raises(ValueError, match="fp8 KV cache .* is served on CPU only"):
-        check_attention_inputs(q, cache, cache, index, index[0], torch.zeros(2, dtype=torch.int32, device="meta"), 1.0)
-    with pytest.raises(ValueError, match="fp8 KV cache .* is served on CPU only"):
-        check_store_inputs(kv, kv, cache, cache, torch.zeros(1, dtype=torch.int64, device="meta"))
+    starts = torch.zeros(2, dtype=torch.int32, device="meta")
+    check_attention_inputs(q, cache, cache, index, index[0], starts, 1.0)
+    check_store_inputs(kv, kv, cache, cache, torch.zeros(1, dtype=torch.int64, device="meta"))
+    other = torch.empty(4, 16, 2, 32, dtype=torch.float8_e5m2, device="meta")
+    with pytest.raises(ValueError, match="must share q's dtype \\(or one fp8 dtype\\)"):
+        check_attention_inputs(q, cache, other, index, index[0], starts, 1.0)

@@ -79,6 +79,8 @@ class ModelRunner:
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of local blocks for spilling: [num_layers, 2, n, block_size, num_kv_heads, head_dim]."""
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        if self.kv_cache.element_size() == 1:  # fp8: bytes, which index_select takes on every device
+            return self.kv_cache.view(torch.uint8).index_select(2, ids).view(self.kv_cache.dtype)
         return self.kv_cache.index_select(2, ids)
 
     def execute(self, chunks: list[ScheduledChunk], remote: RemoteKV | None = None,
