@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vLLM's flag, accepted so its command lines work (needs --tool-call-parser)")
     parser.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                         help="the router's: chat answers' <think> reasoning as reasoning_content")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="the router's: logprobs name tokens 'token_id:{id}' for every request (as vLLM's)")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help=f"the router's --api-key: clients send 'Authorization: Bearer KEY' (repeatable; "
                              f"default: ${API_KEY_ENV}); --chat uses the first")
@@ -128,7 +130,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         reasoning_parser=args.reasoning_parser,
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
         responses_store_size=args.responses_store_size, api_keys=resolve_api_keys(args.api_key),
-        tls=server_tls_from_args(args), log_dir=(args.log_dir or default_log_dir()).resolve(),
+        tls=server_tls_from_args(args), return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        log_dir=(args.log_dir or default_log_dir()).resolve(),
         cluster_token=os.environ.get(CLUSTER_TOKEN_ENV) or DEV_CLUSTER_TOKEN,
         ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,
     )

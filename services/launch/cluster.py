@@ -89,6 +89,8 @@ class LocalCluster:
             args += ["--reasoning-parser", c.reasoning_parser]
         if c.allow_runtime_lora_updating:
             args += ["--allow-runtime-lora-updating"]
+        if c.return_tokens_as_token_ids:
+            args += ["--return-tokens-as-token-ids"]
         if c.responses_store_size is not None:
             args += ["--responses-store-size", str(c.responses_store_size)]
         if c.tls is not None:

@@ -45,6 +45,7 @@ class LaunchConfig:
     responses_store_size: int | None = None  # the router's --responses-store-size; None: its default
     api_keys: tuple[str, ...] = ()  # the router's --api-key (given through its environment, not argv)
     tls: ServerTLS | None = None  # the router's --ssl-* flags: HTTPS for everyone, the cluster's own processes too
+    return_tokens_as_token_ids: bool = False  # the router's --return-tokens-as-token-ids
     host: str = "127.0.0.1"
     port: int = 8000  # 0: pick a free port
     log_dir: Path = Path(".kvmesh/logs")

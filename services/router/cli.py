@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (workers need "
                              "--enable-lora); also on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as vLLM")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="logprobs name tokens 'token_id:{id}' for every request (vLLM's flag; a request may "
+                             "ask with return_tokens_as_token_ids): tokens whose text is not valid UTF-8 alone "
+                             "stay identifiable")
     add_server_tls_arguments(parser)
     parser.add_argument("--log-level", default="info")
 
@@ -68,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         allowed_origins=parse_origins(args.allowed_origins),
         allow_runtime_lora_updating=runtime_updating_allowed(args.allow_runtime_lora_updating),
         responses_store_size=args.responses_store_size, tls=server_tls_from_args(args),
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
 
 

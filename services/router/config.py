@@ -29,6 +29,7 @@ class RouterConfig:
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id and GET (0: none)
     allow_runtime_lora_updating: bool = False  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (lora_api)
     tls: ServerTLS | None = None  # HTTPS on the listener (vLLM's --ssl-* flags); None: plain HTTP
+    return_tokens_as_token_ids: bool = False  # vLLM's flag: logprobs name every token "token_id:{id}"
 
     def __post_init__(self) -> None:
         if not self.cluster_token:

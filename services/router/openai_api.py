@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from importlib import metadata
 
@@ -10,9 +11,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.router.completions import resolve_model, serve
+from services.router.config import RouterConfig
 from services.router.keys import CONFIG, METRICS, POOL, REGISTRY, RESPONSES
 from services.router.protocol import (
-    parse_chat_request, parse_completion_request, parse_detokenize_request, parse_tokenize_request,
+    ParsedRequest, parse_chat_request, parse_completion_request, parse_detokenize_request, parse_tokenize_request,
 )
 from services.router.responses_format import ResponsesFormatter
 from services.router.responses_request import chat_body
@@ -31,7 +33,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     parsed = parse_chat_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences,
                                 tool_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
-    return await serve(request, parsed)
+    return await serve(request, _server_defaults(parsed, config))
+
+
+def _server_defaults(parsed: ParsedRequest, config: RouterConfig) -> ParsedRequest:
+    """--return-tokens-as-token-ids names tokens by id for every request, as vLLM's flag does."""
+    if config.return_tokens_as_token_ids and not parsed.tokens_as_ids:
+        return dataclasses.replace(parsed, tokens_as_ids=True)
+    return parsed
 
 
 @routes.post("/v1/responses")
@@ -82,7 +91,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     body = await read_json_object(request)
     parsed = parse_completion_request(body, max_n=config.max_n, max_stop=config.max_stop_sequences)
-    return await serve(request, parsed)
+    return await serve(request, _server_defaults(parsed, config))
 
 
 @routes.post("/tokenize")

@@ -70,12 +70,22 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", "surrogatepass"))
 
 
-def chat_logprobs(entries: list) -> dict:
-    return {"content": [
-        {"token": tok, "logprob": lp, "bytes": _token_bytes(tok),
-         "top_logprobs": [{"token": t, "logprob": l, "bytes": _token_bytes(t)} for _, t, l in top]}
-        for _, tok, lp, top in entries
-    ]}
+def _named(token_id: int, token: str, as_ids: bool) -> str:
+    # vLLM's return_tokens_as_token_ids: "token_id:{id}" identifies tokens whose text is not
+    # valid UTF-8 on its own (a byte-fallback piece of a multi-byte character)
+    return f"token_id:{token_id}" if as_ids else token
+
+
+def chat_logprobs(entries: list, as_ids: bool = False) -> dict:
+    """entries: (token id, text, logprob, top [(id, text, logprob)]) per generated token."""
+    content = []
+    for token_id, tok, lp, top in entries:
+        name = _named(token_id, tok, as_ids)
+        alternatives = [_named(i, t, as_ids) for i, t, _ in top]
+        content.append({"token": name, "logprob": lp, "bytes": _token_bytes(name),
+                        "top_logprobs": [{"token": a, "logprob": l, "bytes": _token_bytes(a)}
+                                         for a, (_, _, l) in zip(alternatives, top)]})
+    return {"content": content}
 
 
 def _finite(logprob: float) -> float:
@@ -98,15 +108,16 @@ def prompt_logprobs_json(entries: list) -> list:
     return out
 
 
-def completion_logprobs(entries: list, start_offset: int) -> dict:
+def completion_logprobs(entries: list, start_offset: int, as_ids: bool = False) -> dict:
     offsets, offset = [], start_offset
-    for _, tok, _, _ in entries:
+    for _, tok, _, _ in entries:  # offsets into the text, whatever names the tokens carry
         offsets.append(offset)
         offset += len(tok)
     return {
-        "tokens": [tok for _, tok, _, _ in entries],
+        "tokens": [_named(i, tok, as_ids) for i, tok, _, _ in entries],
         "token_logprobs": [lp for _, _, lp, _ in entries],
-        "top_logprobs": [None if lp is None else {t: l for _, t, l in top} for _, _, lp, top in entries],
+        "top_logprobs": [None if lp is None else {_named(i, t, as_ids): l for i, t, l in top}
+                         for _, _, lp, top in entries],
         "text_offset": offsets,
     }
 
@@ -126,6 +137,12 @@ class Formatter:
         self._auto = parsed.tools is not None and parsed.tools.mode is ToolMode.AUTO  # calls parsed out of text
         self._return_token_ids = bool(parsed.sampling.get("return_token_ids"))
         self._prompt_logprobs = parsed.sampling.get("prompt_logprobs") is not None
+
+    def _chat_lp(self, entries: list) -> dict:
+        return chat_logprobs(entries, self.parsed.tokens_as_ids)
+
+    def _completion_lp(self, entries: list, start_offset: int) -> dict:
+        return completion_logprobs(entries, start_offset, self.parsed.tokens_as_ids)
 
     def track(self, choices: list[ChoiceState]) -> None:
         """The request's choices, whose usage so far every chunk carries (continuous usage)."""
@@ -206,7 +223,7 @@ class Formatter:
                 choice.tool_call_id = new_call_id(plan.short_ids)
                 call = {"index": 0, "id": choice.tool_call_id, "type": "function",
                         "function": {"name": plan.name, "arguments": frame.text}}
-            lp = chat_logprobs(frame.logprobs) if frame.logprobs else None
+            lp = self._chat_lp(frame.logprobs) if frame.logprobs else None
             return [self._chunk([{"index": choice.index, "delta": {"tool_calls": [call]}, "logprobs": lp,
                                   "finish_reason": None}])]
         if frame.finish_reason is None:
@@ -214,7 +231,7 @@ class Formatter:
         text = self._answer_text(choice)
         calls = tool_calls(plan, text)
         delta = {"content": text} if calls is None else {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
-        lp = chat_logprobs(choice.logprob_entries) if choice.logprob_entries else None
+        lp = self._chat_lp(choice.logprob_entries) if choice.logprob_entries else None
         return [self._chunk([{"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}])]
 
     def _auto_chunks(self, choice: ChoiceState, frame: DeltaFrame) -> list[dict]:
@@ -230,7 +247,7 @@ class Formatter:
             choice.num_tool_calls += 1
         out = []
         for delta in deltas:
-            lp = chat_logprobs(choice.pending_logprobs) if choice.pending_logprobs else None
+            lp = self._chat_lp(choice.pending_logprobs) if choice.pending_logprobs else None
             choice.pending_logprobs = []
             out.append(self._chunk([{"index": choice.index, "delta": delta, "logprobs": lp, "finish_reason": None}]))
         return out
@@ -256,9 +273,9 @@ class Formatter:
 
     def _content_choice(self, choice: ChoiceState, frame: DeltaFrame) -> dict:
         if self.chat:
-            lp = chat_logprobs(frame.logprobs) if frame.logprobs else None
+            lp = self._chat_lp(frame.logprobs) if frame.logprobs else None
             return {"index": choice.index, "delta": {"content": frame.text}, "logprobs": lp, "finish_reason": None}
-        lp = completion_logprobs(frame.logprobs, choice.text_offset - len(frame.text)) if frame.logprobs else None
+        lp = self._completion_lp(frame.logprobs, choice.text_offset - len(frame.text)) if frame.logprobs else None
         return {"index": choice.index, "text": frame.text, "logprobs": lp, "finish_reason": None}
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:
@@ -283,7 +300,7 @@ class Formatter:
         for c in sorted(choices, key=lambda c: c.index):
             text = "".join(c.text_parts)
             if self.chat:
-                lp = chat_logprobs(c.logprob_entries) if self.parsed.sampling["logprobs"] is not None else None
+                lp = self._chat_lp(c.logprob_entries) if self.parsed.sampling["logprobs"] is not None else None
                 reasoning = None
                 if self.parsed.reasoning_parser is not None:
                     reasoning, text = split_reasoning(self.parsed.reasoning_parser, text)
@@ -301,7 +318,7 @@ class Formatter:
                 out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish,
                             "stop_reason": c.stop_reason, **self._token_ids(c)})
             else:
-                lp = completion_logprobs(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None
+                lp = self._completion_lp(c.logprob_entries, 0) if self.parsed.sampling["logprobs"] is not None else None
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason, **self._prompt_fields(c), **self._token_ids(c)})
         response = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",

@@ -53,6 +53,7 @@ class ParsedRequest:
     tools: ToolPlan | None = None  # chat: the tools the template shows, and whether the answer is calls
     reasoning_parser: str | None = None  # chat: reasoning_content apart from content (services.router.reasoning)
     tool_parser: str | None = None  # chat with tool_choice "auto": how calls are written (services.router.tool_parsers)
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
 
     def choice_seeds(self) -> list[int | None]:
         """One seed per choice: seed, seed+1, ... so n>1 with a seed is reproducible yet varied."""
@@ -112,6 +113,7 @@ def _common(body: dict, endpoint: Endpoint, *, max_n: int, max_stop: int, max_to
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous_usage,
+        tokens_as_ids=get_bool(body, "return_tokens_as_token_ids"),
     )
 
 

@@ -186,6 +186,22 @@ def test_n_seed_stop_and_logprobs(client, reference):
     assert len(resp.choices[0].logprobs.tokens) == 4 and len(resp.choices[0].logprobs.top_logprobs[0]) == 3
 
 
+def test_return_tokens_as_token_ids_names_each_logprob_by_its_generated_id(client):
+    """vLLM's return_tokens_as_token_ids: "token_id:{id}", the ids return_token_ids lists, in order."""
+    extra = {"return_tokens_as_token_ids": True, "return_token_ids": True, "ignore_eos": True}
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body=extra)
+    content, ids = resp.choices[0].logprobs.content, resp.choices[0].model_extra["token_ids"]
+    assert [t.token for t in content] == [f"token_id:{i}" for i in ids] and len(ids) == 6
+    assert all(t.top_logprobs[0].token.startswith("token_id:") for t in content)
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1,
+                                       stream=True, extra_body=extra)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert len(tokens) == 6
+    assert tokens == [f"token_id:{i}" for c in chunks for i in c.model_extra.get("token_ids") or []]
+
+
 def test_continue_final_message_goes_on_with_the_assistants_text(client, reference):
     """vLLM's add_generation_prompt / continue_final_message: the answer continues the last
     assistant message instead of starting a new turn."""

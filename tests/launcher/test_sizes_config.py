@@ -95,6 +95,7 @@ def test_cluster_view_reads_the_routers_cluster_route():
      ["--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]),
     ({"allow_runtime_lora_updating": True, "responses_store_size": 0},
      ["--allow-runtime-lora-updating", "--responses-store-size", "0"]),
+    ({"return_tokens_as_token_ids": True}, ["--return-tokens-as-token-ids"]),
 ])
 def test_up_passes_the_parsers_to_the_router(tmp_path, parsers, expected):
     from services.launch.cluster import LocalCluster

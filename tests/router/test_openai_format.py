@@ -94,3 +94,61 @@ def test_prompt_logprobs_render_as_vllm_with_the_prompt_token_first():
     ]
     assert (got["prompt_token_ids"], got["token_ids"]) == ([5, 6, 7], [1])
     assert list(got["prompt_logprobs"][1]) == ["6", "9"]  # the prompt's own token first
+
+
+def _tokens_as_ids_request(chat: bool, **extra):
+    body = {"logprobs": True, "top_logprobs": 2, **extra} if chat else {"prompt": "x", "logprobs": 2, **extra}
+    if chat:
+        return parse_chat_request({"messages": [{"role": "user", "content": "x"}], **body}, **LIMITS)
+    return parse_completion_request(body, **LIMITS)
+
+
+# A character split over two byte-fallback tokens: neither piece is valid UTF-8 alone.
+SPLIT = [[[300, "\ufffd", -0.5, [[300, "\ufffd", -0.5], [7, "a", -1.5]]]],
+         [[301, "é", -0.25, [[301, "é", -0.25], [8, "b", -2.0]]]]]
+
+
+def test_return_tokens_as_token_ids_names_sampled_and_top_tokens_by_id():
+    parsed = _tokens_as_ids_request(chat=True, return_tokens_as_token_ids=True)
+    fmt, choice = Formatter(parsed, "m"), ChoiceState(0, 0)
+    for i, lp in enumerate(SPLIT):
+        apply_delta(choice, frame(lp[0][1], i + 1, "length" if i else None, logprobs=lp))
+    content = fmt.full_response([choice])["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == ["token_id:300", "token_id:301"]
+    assert [[t["token"] for t in c["top_logprobs"]] for c in content] == [["token_id:300", "token_id:7"],
+                                                                          ["token_id:301", "token_id:8"]]
+    assert content[0]["bytes"] == list(b"token_id:300") and content[1]["logprob"] == -0.25
+    plain = Formatter(_tokens_as_ids_request(chat=True), "m").full_response([choice])["choices"][0]
+    assert [c["token"] for c in plain["logprobs"]["content"]] == ["\ufffd", "é"]  # off by default
+
+
+def test_return_tokens_as_token_ids_in_completions_keeps_text_offsets():
+    parsed = _tokens_as_ids_request(chat=False, return_tokens_as_token_ids=True)
+    fmt, choice = Formatter(parsed, "m"), ChoiceState(0, 0)
+    for i, lp in enumerate(SPLIT):
+        apply_delta(choice, frame(lp[0][1], i + 1, "length" if i else None, logprobs=lp))
+    lp = fmt.full_response([choice])["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["token_id:300", "token_id:301"]
+    assert lp["top_logprobs"] == [{"token_id:300": -0.5, "token_id:7": -1.5}, {"token_id:301": -0.25, "token_id:8": -2.0}]
+    assert lp["text_offset"] == [0, 1]  # offsets still count the text's characters
+
+
+def test_return_tokens_as_token_ids_must_be_a_boolean():
+    import pytest
+
+    from services.runtime.errors import ApiError
+
+    with pytest.raises(ApiError, match="return_tokens_as_token_ids"):
+        _tokens_as_ids_request(chat=False, return_tokens_as_token_ids="yes")
+
+
+def test_the_routers_flag_names_tokens_by_id_for_every_request():
+    from services.router.config import RouterConfig
+    from services.router.openai_api import _server_defaults
+
+    parsed = _tokens_as_ids_request(chat=False)
+    assert not _server_defaults(parsed, RouterConfig(cluster_token="t")).tokens_as_ids
+    on = RouterConfig(cluster_token="t", return_tokens_as_token_ids=True)
+    assert _server_defaults(parsed, on).tokens_as_ids
+    # as vLLM: the flag wins over a request's false
+    assert _server_defaults(_tokens_as_ids_request(chat=False, return_tokens_as_token_ids=False), on).tokens_as_ids
