@@ -91,9 +91,11 @@ class LaunchConfig:
             raise ValueError("--lora-modules needs --enable-lora")
         check_lora_names(self.lora_modules, {self.served_model_name or self.model, *self.served_model_aliases})
         parse_size(self.memserver_capacity)
-        if self.tls is not None and self.tls.cert_reqs == 2:
-            raise ValueError("--ssl-cert-reqs 2: kvmesh up's own workers and memory servers present no client "
-                             "certificate to the router; use 1 (verified when sent), or run kvmesh router yourself")
+        if self.tls is not None:
+            if self.tls.cert_reqs == 2:
+                raise ValueError("--ssl-cert-reqs 2: kvmesh up's own workers and memory servers present no client "
+                                 "certificate to the router; use 1 (verified when sent), or run kvmesh router yourself")
+            self.tls.context()  # a certificate and key that do not load are refused before anything starts
 
     @property
     def memserver_capacity_bytes(self) -> int:

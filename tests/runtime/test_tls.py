@@ -85,6 +85,8 @@ def test_kvmesh_up_refuses_required_client_certificates(pki):
     with pytest.raises(ValueError, match="present no client certificate"):
         LaunchConfig(cluster_token="t", tls=tls)
     LaunchConfig(cluster_token="t", tls=ServerTLS(str(pki / "cert.pem"), str(pki / "key.pem"), str(pki / "ca.pem"), 1))
+    with pytest.raises(ValueError, match="cannot load the certificate and its key"):
+        LaunchConfig(cluster_token="t", tls=ServerTLS(str(pki / "cert.pem"), str(pki / "other-key.pem")))
 
 
 def test_trust_bundle_keeps_the_trusted_cas_and_adds_the_certificate(pki, tmp_path, monkeypatch):
