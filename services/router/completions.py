@@ -45,6 +45,7 @@ class ResolvedModel:
     name: str  # what responses say: for an alias, its worker's model name (vLLM answers with the first)
     route: str  # what picks the workers: the name asked for (a worker without that alias never gets it)
     max_model_len: int
+    base: str  # the served base model (also for a LoRA adapter): the model_name of vLLM's metrics
 
 
 def resolve_model(registry: WorkerRegistry, requested: str | None) -> ResolvedModel:
@@ -55,7 +56,7 @@ def resolve_model(registry: WorkerRegistry, requested: str | None) -> ResolvedMo
                        status=503, code="no_worker_available", headers={"Retry-After": "1"})
     name = requested if requested is not None else next(iter(models))
     if name in models:
-        return ResolvedModel(registry.canonical(name), name, models[name])
+        return ResolvedModel(registry.canonical(name), name, models[name], registry.base_name(name))
     if registry.knows(name):
         raise ApiError(f"no live worker is serving model '{name}'", status=503, code="no_worker_available",
                        headers={"Retry-After": "1"})
@@ -142,6 +143,7 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
     outcome = "error"
     formatter: Formatter | None = None
     opened: list[RoutedSequence] = []
+    resolved: ResolvedModel | None = None
     try:
         resolved = resolve_model(app[REGISTRY], parsed.model)
         model, max_model_len = resolved.name, resolved.max_model_len
@@ -158,9 +160,9 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
                 await _open_all(request, parsed, resolved.route, max_tokens, formatter, opened)
                 opened.sort(key=lambda seq: seq[0].index)
                 if parsed.stream:
-                    response, outcome = await _stream(request, formatter, opened, clock)
+                    response, outcome = await _stream(request, formatter, opened, clock, resolved.base)
                 else:
-                    response = await _collect(formatter, opened, clock, app)
+                    response = await _collect(formatter, opened, clock, app, resolved.base)
                     outcome = "200"
                 return response
             finally:
@@ -176,11 +178,12 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
     finally:
         label = endpoint or parsed.endpoint.value
         metrics.requests.labels(label, outcome).inc()
-        _log_finished(request, label, parsed, formatter, opened, clock, outcome)
+        _log_finished(request, label, parsed, formatter, opened, clock, outcome, resolved)
 
 
 def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, formatter: Formatter | None,
-                  opened: list[RoutedSequence], clock: RequestClock, outcome: str) -> None:
+                  opened: list[RoutedSequence], clock: RequestClock, outcome: str,
+                  resolved: ResolvedModel | None) -> None:
     """One line per request (vLLM logs requests too), and its end-to-end latency and finish reasons
     as metrics."""
     now = time.monotonic()
@@ -192,11 +195,8 @@ def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, fo
                   "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
                   "finish_reasons": [c.finish_reason for c in choices],
                   "workers": sorted({s.worker_id for _, s in opened})}
-    if outcome == "200":
-        metrics = request.app[METRICS]
-        metrics.e2e.observe(now - clock.arrival)
-        for c in choices:
-            metrics.finished.labels(c.finish_reason or "none").inc()
+    if outcome == "200" and resolved is not None:
+        request.app[METRICS].served(resolved.base, now - clock.arrival, [c.finish_reason for c in choices])
     log.info("request_finished", request_id=formatter.id if formatter is not None else None,
              client_request_id=request.headers.get("X-Request-Id"), endpoint=endpoint, model=parsed.model,
              status=outcome, stream=parsed.stream, num_choices=len(choices),
@@ -204,7 +204,7 @@ def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, fo
              e2e_s=round(now - clock.arrival, 4), **fields)
 
 
-def _observer(app: web.Application, clock: RequestClock):
+def _observer(app: web.Application, clock: RequestClock, model: str):
     metrics = app[METRICS]
     last_seen: dict[int, float] = {}
 
@@ -212,20 +212,20 @@ def _observer(app: web.Application, clock: RequestClock):
         now = time.monotonic()
         if clock.first_token is None and frame.token_ids:
             clock.first_token = now
-            metrics.ttft.observe(now - clock.arrival)
+            metrics.first_token(model, now - clock.arrival)
         if choice.index in last_seen and frame.token_ids:
-            metrics.itl.observe(now - last_seen[choice.index])
+            metrics.inter_token(model, now - last_seen[choice.index])
         if frame.token_ids:
             last_seen[choice.index] = now
         if frame.finish_reason is not None:
-            metrics.generation_tokens.inc(frame.num_generated_tokens)
+            metrics.generated(model, frame.num_generated_tokens)
 
     return observe
 
 
 async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock: RequestClock,
-                   app: web.Application) -> web.Response:
-    observe = _observer(app, clock)
+                   app: web.Application, model: str) -> web.Response:
+    observe = _observer(app, clock, model)
 
     async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
         observe(choice, frame)
@@ -237,21 +237,21 @@ async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock:
     except (UpstreamFailed, WorkerLost) as e:
         raise _as_api_error(e) from e
     choices = [c for c, _ in sequences]
-    app[METRICS].count_prompt(usage(choices))
+    app[METRICS].count_prompt(model, usage(choices))
     response = json_response(formatter.full_response(choices))
     response.headers["X-Request-Id"] = formatter.id
     return response
 
 
 async def _stream(request: web.Request, formatter: Formatter, sequences: list[RoutedSequence],
-                  clock: RequestClock) -> tuple[web.StreamResponse, str]:
+                  clock: RequestClock, model: str) -> tuple[web.StreamResponse, str]:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": formatter.id})
     await response.prepare(request)
     head = formatter.stream_head()
     if head:
         await response.write(head)
-    observe = _observer(request.app, clock)
+    observe = _observer(request.app, clock, model)
 
     async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
         observe(choice, frame)
@@ -270,7 +270,7 @@ async def _stream(request: web.Request, formatter: Formatter, sequences: list[Ro
         log.warning("stream_failed", request_id=formatter.id, error=err.message)
         await response.write(formatter.stream_error(err))
         return response, "stream_error"
-    request.app[METRICS].count_prompt(usage(choices))
+    request.app[METRICS].count_prompt(model, usage(choices))
     await response.write(formatter.stream_tail(choices))
     await response.write_eof()
     return response, "200"

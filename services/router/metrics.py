@@ -7,6 +7,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.router.ledger import Ledger
 from services.router.registry import WorkerRegistry
+from services.router.vllm_metrics import VllmRequestMetrics, finished_reason
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -89,10 +90,33 @@ class RouterMetrics:
         r.register(WorkerLoadCollector(workers))
         if ledger is not None:
             r.register(LedgerCollector(ledger))
+        self.vllm = VllmRequestMetrics(r, workers)  # the same measurements under vLLM's names
 
-    def count_prompt(self, usage: dict) -> None:
+    # model: the served (base) model's name, vLLM's model_name label
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.vllm.ttft.labels(model).observe(seconds)
+
+    def inter_token(self, model: str, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.vllm.inter_token(model, seconds)
+
+    def generated(self, model: str, num_tokens: int) -> None:
+        self.generation_tokens.inc(num_tokens)
+        self.vllm.generation_tokens.labels(model).inc(num_tokens)
+
+    def count_prompt(self, model: str, usage: dict) -> None:
         self.prompt_tokens.inc(usage["prompt_tokens"])
         self.cached_prompt_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+        self.vllm.count_prompt(model, usage)
+
+    def served(self, model: str, seconds: float, finish_reasons: list[str | None]) -> None:
+        """A request answered whole (200): its end-to-end latency and each sequence's finish reason."""
+        self.e2e.observe(seconds)
+        self.vllm.e2e.labels(model).observe(seconds)
+        for reason in finish_reasons:
+            self.finished.labels(reason or "none").inc()
+            self.vllm.success.labels(model, finished_reason(reason)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -94,6 +94,10 @@ class WorkerRegistry:
         return next((name if name in (s.info.lora_modules or {}) else s.info.model_name for s in self.live(name)),
                     name)
 
+    def base_name(self, name: str) -> str:
+        """The base model a live worker serves under one of its names (an alias's, a LoRA adapter's)."""
+        return next((s.info.model_name for s in self.live(name)), name)
+
     def knows(self, name: str) -> bool:
         """Some worker, live or not, serves a model by that name."""
         return any(name in s.info.served_names for s in self._workers.values())

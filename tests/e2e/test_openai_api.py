@@ -654,6 +654,10 @@ def test_health_ready_metrics(cluster, client):
                  "kvmesh_router_generation_tokens_total", "kvmesh_worker_kv_blocks_used", "kvmesh_worker_kv_blocks_free",
                  "kvmesh_worker_requests_running", "kvmesh_worker_requests_waiting"):
         assert name in text, name
+    # vLLM's names for the same figures, labelled with the served model
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
+        assert f'{name}{{' in text and 'model_name="tiny"' in text.split(name + "{", 1)[1].split("}", 1)[0], name
     assert get(cluster.router.url + "/internal/workers")[0] == 401
     assert router_workers(cluster.router)[0]["live"]
 

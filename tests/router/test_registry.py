@@ -79,9 +79,9 @@ def test_a_model_answers_to_each_of_its_names_under_the_first():
     reg.register(info("b", "small"))
     assert reg.live_models() == {"big": 1000, "gpt-4o": 1000, "small": 1000}
     assert [s.info.worker_id for s in reg.live("gpt-4o")] == ["a"] and reg.canonical("gpt-4o") == "big"
-    assert resolve_model(reg, "gpt-4o") == ResolvedModel("big", "gpt-4o", 1000)
-    assert resolve_model(reg, "small") == ResolvedModel("small", "small", 1000)
-    assert resolve_model(reg, None) == ResolvedModel("big", "big", 1000)  # the first served
+    assert resolve_model(reg, "gpt-4o") == ResolvedModel("big", "gpt-4o", 1000, "big")
+    assert resolve_model(reg, "small") == ResolvedModel("small", "small", 1000, "small")
+    assert resolve_model(reg, None) == ResolvedModel("big", "big", 1000, "big")  # the first served
     assert reg.knows("gpt-4o") and not reg.knows("gpt-5")
     with pytest.raises(ApiError) as e:
         resolve_model(reg, "gpt-5")
@@ -97,7 +97,7 @@ def test_an_alias_routes_only_to_the_workers_that_have_it():
     reg.register(WorkerRegistration("a", "http://a", "tiny", 1000, 16, 100, model_aliases=["prod"]))
     reg.register(WorkerRegistration("b", "http://b", "tiny", 1000, 16, 100, model_aliases=["canary"]))
     resolved = resolve_model(reg, "canary")
-    assert resolved == ResolvedModel("tiny", "canary", 1000)
+    assert resolved == ResolvedModel("tiny", "canary", 1000, "tiny")
     assert [c.worker_id for c in reg.candidates(resolved.route)] == ["b"]
     assert [c.worker_id for c in reg.candidates(resolve_model(reg, "tiny").route)] == ["a", "b"]
 
@@ -114,4 +114,5 @@ def test_lora_adapters_are_models_named_as_themselves():
     assert [s.info.worker_id for s in reg.live("sql")] == ["a"] and [c.worker_id for c in reg.candidates("sql")] == ["a"]
     assert [s.info.worker_id for s in reg.live("base")] == ["a", "b"]
     assert reg.lora_adapter("sql") == ("/adapters/sql", "base") and reg.lora_adapter("base") is None
-    assert resolve_model(reg, "sql") == ResolvedModel("sql", "sql", 1000) and reg.knows("sql")
+    # responses name the adapter; vLLM's metrics its base model
+    assert resolve_model(reg, "sql") == ResolvedModel("sql", "sql", 1000, "base") and reg.knows("sql")

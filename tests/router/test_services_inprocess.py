@@ -197,6 +197,36 @@ async def test_metrics_exposed():
         assert "kvmesh_worker_kv_blocks_free{" in text
 
 
+async def test_vllm_metric_names_carry_the_same_measurements():
+    """Dashboards and autoscalers written for vLLM read the router: vllm:* names, model_name label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with running_stack() as s:
+        await (await s.post("/v1/chat/completions", {**CHAT, "stream": True})).read()
+        body = await (await s.post("/v1/completions", {"prompt": "hello", "max_tokens": 3})).json()
+        async with s.client.get(s.url("/metrics")) as resp:
+            families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+
+        def value(family: str, sample: str, **labels) -> float:
+            return next(x.value for x in families[family].samples if x.name == sample and x.labels == labels)
+
+        tiny = {"model_name": "fake"}
+        assert value("vllm:request_success", "vllm:request_success_total", finished_reason="length", **tiny) == 2
+        assert value("vllm:generation_tokens", "vllm:generation_tokens_total", **tiny) == 5 + 3
+        prompt = value("vllm:prompt_tokens", "vllm:prompt_tokens_total", **tiny)
+        assert prompt == value("kvmesh_router_prompt_tokens", "kvmesh_router_prompt_tokens_total")
+        assert prompt > body["usage"]["prompt_tokens"]  # both requests' prompts
+        assert value("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total", **tiny) == prompt
+        for name in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                     "vllm:request_prompt_tokens"):
+            assert value(name, name + "_count", **tiny) == 2
+        assert value("vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count", **tiny) == 4 + 2
+        # the workers' last heartbeat (it may still count a request that has ended since)
+        assert value("vllm:num_requests_running", "vllm:num_requests_running", **tiny) in (0, 1)
+        assert value("vllm:num_requests_waiting", "vllm:num_requests_waiting", **tiny) == 0
+        assert 0 <= value("vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", **tiny) < 1
+
+
 async def test_worker_ready_turns_503_while_draining():
     from services.worker.app import INFLIGHT
 
