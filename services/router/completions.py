@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from services.router.beam_api import beam_choices
 from services.router.keys import ADMISSION, CONFIG, METRICS, POOL, REGISTRY
 from services.router.openai_format import ChoiceState, Formatter, apply_delta, usage
 from services.router.protocol import ParsedRequest
@@ -157,6 +158,10 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
             metrics.inflight.inc()
             try:
                 formatter = make_formatter(parsed, model)
+                if parsed.length_penalty is not None:  # use_beam_search
+                    response = await _beam(request, parsed, resolved, max_tokens, formatter, clock)
+                    outcome = "200"
+                    return response
                 await _open_all(request, parsed, resolved.route, max_tokens, formatter, opened)
                 opened.sort(key=lambda seq: seq[0].index)
                 if parsed.stream:
@@ -181,6 +186,19 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
         _log_finished(request, label, parsed, formatter, opened, clock, outcome, resolved)
 
 
+async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedModel, max_tokens: int,
+                formatter: Formatter, clock: RequestClock) -> web.Response:
+    choices = await beam_choices(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
+    clock.first_token = time.monotonic()
+    metrics = request.app[METRICS]
+    metrics.count_prompt(resolved.base, usage(choices))
+    metrics.generated(resolved.base, sum(c.num_generated_tokens for c in choices))
+    metrics.served(resolved.base, clock.first_token - clock.arrival, [c.finish_reason for c in choices])
+    response = json_response(formatter.full_response(choices))
+    response.headers["X-Request-Id"] = formatter.id
+    return response
+
+
 def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, formatter: Formatter | None,
                   opened: list[RoutedSequence], clock: RequestClock, outcome: str,
                   resolved: ResolvedModel | None) -> None:
@@ -195,7 +213,7 @@ def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, fo
                   "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
                   "finish_reasons": [c.finish_reason for c in choices],
                   "workers": sorted({s.worker_id for _, s in opened})}
-    if outcome == "200" and resolved is not None:
+    if outcome == "200" and resolved is not None and opened:  # (a beam search counted itself)
         request.app[METRICS].served(resolved.base, now - clock.arrival, [c.finish_reason for c in choices])
     log.info("request_finished", request_id=formatter.id if formatter is not None else None,
              client_request_id=request.headers.get("X-Request-Id"), endpoint=endpoint, model=parsed.model,

@@ -54,6 +54,7 @@ class ParsedRequest:
     reasoning_parser: str | None = None  # chat: reasoning_content apart from content (services.router.reasoning)
     tool_parser: str | None = None  # chat with tool_choice "auto": how calls are written (services.router.tool_parsers)
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
+    length_penalty: float | None = None  # vLLM's use_beam_search (n is the beam width); None: no beam search
 
     def choice_seeds(self) -> list[int | None]:
         """One seed per choice: seed, seed+1, ... so n>1 with a seed is reproducible yet varied."""
@@ -261,18 +262,18 @@ def parse_chat_request(body: dict, *, max_n: int, max_stop: int, tool_parser: st
         if "structured" in parsed.sampling:  # the grammar applies once the reasoning has ended
             parsed.sampling["structured"] = {**parsed.sampling["structured"], **REASONING_MARKERS}
     if tools is None:
-        return parsed
+        return _beam_search(body, parsed)
     prompts = ({**chat, "tools": list(tools.tools)},)
     if not tools.calls:
         auto_parser = tool_parser if tools.mode is ToolMode.AUTO else None
         if auto_parser == "mistral":  # its calls follow [TOOL_CALLS], a special token: keep its text (as vLLM)
             parsed.sampling["skip_special_tokens"] = False
-        return dataclasses.replace(parsed, tools=tools, prompts=prompts, tool_parser=auto_parser)
+        return _beam_search(body, dataclasses.replace(parsed, tools=tools, prompts=prompts, tool_parser=auto_parser))
     if "structured" in parsed.sampling:
         raise value_error("tool_choice", "a tool_choice constrains the answer to its calls: drop "
                                          "'response_format' / 'structured_outputs', or set tool_choice 'none'")
     parsed.sampling["structured"] = tools.structured() | (REASONING_MARKERS if reasoning_parser is not None else {})
-    return dataclasses.replace(parsed, tools=tools, prompts=prompts)
+    return _beam_search(body, dataclasses.replace(parsed, tools=tools, prompts=prompts))
 
 
 def _completion_prompts(body: dict) -> tuple[dict, ...]:
@@ -292,6 +293,33 @@ def _completion_prompts(body: dict) -> tuple[dict, ...]:
                    code="invalid_type", param="prompt")
 
 
+# What a beam search request's sampling may hold (at these values where given): beam search picks
+# tokens by their raw logprobs, so the fields that edit or filter the distribution do not apply.
+_BEAM_NEUTRAL = {"stop": (), "min_tokens": 0, "logprobs": None}
+_BEAM_ALLOWED = {"ignore_eos", "max_tokens", "temperature", "top_p", "top_k", "skip_special_tokens",
+                 "include_stop_str_in_output", "return_token_ids", "priority", "cache_salt", "truncate_prompt_tokens"}
+_BEAM_PARAMS = {"structured": "response_format", "logprobs": "logprobs", "prompt_logprobs": "prompt_logprobs"}
+
+
+def _beam_search(body: dict, parsed: ParsedRequest) -> ParsedRequest:
+    """vLLM's use_beam_search and length_penalty: n beams, each a whole answer, best first."""
+    if not get_bool(body, "use_beam_search"):
+        return parsed
+    if parsed.stream:
+        raise value_error("stream", "'use_beam_search' answers whole: set 'stream' to false")
+    if parsed.n > MAX_LOGPROBS // 2:
+        raise value_error("n", f"with 'use_beam_search', 'n' is the beam width: at most {MAX_LOGPROBS // 2}")
+    if parsed.tools is not None:
+        raise value_error("tools", "'tools' do not apply to 'use_beam_search'")
+    for key, value in parsed.sampling.items():
+        if key in _BEAM_ALLOWED or _BEAM_NEUTRAL.get(key, object()) == value:
+            continue
+        param = _BEAM_PARAMS.get(key, key)
+        raise value_error(param, f"'{param}' does not apply to 'use_beam_search' (tokens are chosen by their logprobs)")
+    length_penalty = get_float(body, "length_penalty", 1.0)
+    return dataclasses.replace(parsed, length_penalty=length_penalty)
+
+
 def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> ParsedRequest:
     prompts = _completion_prompts(body)
     reject_unsupported(body, {"suffix": "", "best_of": 1})
@@ -305,7 +333,7 @@ def parse_completion_request(body: dict, *, max_n: int, max_stop: int) -> Parsed
         parsed.sampling["echo"] = True
     if len(prompts) * parsed.n > max_n:
         raise value_error("n", f"len(prompt) * n = {len(prompts) * parsed.n} exceeds the cap of {max_n} sequences")
-    return parsed
+    return _beam_search(body, parsed)
 
 
 def parse_tokenize_request(body: dict) -> tuple[str | None, dict]:

@@ -98,6 +98,10 @@ class WorkerRegistry:
         """The base model a live worker serves under one of its names (an alias's, a LoRA adapter's)."""
         return next((s.info.model_name for s in self.live(name)), name)
 
+    def eos_token_ids(self, name: str) -> frozenset[int]:
+        """What ends a sequence of the model a live worker serves under `name` (empty: not told)."""
+        return next((frozenset(s.info.eos_token_ids or ()) for s in self.live(name)), frozenset())
+
     def knows(self, name: str) -> bool:
         """Some worker, live or not, serves a model by that name."""
         return any(name in s.info.served_names for s in self._workers.values())

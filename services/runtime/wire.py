@@ -70,6 +70,7 @@ class WorkerRegistration:
     kv_geometry: dict[str, Any] | None = None
     model_aliases: list[str] | None = None  # more names clients may use for model_name (--served-model-name A B)
     lora_modules: dict[str, str] | None = None  # its LoRA adapters, served as models: name -> adapter directory
+    eos_token_ids: list[int] | None = None  # what ends a sequence (the router's beam search needs them)
     v: int = WIRE_VERSION
 
     @property

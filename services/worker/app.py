@@ -77,7 +77,8 @@ async def router_link_ctx(app: web.Application):
                               engine.max_model_len, stats.block_size, stats.num_total_blocks,
                               kv_geometry=getattr(engine, "kv_geometry", None),
                               model_aliases=list(config.served_model_aliases) or None,
-                              lora_modules=dict(engine.lora_modules) if config.enable_lora else None)
+                              lora_modules=dict(engine.lora_modules) if config.enable_lora else None,
+                              eos_token_ids=list(getattr(engine, "eos_token_ids", ())) or None)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         link = RouterLink(session, config.router_url, config.cluster_token, info,
                           on_kv_summary=getattr(engine, "update_kv_summary", None) if config.remote_kv else None)

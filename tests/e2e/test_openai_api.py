@@ -186,6 +186,48 @@ def test_n_seed_stop_and_logprobs(client, reference):
     assert len(resp.choices[0].logprobs.tokens) == 4 and len(resp.choices[0].logprobs.top_logprobs[0]) == 3
 
 
+def _hf_logprob_sums(prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
+    """Each answer's total logprob after the prompt, by transformers on the same weights."""
+    import torch
+    import transformers
+
+    from services.worker.model.tiny import materialize_tiny
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(materialize_tiny()), dtype=torch.float32).eval()
+    sums = []
+    with torch.inference_mode():
+        for ids in answers:
+            logits = model(torch.tensor([prompt_ids + ids])).logits[0].float()
+            logprobs = torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+            sums.append(float(logprobs.gather(1, torch.tensor(ids).view(-1, 1)).sum()))
+    return sums
+
+
+def test_use_beam_search_ranks_whole_answers_by_the_models_logprobs(client, reference):
+    """vLLM's use_beam_search: width 1 is greedy; width 3 gives 3 different answers, ranked by total
+    logprob / (prompt + answer) length as transformers scores them, the best no worse than greedy's."""
+    extra = {"use_beam_search": True, "return_token_ids": True, "ignore_eos": True}
+    one = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, n=1, extra_body=extra)
+    assert one.choices[0].text == reference["completion"].text
+    three = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, n=3, extra_body=extra)
+    prompt_ids = three.choices[0].model_extra["prompt_token_ids"]
+    answers = [c.model_extra["token_ids"] for c in three.choices]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len({tuple(a) for a in answers}) == 3
+    assert all(len(a) == 6 and c.finish_reason == "length" for a, c in zip(answers, three.choices))
+    greedy_ids = one.choices[0].model_extra["token_ids"][:6]
+    totals = _hf_logprob_sums(prompt_ids, answers + [greedy_ids])
+    scores = [t / (len(prompt_ids) + 6) for t in totals]
+    assert scores[:3] == sorted(scores[:3], reverse=True)
+    assert scores[0] >= scores[3] - 1e-4  # the best beam is at least greedy's answer
+    assert three.usage.completion_tokens == 18
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, n=2,
+                                          extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+    with pytest.raises(openai.BadRequestError, match="answers whole"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, stream=True,
+                                  extra_body={"use_beam_search": True})
+
+
 def test_return_tokens_as_token_ids_names_each_logprob_by_its_generated_id(client):
     """vLLM's return_tokens_as_token_ids: "token_id:{id}", the ids return_token_ids lists, in order."""
     extra = {"return_tokens_as_token_ids": True, "return_token_ids": True, "ignore_eos": True}

@@ -57,6 +57,7 @@ class EngineProcess:
         self.sampling_defaults: dict = {}
         self.lora_modules: dict[str, str] = {}  # the LoRA adapters loaded: name -> directory
         self.kv_geometry: dict | None = None
+        self.eos_token_ids: list[int] = []
 
     async def start(self) -> None:
         """Spawn the engine and wait until its model is loaded (seconds); raises if it fails."""
@@ -81,6 +82,7 @@ class EngineProcess:
         self.kv_geometry, self._stats = info["kv_geometry"], ipc.stats_from_obj(info["stats"])
         self.sampling_defaults = info["sampling_defaults"]
         self.lora_modules = info["lora_modules"]
+        self.eos_token_ids = info["eos_token_ids"]
         self._reader_task = asyncio.create_task(self._read(reader, unpacker), name="engine-reader")
         log.info("engine_process_started", pid=self._proc.pid)
 

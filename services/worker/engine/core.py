@@ -277,7 +277,8 @@ def main() -> int:
         return 1
     channel.send(["ready", {"model_name": engine.model_name, "max_model_len": engine.max_model_len,
                             "kv_geometry": engine.kv_geometry, "stats": ipc.stats_to_obj(engine.stats()),
-                            "sampling_defaults": engine.sampling_defaults, "lora_modules": engine.lora_modules}])
+                            "sampling_defaults": engine.sampling_defaults, "lora_modules": engine.lora_modules,
+                            "eos_token_ids": list(engine.tokenizer.eos_token_ids)}])
     log.info("engine_ready", load_s=round(time.perf_counter() - started, 2))
     server = EngineServer(channel, engine, remote)
     for message in messages[1:]:
