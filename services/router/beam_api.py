@@ -65,7 +65,10 @@ class _Search:
             prompt["prompt_token_ids"] = self.prompt_ids + list(generated)
         call = GenerateCall(request_id=f"{self.rid}-{next(self._ids)}", sampling=sampling, **prompt)
         stream = await open_stream(self.pool, self.route, call, 1)
-        frames: list[DeltaFrame] = [frame async for frame in stream]
+        try:
+            frames: list[DeltaFrame] = [frame async for frame in stream]
+        finally:
+            stream.close()  # the worker's routing load; and an abort on the worker if cut short
         if frames[-1].finish_reason == "error":
             raise ApiError(f"generation failed: {frames[-1].error}", status=500, code="engine_error")
         if self.prompt_ids is None:

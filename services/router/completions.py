@@ -188,7 +188,10 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
 
 async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedModel, max_tokens: int,
                 formatter: Formatter, clock: RequestClock) -> web.Response:
-    choices = await beam_choices(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
+    try:
+        choices = await beam_choices(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
+    except WorkerLost as e:
+        raise _as_api_error(e) from e
     clock.first_token = time.monotonic()
     metrics = request.app[METRICS]
     metrics.count_prompt(resolved.base, usage(choices))

@@ -43,6 +43,10 @@ class FakeEngine:
     async def reset_prefix_cache(self) -> dict[str, int]:
         return {"num_local_blocks": 0, "num_remote_blocks": 0}
 
+    async def tokenize(self, request: dict) -> dict:
+        """/detokenize only: a token is the character of its code."""
+        return {"prompt": "".join(chr(t) for t in request["tokens"])}
+
     async def abort(self, request_id: str) -> None:
         if request_id in self.running:
             self._aborted.add(request_id)

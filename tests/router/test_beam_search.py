@@ -120,3 +120,19 @@ async def test_a_beam_whose_best_next_token_is_eos_lives_on_through_its_second_b
     assert (5,) in model.calls and (5, 6) in model.calls  # the search went on past the EOS
     (best,) = beams  # -0.22 / 13 beats the EOS answer's -0.19 / 10
     assert best.token_ids == (5, 6, 6) and not best.finished and math.isclose(best.cum_logprob, -0.22)
+
+
+async def test_a_beam_search_through_the_router_releases_each_step_on_its_worker():
+    """Every one-token request of a search is closed: the router's count of tokens owed by the worker
+    (its routing load) is back to zero after the answer."""
+    from services.router.keys import REGISTRY
+    from tests.router.stack import running_stack
+
+    async with running_stack() as s:
+        resp = await s.post("/v1/completions", {"model": "fake", "prompt": "hello", "max_tokens": 3,
+                                                "use_beam_search": True})
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert [c["text"] for c in body["choices"]] == ["aaa"] and body["usage"]["completion_tokens"] == 3
+        assert all(state.inflight_tokens == 0 for state in s.router.app[REGISTRY].all())
+        await s.wait_blocks_free()
