@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for the Triton kernels: native (not interpreted) tests, then the decode benchmark.
+# GPU check for the Triton kernels: native (not interpreted) tests (the kernels, fp8 KV caches
+# included, and a CUDA memory server's pool), then the decode benchmark.
 # Usage (repo root, on a CUDA machine): bash kernels/gpu_check.sh   Logs go to $OUT if set.
 # Installs nothing: it reports what is missing and stops.
 set -uo pipefail
@@ -19,7 +20,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv >>"$LOG_DIR/gpu_env.log" 2>&1 || true
 
 status=0
-"$PY" -m pytest -c /dev/null --rootdir . -m gpu tests/kernels -q -rs -p no:cacheprovider 2>&1 | tee "$LOG_DIR/gpu_tests.log"
+"$PY" -m pytest -c /dev/null --rootdir . -m gpu tests/kernels tests/memserver -q -rs -p no:cacheprovider 2>&1 | tee "$LOG_DIR/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 300 "$PY" -m kernels.bench_gpu 2>&1 | tee "$LOG_DIR/gpu_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
