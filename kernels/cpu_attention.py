@@ -1,8 +1,10 @@
 """Fast CPU paths over PyTorch's fused CPU flash-attention kernel (it also returns the log-sum-exp).
 
 Decode (one query per sequence): gather each sequence's blocks once, mask the padded tail, one
-fused call for the whole batch. Prefill chunks: one fused call per sequence, with the causal mask
-bottom-right aligned (the chunk's queries see every earlier cached token). A batch mixing both
+fused call for the whole batch. Prefill chunks: per sequence, one unmasked call over the earlier
+cached tokens (every query sees them all; query heads grouped by KV head, so K/V are not repeated)
+and one causal call over the chunk's own tokens, merged: no [q_len, kv_len] mask is built or read
+(a 16K-token prompt in 256-token chunks prefilled 25-30% faster than with the mask). A batch mixing both
 (continuous batching) runs its decode sequences through the batched decode path. What does not
 depend on the layer — host copies of the lengths, gather indices, masks — is computed once per
 forward pass in a `CpuAttentionPlan` and reused by every layer. The plain-torch reference
@@ -51,8 +53,11 @@ class _PrefillSeq:
     end: int
     ids: torch.Tensor  # [num_blocks] int64
     kv_len: int
-    is_causal: bool  # plain top-left causal (q_len == kv_len): the fused kernel masks itself
-    bias: torch.Tensor | None  # [1, 1, q_len, kv_len] additive, bottom-right causal mask (q_len < kv_len)
+    # The leading tokens every query sees (a chunk's earlier context, or all of them without
+    # causality): one fused call with no mask, each KV head's query heads as its query rows. The
+    # other tokens (a causal chunk's own) go through a causal call; the two states are merged.
+    history_len: int
+    bias: torch.Tensor | None = None  # [1, 1, q_len, kv_len] additive, for the rare q_len > kv_len (causal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +152,14 @@ def _plan_prefill(block_tables, context_lens, query_starts, block_size, dtype, c
         if q_len == 0 or kv_len == 0 or i in skip:
             continue  # its rows keep (0, -inf)
         ids = block_tables[i, : (kv_len + block_size - 1) // block_size].long()
-        bias = None
-        if causal and q_len != kv_len:  # query j sees tokens k <= kv_len - q_len + j
+        if not causal:
+            yield _PrefillSeq(start, end, ids, kv_len, kv_len)
+        elif q_len <= kv_len:  # query j sees tokens k <= kv_len - q_len + j: all earlier ones, then its chunk's
+            yield _PrefillSeq(start, end, ids, kv_len, kv_len - q_len)
+        else:  # more queries than tokens: the first ones see nothing
             visible = torch.arange(kv_len).view(1, -1) <= torch.arange(q_len).view(-1, 1) + (kv_len - q_len)
             bias = torch.zeros(1, 1, q_len, kv_len, dtype=dtype).masked_fill_(~visible, NEG_INF)
-        yield _PrefillSeq(start, end, ids, kv_len, causal and bias is None, bias)
+            yield _PrefillSeq(start, end, ids, kv_len, 0, bias)
 
 
 def paged_attention_cpu(
@@ -239,22 +247,44 @@ def _gather(cache, ids, buf):
 
 
 def _prefill(q, k_cache, v_cache, seqs: tuple[_PrefillSeq, ...], scale):
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    num_tokens, num_heads, _ = q.shape
+    group = num_heads // k_cache.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full((num_tokens, num_heads), NEG_INF, dtype=torch.float32)
     for s in seqs:
-        # k, v: [1, H, kv_len, D] (KV heads repeated for their query heads); q: [1, H, q_len, D]
-        k = upcast(k_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len], q.dtype).repeat_interleave(group, dim=1)
-        v = upcast(v_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len], q.dtype).repeat_interleave(group, dim=1)
-        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[s.start:s.end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0), 0.0, s.is_causal, attn_mask=s.bias, scale=scale,
-        )[:2]
-        out[s.start:s.end] = o[0].transpose(0, 1)  # [q_len, H, D]
-        lse[s.start:s.end] = l[0].transpose(0, 1).float()
+        qs = q[s.start:s.end]  # [q_len, H, D]
+        k = upcast(k_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len], q.dtype)  # [kv_len, Hkv, D]
+        v = upcast(v_cache.index_select(0, s.ids).flatten(0, 1)[: s.kv_len], q.dtype)
+        states = []
+        if s.history_len:
+            states.append(_attend_grouped(qs, k[: s.history_len], v[: s.history_len], scale))
+        if s.history_len < s.kv_len:
+            # [1, H, n, D], KV heads repeated for their query heads (causal rows need per-head rows)
+            k_own = k[s.history_len:].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+            v_own = v[s.history_len:].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qs.transpose(0, 1).unsqueeze(0), k_own, v_own, 0.0, s.bias is None, attn_mask=s.bias, scale=scale,
+            )[:2]
+            states.append((o[0].transpose(0, 1), l[0].transpose(0, 1).float()))  # [q_len, H, D], [q_len, H]
+        # earlier tokens first, then the chunk's own: a fixed order
+        out[s.start:s.end], lse[s.start:s.end] = states[0] if len(states) == 1 else merge_states_cpu(states)
     return out, lse
+
+
+def _attend_grouped(q, k, v, scale):
+    """q [q_len, H, D] over k, v [n, Hkv, D] with no mask -> (out [q_len, H, D], lse [q_len, H]).
+    A KV head's G query heads ride as its G * q_len query rows: K and V are read in place (a
+    strided view), not repeated per query head."""
+    q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    qg = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, -1, head_dim)
+    o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qg, k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0), 0.0, False, scale=scale,
+    )[:2]
+    # o: [1, Hkv, G * q_len, D], l: [1, Hkv, G * q_len]
+    out = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+    return out, l.view(num_kv_heads, group, q_len).permute(2, 0, 1).reshape(q_len, num_heads).float()
 
 
 def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens: list[int], scale):
