@@ -71,9 +71,11 @@ class _Search:
             stream.close()  # the worker's routing load; and an abort on the worker if cut short
         if frames[-1].finish_reason == "error":
             raise ApiError(f"generation failed: {frames[-1].error}", status=500, code="engine_error")
+        entries = [entry for frame in frames for entry in (frame.logprobs or ())]
+        if not entries:  # aborted (a worker shutting down) before its token
+            raise ApiError("the worker aborted a beam search step (shutting down?)", status=503, code="aborted")
         if self.prompt_ids is None:
             self.prompt_ids = list(frames[0].prompt_token_ids or [])
-        entries = [entry for frame in frames for entry in (frame.logprobs or ())]
         return [(token_id, logprob) for token_id, _, logprob in entries[0][3]]
 
 
