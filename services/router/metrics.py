@@ -28,6 +28,9 @@ class WorkerLoadCollector:
                                        "Tokens proposed by speculative decoding, per worker", labels=["worker"])
         accepted = CounterMetricFamily("kvmesh_worker_spec_decode_accepted_tokens",
                                        "Proposed tokens the model agreed with, per worker", labels=["worker"])
+        preemptions = CounterMetricFamily("kvmesh_worker_preemptions",
+                                          "Sequences preempted for recompute (KV blocks ran out), per worker",
+                                          labels=["worker"])
         remote_cached = GaugeMetricFamily(
             "kvmesh_worker_kv_blocks_remote_cached",
             "KV blocks a worker keeps on memory servers as a cached prefix no request uses (room when needed)",
@@ -44,7 +47,8 @@ class WorkerLoadCollector:
             proposed.add_metric([wid], state.load.num_spec_proposed)
             accepted.add_metric([wid], state.load.num_spec_accepted)
             remote_cached.add_metric([wid], state.load.num_remote_cached_blocks)
-        return [running, waiting, used, free, live, proposed, accepted, remote_cached]
+            preemptions.add_metric([wid], state.load.num_preemptions)
+        return [running, waiting, used, free, live, proposed, accepted, remote_cached, preemptions]
 
 
 class LedgerCollector:

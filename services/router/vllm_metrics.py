@@ -6,7 +6,7 @@ served (base) model's name, as vLLM's; the same measurements as the kvmesh_* met
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.router.registry import WorkerRegistry
 
@@ -33,21 +33,25 @@ class VllmLoadCollector:
         legacy_usage = GaugeMetricFamily("vllm:gpu_cache_usage_perc",
                                          "KV-cache usage. 1 means 100 percent usage (vLLM's older name).",
                                          labels=["model_name"])
-        totals: dict[str, list[int]] = {}  # model -> [running, waiting, used blocks, total blocks]
+        preemptions = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                                          labels=["model_name"])
+        totals: dict[str, list[int]] = {}  # model -> [running, waiting, used blocks, total blocks, preemptions]
         for state in self._workers.live():
             if state.load is None:
                 continue
-            t = totals.setdefault(state.info.model_name, [0, 0, 0, 0])
+            t = totals.setdefault(state.info.model_name, [0, 0, 0, 0, 0])
             t[0] += state.load.num_running
             t[1] += state.load.num_waiting
             t[2] += state.load.num_total_blocks - state.load.num_free_blocks
             t[3] += state.load.num_total_blocks
-        for model, (num_running, num_waiting, used, total) in sorted(totals.items()):
+            t[4] += state.load.num_preemptions
+        for model, (num_running, num_waiting, used, total, num_preempted) in sorted(totals.items()):
             running.add_metric([model], num_running)
             waiting.add_metric([model], num_waiting)
             usage.add_metric([model], used / total if total else 0.0)
             legacy_usage.add_metric([model], used / total if total else 0.0)
-        return [running, waiting, usage, legacy_usage]
+            preemptions.add_metric([model], num_preempted)
+        return [running, waiting, usage, legacy_usage, preemptions]
 
 
 class VllmRequestMetrics:

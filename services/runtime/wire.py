@@ -98,6 +98,7 @@ class WorkerLoad:
     num_spec_proposed: int = 0  # speculative decoding since the worker started: tokens proposed
     num_spec_accepted: int = 0  # ... and those the model agreed with
     num_remote_cached_blocks: int = 0  # its blocks on memory servers only cached: it gives them up when asked
+    num_preemptions: int = 0  # sequences it preempted for recompute since it started
     v: int = WIRE_VERSION
 
 

@@ -67,7 +67,8 @@ def _load(app: web.Application) -> WorkerLoad:
     inflight = app[INFLIGHT]
     return WorkerLoad(app[CONFIG].id, stats.num_running, stats.num_waiting, stats.num_free_blocks,
                       stats.num_total_blocks, inflight.outstanding_tokens(), inflight.draining,
-                      stats.num_spec_proposed, stats.num_spec_accepted, stats.num_remote_cached_blocks)
+                      stats.num_spec_proposed, stats.num_spec_accepted, stats.num_remote_cached_blocks,
+                      stats.num_preemptions)
 
 
 async def router_link_ctx(app: web.Application):
@@ -193,6 +194,7 @@ async def stats(request: web.Request) -> web.Response:
         "num_used_blocks": s.num_total_blocks - s.num_free_blocks, "block_size": s.block_size,
         "num_spec_proposed": s.num_spec_proposed, "num_spec_accepted": s.num_spec_accepted,
         "num_remote_blocks": s.num_remote_blocks, "num_remote_cached_blocks": s.num_remote_cached_blocks,
+        "num_preemptions": s.num_preemptions,
         "num_inflight": len(inflight), "outstanding_tokens": inflight.outstanding_tokens(),
         "draining": inflight.draining, **_dtypes(request.app[ENGINE]),
     })

@@ -19,6 +19,7 @@ from services.worker.engine.api import (
 class FakeEngine:
     def __init__(self, num_blocks: int = 256, block_size: int = 4, step_s: float = 0.002, max_model_len: int = 512):
         self.model_name = "fake"
+        self.num_preemptions = 0
         self.max_model_len = max_model_len
         self.sampling_defaults: dict = {}  # what the worker front fills unset sampling fields with
         self.num_blocks = num_blocks
@@ -38,7 +39,8 @@ class FakeEngine:
             await self.abort(rid)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.running), 0, self.num_blocks - self.used, self.num_blocks, self.block_size)
+        return EngineStats(len(self.running), 0, self.num_blocks - self.used, self.num_blocks, self.block_size,
+                           num_preemptions=self.num_preemptions)
 
     async def reset_prefix_cache(self) -> dict[str, int]:
         return {"num_local_blocks": 0, "num_remote_blocks": 0}

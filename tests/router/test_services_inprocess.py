@@ -225,6 +225,17 @@ async def test_vllm_metric_names_carry_the_same_measurements():
         assert value("vllm:num_requests_running", "vllm:num_requests_running", **tiny) in (0, 1)
         assert value("vllm:num_requests_waiting", "vllm:num_requests_waiting", **tiny) == 0
         assert 0 <= value("vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", **tiny) < 1
+        assert value("vllm:num_preemptions", "vllm:num_preemptions_total", **tiny) == 0
+
+
+async def test_a_workers_preemptions_reach_its_heartbeat():
+    """The count behind vllm:num_preemptions_total and kvmesh_worker_preemptions: engine -> heartbeat."""
+    from services.worker.app import ENGINE, _load
+
+    async with running_stack() as s:
+        worker = s.workers[0]
+        worker.app[ENGINE].num_preemptions = 3
+        assert _load(worker.app).num_preemptions == 3
 
 
 async def test_worker_ready_turns_503_while_draining():

@@ -289,3 +289,4 @@ class EngineStats:
     # KV blocks we hold on memory servers: all of them, and those only cached (no sequence uses them)
     num_remote_blocks: int = 0
     num_remote_cached_blocks: int = 0
+    num_preemptions: int = 0  # sequences preempted for recompute since start

@@ -79,7 +79,7 @@ def _logprobs_from_obj(obj: list | None) -> tuple[TokenLogprob, ...] | None:
 
 def stats_to_obj(s: EngineStats) -> list:
     return [s.num_running, s.num_waiting, s.num_free_blocks, s.num_total_blocks, s.block_size, s.num_spec_proposed,
-            s.num_spec_accepted, s.num_remote_blocks, s.num_remote_cached_blocks]
+            s.num_spec_accepted, s.num_remote_blocks, s.num_remote_cached_blocks, s.num_preemptions]
 
 
 def stats_from_obj(obj: list) -> EngineStats:

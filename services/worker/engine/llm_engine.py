@@ -138,6 +138,7 @@ class LLMEngine:
             num_spec_accepted=self.spec_stats.num_accepted,
             num_remote_blocks=self.scheduler.remote.cache.num_blocks,
             num_remote_cached_blocks=self.scheduler.remote.cache.num_evictable,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     # --- the step (one thread) ---

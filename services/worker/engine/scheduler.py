@@ -253,6 +253,11 @@ class Scheduler:
         (local, remote). The remote ones are released by the engine."""
         return self.blocks.reset_cache(), self.remote.reset()
 
+    @property
+    def num_preemptions(self) -> int:
+        """Sequences preempted (freed for recompute) since start."""
+        return self._num_preemptions
+
     def preempt(self, seq: Sequence) -> None:
         self._num_preemptions += 1
         self._release(seq)
