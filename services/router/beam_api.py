@@ -1,7 +1,7 @@
-"""use_beam_search on the workers: each step of services.router.beam_search is one-token requests
-(top 2 x beam_width logprobs) for the live beams, routed like any request (the prompt's prefix
-keeps them on one worker, whose prefix cache holds the beams' shared KV); the answers' texts come
-from that worker's tokenizer."""
+"""use_beam_search on the workers (the answers come once the search ends): each step of
+services.router.beam_search is one-token requests (top 2 x beam_width logprobs) for the live beams,
+routed like any request (the prompt's prefix keeps them on one worker, whose prefix cache holds
+the beams' shared KV); the answers' texts come from that worker's tokenizer."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ from services.runtime.wire import DeltaFrame, GenerateCall
 _PROMPT_FIELDS = ("truncate_prompt_tokens", "cache_salt", "priority")
 
 
-async def beam_choices(request: web.Request, parsed: ParsedRequest, route: str, max_tokens: int,
-                       max_model_len: int, formatter: Formatter) -> list[ChoiceState]:
-    """The n best beams of each prompt, as choices (index prompt * n + rank)."""
+async def beam_answers(request: web.Request, parsed: ParsedRequest, route: str, max_tokens: int,
+                       max_model_len: int, formatter: Formatter) -> list[tuple[ChoiceState, DeltaFrame]]:
+    """The n best beams of each prompt: a fresh choice (index prompt * n + rank) and the one frame
+    that says its whole answer, as a worker's frames would (the Formatter's paths serve it as is)."""
     pool, registry = request.app[POOL], request.app[REGISTRY]
     assert parsed.length_penalty is not None
     params = BeamParams(parsed.n, max_tokens, parsed.length_penalty, bool(parsed.sampling.get("ignore_eos")))
     eos = registry.eos_token_ids(route)
-    choices: list[ChoiceState] = []
+    answers: list[tuple[ChoiceState, DeltaFrame]] = []
     for p, prompt in enumerate(parsed.prompts):
         search = _Search(pool, route, prompt, parsed.sampling, params, f"{formatter.id}-{p}")
         first = await search.next_tokens(())  # also tells the prompt's ids, as the worker tokenized it
@@ -43,8 +44,9 @@ async def beam_choices(request: web.Request, parsed: ParsedRequest, route: str, 
 
         beams = await beam_search(next_tokens, params, len(prompt_ids), eos)
         for rank, beam in enumerate(beams):
-            choices.append(await _choice(pool, route, beam, p * parsed.n + rank, p, prompt_ids))
-    return choices
+            choice = ChoiceState(index=p * parsed.n + rank, prompt_index=p)
+            answers.append((choice, await _answer(pool, route, beam, prompt_ids)))
+    return answers
 
 
 class _Search:
@@ -79,11 +81,8 @@ class _Search:
         return [(token_id, logprob) for token_id, _, logprob in entries[0][3]]
 
 
-async def _choice(pool: WorkerPool, route: str, beam: Beam, index: int, prompt_index: int,
-                  prompt_ids: list[int]) -> ChoiceState:
+async def _answer(pool: WorkerPool, route: str, beam: Beam, prompt_ids: list[int]) -> DeltaFrame:
     ids = list(beam.token_ids[:-1] if beam.finished else beam.token_ids)  # EOS is not text
     text = (await call_worker_json(pool, route, "/internal/tokenize", {"tokens": ids}))["prompt"] if ids else ""
-    return ChoiceState(index=index, prompt_index=prompt_index, text_parts=[text],
-                       finish_reason="stop" if beam.finished else "length", num_prompt_tokens=len(prompt_ids),
-                       num_generated_tokens=len(beam.token_ids), prompt_token_ids=prompt_ids,
-                       token_ids=list(beam.token_ids))
+    return DeltaFrame(list(beam.token_ids), text, len(prompt_ids), len(beam.token_ids),
+                      "stop" if beam.finished else "length", prompt_token_ids=prompt_ids)

@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from services.router.beam_api import beam_choices
+from services.router.beam_api import beam_answers
 from services.router.keys import ADMISSION, CONFIG, METRICS, POOL, REGISTRY
 from services.router.openai_format import ChoiceState, Formatter, apply_delta, usage
 from services.router.protocol import ParsedRequest
@@ -187,18 +187,33 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
 
 
 async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedModel, max_tokens: int,
-                formatter: Formatter, clock: RequestClock) -> web.Response:
+                formatter: Formatter, clock: RequestClock) -> web.StreamResponse:
+    """use_beam_search: the answers once the search ends; streamed, as vLLM, one chunk each."""
     try:
-        choices = await beam_choices(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
+        answers = await beam_answers(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
     except WorkerLost as e:
         raise _as_api_error(e) from e
     clock.first_token = time.monotonic()
+    for choice, frame in answers:
+        apply_delta(choice, frame)
+    choices = [choice for choice, _ in answers]
     metrics = request.app[METRICS]
     metrics.count_prompt(resolved.base, usage(choices))
     metrics.generated(resolved.base, sum(c.num_generated_tokens for c in choices))
-    metrics.served(resolved.base, clock.first_token - clock.arrival, [c.finish_reason for c in choices])
-    response = json_response(formatter.full_response(choices))
-    response.headers["X-Request-Id"] = formatter.id
+    if parsed.stream:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Request-Id": formatter.id})
+        await response.prepare(request)
+        await response.write(formatter.stream_head())
+        formatter.track(choices)
+        for choice, frame in answers:
+            await response.write(formatter.stream_chunks(choice, frame))
+        await response.write(formatter.stream_tail(choices))
+        await response.write_eof()
+    else:
+        response = json_response(formatter.full_response(choices))
+        response.headers["X-Request-Id"] = formatter.id
+    metrics.served(resolved.base, time.monotonic() - clock.arrival, [c.finish_reason for c in choices])
     return response
 
 

@@ -305,8 +305,6 @@ def _beam_search(body: dict, parsed: ParsedRequest) -> ParsedRequest:
     """vLLM's use_beam_search and length_penalty: n beams, each a whole answer, best first."""
     if not get_bool(body, "use_beam_search"):
         return parsed
-    if parsed.stream:
-        raise value_error("stream", "'use_beam_search' answers whole: set 'stream' to false")
     if parsed.n > MAX_LOGPROBS // 2:
         raise value_error("n", f"with 'use_beam_search', 'n' is the beam width: at most {MAX_LOGPROBS // 2}")
     if parsed.tools is not None:

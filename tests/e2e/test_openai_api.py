@@ -223,9 +223,21 @@ def test_use_beam_search_ranks_whole_answers_by_the_models_logprobs(client, refe
     chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, n=2,
                                           extra_body={"use_beam_search": True})
     assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
-    with pytest.raises(openai.BadRequestError, match="answers whole"):
-        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, stream=True,
-                                  extra_body={"use_beam_search": True})
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, n=2, stream=True,
+                                                extra_body={"use_beam_search": True}):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == {c.index: c.message.content for c in chat.choices}
+    # streamed (as vLLM): the same answers, each in one chunk once the search ends, then the usage
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, n=3, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=extra))
+    texts = {c.index: "" for c in three.choices}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == {c.index: c.text for c in three.choices}
+    assert chunks[-1].usage.completion_tokens == 18
 
 
 def test_return_tokens_as_token_ids_names_each_logprob_by_its_generated_id(client):

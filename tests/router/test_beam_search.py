@@ -84,7 +84,6 @@ LIMITS = {"max_n": 16, "max_stop": 4}
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"stream": True}, "stream"),
     ({"n": 11}, "n"),
     ({"logprobs": 1}, "logprobs"),
     ({"stop": ["x"]}, "stop"),
