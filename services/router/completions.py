@@ -144,6 +144,7 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
     outcome = "error"
     formatter: Formatter | None = None
     opened: list[RoutedSequence] = []
+    beamed: list[ChoiceState] = []  # use_beam_search: its answers (no sequence streams them)
     resolved: ResolvedModel | None = None
     try:
         resolved = resolve_model(app[REGISTRY], parsed.model)
@@ -159,7 +160,7 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
             try:
                 formatter = make_formatter(parsed, model)
                 if parsed.length_penalty is not None:  # use_beam_search
-                    response = await _beam(request, parsed, resolved, max_tokens, formatter, clock)
+                    response = await _beam(request, parsed, resolved, max_tokens, formatter, clock, beamed)
                     outcome = "200"
                     return response
                 await _open_all(request, parsed, resolved.route, max_tokens, formatter, opened)
@@ -183,12 +184,13 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
     finally:
         label = endpoint or parsed.endpoint.value
         metrics.requests.labels(label, outcome).inc()
-        _log_finished(request, label, parsed, formatter, opened, clock, outcome, resolved)
+        _log_finished(request, label, parsed, formatter, opened, clock, outcome, resolved, beamed)
 
 
 async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedModel, max_tokens: int,
-                formatter: Formatter, clock: RequestClock) -> web.StreamResponse:
-    """use_beam_search: the answers once the search ends; streamed, as vLLM, one chunk each."""
+                formatter: Formatter, clock: RequestClock, beamed: list[ChoiceState]) -> web.StreamResponse:
+    """use_beam_search: the answers once the search ends; streamed, as vLLM, one chunk each. The
+    answers' choices are added to `beamed` (the request's log line)."""
     try:
         answers = await beam_answers(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
     except WorkerLost as e:
@@ -197,6 +199,7 @@ async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedM
     for choice, frame in answers:
         apply_delta(choice, frame)
     choices = [choice for choice, _ in answers]
+    beamed.extend(choices)
     metrics = request.app[METRICS]
     metrics.count_prompt(resolved.base, usage(choices))
     metrics.generated(resolved.base, sum(c.num_generated_tokens for c in choices))
@@ -219,11 +222,11 @@ async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedM
 
 def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, formatter: Formatter | None,
                   opened: list[RoutedSequence], clock: RequestClock, outcome: str,
-                  resolved: ResolvedModel | None) -> None:
+                  resolved: ResolvedModel | None, beamed: list[ChoiceState]) -> None:
     """One line per request (vLLM logs requests too), and its end-to-end latency and finish reasons
     as metrics."""
     now = time.monotonic()
-    choices = [c for c, _ in opened]
+    choices = [c for c, _ in opened] or beamed
     fields = {}
     if choices:
         u = usage(choices)
