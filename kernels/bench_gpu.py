@@ -36,12 +36,14 @@ def _bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
-def run_case(batch, context, num_heads, num_kv_heads, head_dim, block_size, dtype):
+def run_case(batch, context, num_heads, num_kv_heads, head_dim, block_size, dtype, kv_dtype=None):
+    """kv_dtype: the cache's when not q's (an fp8 KV cache, read in q's dtype)."""
     dev = "cuda"
     blocks_per_seq = context // block_size
     num_blocks = batch * blocks_per_seq + 16
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=dev, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device=dev, dtype=dtype).to(kv_dtype or dtype)
+    v_cache = torch.randn(shape, device=dev, dtype=dtype).to(kv_dtype or dtype)
     tables = torch.randperm(num_blocks, device=dev)[: batch * blocks_per_seq].view(batch, -1).int()
     lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
@@ -52,9 +54,9 @@ def run_case(batch, context, num_heads, num_kv_heads, head_dim, block_size, dtyp
         return paged_attention_partial_triton(q, k_cache, v_cache, tables, lens, qsl, scale,
                                               max_query_len=1, check_values=False)
 
-    # SDPA baseline on contiguous KV: [B, Hkv, L, D]
-    k_all = k_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
-    v_all = v_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    # SDPA baseline on contiguous KV in q's dtype: [B, Hkv, L, D]
+    k_all = k_cache.to(dtype)[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+    v_all = v_cache.to(dtype)[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
     q4 = q.unsqueeze(2)
 
     def sdpa():
@@ -78,15 +80,19 @@ def main() -> None:
     shapes = [(64, 4096), (16, 16384), (4, 65536), (128, 8192)]
     if args.quick:
         shapes = shapes[:2]
-    configs = [(32, 8, 128, 16, torch.bfloat16), (32, 8, 128, 32, torch.float16), (8, 2, 64, 16, torch.bfloat16)]
-    print(f"{'batch':>5} {'ctx':>6} {'H/Hkv':>6} {'d':>4} {'bs':>3} {'dtype':>9} {'triton ms':>9} "
+    configs = [(32, 8, 128, 16, torch.bfloat16, None), (32, 8, 128, 32, torch.float16, None),
+               (8, 2, 64, 16, torch.bfloat16, None)]
+    if torch.cuda.get_device_capability() >= (8, 9):  # fp8 (e4m3) KV, converted in the kernel
+        configs.append((32, 8, 128, 16, torch.bfloat16, torch.float8_e4m3fn))
+    print(f"{'batch':>5} {'ctx':>6} {'H/Hkv':>6} {'d':>4} {'bs':>3} {'dtype/kv':>12} {'triton ms':>9} "
           f"{'sdpa ms':>8} {'ratio':>6} {'TB/s':>6} {'of peak':>7} {'max err':>8}")
-    for heads, kv_heads, head_dim, block_size, dtype in configs:
+    for heads, kv_heads, head_dim, block_size, dtype, kv_dtype in configs:
+        name = str(dtype).removeprefix("torch.") + ("/fp8" if kv_dtype is not None else "")
         for batch, context in shapes:
-            t_p, t_s, bw, err = run_case(batch, context, heads, kv_heads, head_dim, block_size, dtype)
+            t_p, t_s, bw, err = run_case(batch, context, heads, kv_heads, head_dim, block_size, dtype, kv_dtype)
             frac = f"{bw / peak:7.1%}" if peak else "    n/a"
             print(f"{batch:>5} {context:>6} {heads:>3}/{kv_heads:<2} {head_dim:>4} {block_size:>3} "
-                  f"{str(dtype).removeprefix('torch.'):>9} {t_p:>9.3f} {t_s:>8.3f} {t_p / t_s:>6.2f} "
+                  f"{name:>12} {t_p:>9.3f} {t_s:>8.3f} {t_p / t_s:>6.2f} "
                   f"{bw / 1e12:>6.2f} {frac} {err:>8.1e}", flush=True)
 
 
