@@ -13,7 +13,7 @@ import pytest
 
 from services.launch.probe import get_json
 from services.worker.engine.api import GenerateRequest, SamplingParams
-from tests.e2e.cluster import cluster_view, running_cluster
+from tests.e2e.cluster import cluster_view, running_cluster, wait_for
 
 LOCAL_BLOCKS = 32
 WORKER_ARGS = ("--kv-blocks", str(LOCAL_BLOCKS))
@@ -121,8 +121,9 @@ def test_the_next_question_on_a_long_document_reads_its_cached_kv_on_the_memserv
         # The document's spilled blocks stay on the memory servers, and no running request uses them.
         stats = worker_stats(cluster.workers[0])
         assert stats["num_remote_blocks"] == stats["num_remote_cached_blocks"] >= 2048 // 16 - LOCAL_BLOCKS
-        held = sum(used_per_memserver(cluster_view(cluster.router)).values())
-        assert held == stats["num_remote_cached_blocks"]
+        # the memory servers' count reaches /cluster with their next heartbeat
+        wait_for(lambda: sum(used_per_memserver(cluster_view(cluster.router)).values())
+                 == stats["num_remote_cached_blocks"], 10.0, "the memory servers to hold the cached blocks")
         second = client.completions.create(model="tiny", prompt=doc + question, max_tokens=8, temperature=0,
                                            extra_body={"ignore_eos": True})
     assert second.choices[0].text == expected[1]
