@@ -13,7 +13,7 @@ from services.router.beam_search import Beam, BeamParams, beam_search
 from services.router.keys import POOL, REGISTRY
 from services.router.openai_format import ChoiceState, Formatter
 from services.router.protocol import ParsedRequest
-from services.router.worker_client import WorkerPool, call_worker_json, open_stream
+from services.router.worker_client import WorkerPool, call_worker_json, check_failed, open_stream
 from services.runtime.errors import ApiError
 from services.runtime.wire import DeltaFrame, GenerateCall
 
@@ -71,11 +71,8 @@ class _Search:
             frames: list[DeltaFrame] = [frame async for frame in stream]
         finally:
             stream.close()  # the worker's routing load; and an abort on the worker if cut short
-        if frames[-1].finish_reason == "error":
-            raise ApiError(f"generation failed: {frames[-1].error}", status=500, code="engine_error")
+        check_failed(frames[-1])  # an error or an abort (a worker shutting down) ends the search
         entries = [entry for frame in frames for entry in (frame.logprobs or ())]
-        if not entries:  # aborted (a worker shutting down) before its token
-            raise ApiError("the worker aborted a beam search step (shutting down?)", status=503, code="aborted")
         if self.prompt_ids is None:
             self.prompt_ids = list(frames[0].prompt_token_ids or [])
         return [(token_id, logprob) for token_id, _, logprob in entries[0][3]]

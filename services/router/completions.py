@@ -19,7 +19,7 @@ from services.router.keys import ADMISSION, CONFIG, METRICS, POOL, REGISTRY
 from services.router.openai_format import ChoiceState, Formatter, apply_delta, usage
 from services.router.protocol import ParsedRequest
 from services.router.registry import WorkerRegistry
-from services.router.worker_client import WorkerLost, WorkerStream, open_stream
+from services.router.worker_client import UpstreamFailed, WorkerLost, WorkerStream, check_failed, open_stream
 from services.runtime.bodies import json_response
 from services.runtime.errors import ApiError
 from services.runtime.wire import DeltaFrame, GenerateCall
@@ -27,12 +27,6 @@ from services.runtime.wire import DeltaFrame, GenerateCall
 log = structlog.get_logger()
 RoutedSequence = tuple[ChoiceState, WorkerStream]
 FormatterFactory = Callable[[ParsedRequest, str], Formatter]
-
-
-class UpstreamFailed(Exception):
-    def __init__(self, err: ApiError):
-        super().__init__(err.message)
-        self.err = err
 
 
 @dataclass(slots=True)
@@ -63,13 +57,6 @@ def resolve_model(registry: WorkerRegistry, requested: str | None) -> ResolvedMo
                        headers={"Retry-After": "1"})
     raise ApiError(f"the model '{name}' does not exist; available: {sorted(models)}",
                    status=404, code="model_not_found", param="model")
-
-
-def _check_failed(frame: DeltaFrame) -> None:
-    if frame.finish_reason == "error":
-        raise UpstreamFailed(ApiError(f"generation failed: {frame.error}", status=500, code="engine_error"))
-    if frame.finish_reason == "abort":
-        raise UpstreamFailed(ApiError("the worker aborted the request (shutting down?)", status=503, code="aborted"))
 
 
 async def drive(sequences: list[RoutedSequence], on_frame: Callable[[ChoiceState, DeltaFrame], Awaitable[None]]) -> None:
@@ -190,10 +177,10 @@ async def serve(request: web.Request, parsed: ParsedRequest, make_formatter: For
 async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedModel, max_tokens: int,
                 formatter: Formatter, clock: RequestClock, beamed: list[ChoiceState]) -> web.StreamResponse:
     """use_beam_search: the answers once the search ends; streamed, as vLLM, one chunk each. The
-    answers' choices are added to `beamed` (the request's log line)."""
+    answers' choices are added to `beamed` (the request's log line and served metrics)."""
     try:
         answers = await beam_answers(request, parsed, resolved.route, max_tokens, resolved.max_model_len, formatter)
-    except WorkerLost as e:
+    except (UpstreamFailed, WorkerLost) as e:
         raise _as_api_error(e) from e
     clock.first_token = time.monotonic()
     for choice, frame in answers:
@@ -216,7 +203,6 @@ async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedM
     else:
         response = json_response(formatter.full_response(choices))
         response.headers["X-Request-Id"] = formatter.id
-    metrics.served(resolved.base, time.monotonic() - clock.arrival, [c.finish_reason for c in choices])
     return response
 
 
@@ -234,7 +220,7 @@ def _log_finished(request: web.Request, endpoint: str, parsed: ParsedRequest, fo
                   "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
                   "finish_reasons": [c.finish_reason for c in choices],
                   "workers": sorted({s.worker_id for _, s in opened})}
-    if outcome == "200" and resolved is not None and opened:  # (a beam search counted itself)
+    if outcome == "200" and resolved is not None:
         request.app[METRICS].served(resolved.base, now - clock.arrival, [c.finish_reason for c in choices])
     log.info("request_finished", request_id=formatter.id if formatter is not None else None,
              client_request_id=request.headers.get("X-Request-Id"), endpoint=endpoint, model=parsed.model,
@@ -268,7 +254,7 @@ async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock:
 
     async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
         observe(choice, frame)
-        _check_failed(frame)
+        check_failed(frame)
         apply_delta(choice, frame)
 
     try:
@@ -294,7 +280,7 @@ async def _stream(request: web.Request, formatter: Formatter, sequences: list[Ro
 
     async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
         observe(choice, frame)
-        _check_failed(frame)
+        check_failed(frame)
         apply_delta(choice, frame)
         data = formatter.stream_chunks(choice, frame)
         if data:

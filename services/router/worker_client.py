@@ -61,6 +61,21 @@ class WorkerLost(Exception):
         self.worker_id = worker_id
 
 
+class UpstreamFailed(Exception):
+    """The worker ended the sequence with an error or an abort (check_failed): `err` is the client's."""
+
+    def __init__(self, err: ApiError):
+        super().__init__(err.message)
+        self.err = err
+
+
+def check_failed(frame: DeltaFrame) -> None:
+    if frame.finish_reason == "error":
+        raise UpstreamFailed(ApiError(f"generation failed: {frame.error}", status=500, code="engine_error"))
+    if frame.finish_reason == "abort":
+        raise UpstreamFailed(ApiError("the worker aborted the request (shutting down?)", status=503, code="aborted"))
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerPool:
     """What opening a stream needs; one per router app."""

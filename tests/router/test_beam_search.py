@@ -135,3 +135,23 @@ async def test_a_beam_search_through_the_router_releases_each_step_on_its_worker
         assert [c["text"] for c in body["choices"]] == ["aaa"] and body["usage"]["completion_tokens"] == 3
         assert all(state.inflight_tokens == 0 for state in s.router.app[REGISTRY].all())
         await s.wait_blocks_free()
+
+
+async def test_a_refused_beam_search_or_token_naming_field_is_a_400_and_the_router_still_answers():
+    from tests.router.stack import running_stack
+
+    async with running_stack() as s:
+        for body, param in (({"use_beam_search": True, "stop": ["x"]}, "stop"),
+                            ({"use_beam_search": True, "n": 11}, "n"),
+                            ({"return_tokens_as_token_ids": "yes"}, "return_tokens_as_token_ids")):
+            resp = await s.post("/v1/completions", {"model": "fake", "prompt": "hello", "max_tokens": 3, **body})
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and error["param"] == param, error
+        resp = await s.post("/v1/completions", {"model": "fake", "prompt": "hello", "max_tokens": 3,
+                                                "use_beam_search": True})
+        assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "aaa"
+        async with s.client.get(s.url("/metrics")) as metrics:
+            text = await metrics.text()
+        # the answered beam search counts as any request; the refused ones do not
+        assert 'vllm:request_success_total{finished_reason="length",model_name="fake"} 1.0' in text
+        await s.wait_blocks_free()
