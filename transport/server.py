@@ -44,6 +44,11 @@ class Request:
             return self._channel.recv_inline(self._env, into)
         return await self._channel.recv_frames(self._env, into)
 
+    def linger(self, seconds: float) -> None:
+        """The peer will send again within about ``seconds``: poll for it rather than sleep in
+        epoll once the reply is out (0 ends an earlier linger). See ``Progress.linger``."""
+        self._channel.progress.linger(seconds)
+
 
 Handler = Callable[[Request], Awaitable[Any]]  # returns a message or a Reply(message, frames)
 

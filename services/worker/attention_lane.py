@@ -28,6 +28,10 @@ from transport.errors import PeerUnreachable
 from transport.node import Node
 
 
+# A reply later than this (a long prefill chunk's attention) is waited for asleep in epoll.
+_POLL_S = 0.02
+
+
 class AttentionLane:
     """Used by one thread (``owner``, the first caller); ``close`` from any thread once it stopped."""
 
@@ -66,12 +70,18 @@ class AttentionLane:
             return reply
 
     def wait(self, reply: asyncio.Future) -> Reply:
-        """Run the lane until ``reply`` is done; its Reply, or the transport error it failed with."""
+        """Run the lane until ``reply`` is done; its Reply, or the transport error it failed with.
+        The thread polls for it (yielding its core between polls) rather than sleeping in epoll:
+        it has nothing else to do, and the reply then finds it awake (see Progress.linger)."""
         with self._lock:
             if not reply.done():
                 if self._loop is None:
                     raise PeerUnreachable("attention lane closed")
-                self._loop.run_until_complete(reply)  # a future, not a coroutine: no task
+                self._node.linger(_POLL_S)
+                try:
+                    self._loop.run_until_complete(reply)  # a future, not a coroutine: no task
+                finally:
+                    self._node.linger(0)
         return reply.result()
 
     def _started(self) -> asyncio.AbstractEventLoop:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kernels.reference import paged_attention_partial_ref
 from services.memserver.messages import Attend, attend_layout
 from services.memserver.pool import BlockPool, Geometry
-from services.memserver.service import PARALLEL_MIN_KV_TOKENS, MemoryService
+from services.memserver.service import NEXT_LAYER_LINGER_S, PARALLEL_MIN_KV_TOKENS, MemoryService
 
 GEO = Geometry(num_layers=1, num_kv_heads=2, head_dim=8, block_size=16, dtype="float32")
 
@@ -21,6 +21,7 @@ class _Request:
     message: Attend
     frames: list[torch.Tensor]
     peer: str = "peer-1"
+    lingered: list[float] = field(default_factory=list)
 
     @property
     def frame_sizes(self) -> tuple[int, ...]:
@@ -30,6 +31,9 @@ class _Request:
         for target, frame in zip(into, self.frames):
             target.copy_(frame)
         return into
+
+    def linger(self, seconds: float) -> None:
+        self.lingered.append(seconds)
 
 
 async def test_small_decode_calls_run_on_one_thread_and_big_ones_on_all():
@@ -67,3 +71,22 @@ async def test_small_decode_calls_run_on_one_thread_and_big_ones_on_all():
         torch.set_num_threads(before)
         service.close()
     assert threads_seen == [1, 2]
+
+
+async def test_a_layer_but_the_last_keeps_polling_for_the_next_layers_query():
+    geo = Geometry(num_layers=3, num_kv_heads=2, head_dim=8, block_size=16, dtype="float32")
+    pool = BlockPool(geo, num_blocks=4)
+    service = MemoryService(pool, num_threads=1)
+    ids = pool.allocate("w", 2)
+    tables, seq_lens = attend_layout([ids], [20], [1])
+    lingered = []
+    try:
+        for layer in range(geo.num_layers):
+            request = _Request(Attend("w", layer, 4, 0.35, "float32", 1, 1, tables.shape[1]),
+                               [torch.randn(1, 4, geo.head_dim), tables, seq_lens])
+            await service.attend(request)
+            lingered += request.lingered
+    finally:
+        service.close()
+    # The last layer ends the burst: the next query comes after the worker's step, asleep in epoll.
+    assert lingered == [NEXT_LAYER_LINGER_S, NEXT_LAYER_LINGER_S, 0]
