@@ -23,6 +23,8 @@ def merge_states_cpu(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     lse = logsumexp_i(lse_i), out = sum_i exp(lse_i - lse) * out_i summed in fp32 in list order;
     (0, -inf) where every lse_i is -inf; an empty partition's out is ignored even if it is garbage."""
     out_dtype = states[0][0].dtype
+    if len(states) == 2 and not _any_empty_pair(states[0][1], states[1][1]):
+        return _merge_two(*states[0], *states[1])
     lses = torch.stack([lse for _, lse in states])  # [N, T, H] fp32
     outs = torch.stack([out for out, _ in states])  # [N, T, H, D]
     if outs.dtype != torch.float32:
@@ -36,6 +38,21 @@ def merge_states_cpu(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     for lse_i in rest:
         lse = torch.logaddexp(lse, lse_i)  # -inf where every partition is empty
     return (out if out_dtype == torch.float32 else out.to(out_dtype)), lse
+
+
+def _merge_two(out1, lse1, out2, lse2):
+    """The usual pair (a memory server's partition, then the local one), both with tokens in every
+    row: five ops instead of the general path's ten, where each op costs tens of microseconds."""
+    lse = torch.logaddexp(lse1, lse2)
+    out = out1.float() * (lse1 - lse).exp_().unsqueeze(-1)  # a new tensor: out1 stays as it was
+    out.addcmul_(out2.float(), (lse2 - lse).exp_().unsqueeze(-1))  # summed in list order
+    return (out if out1.dtype == torch.float32 else out.to(out1.dtype)), lse
+
+
+def _any_empty_pair(lse1: torch.Tensor, lse2: torch.Tensor) -> bool:
+    if lse1.numel() > _HOST_CHECK_MAX:
+        return True
+    return NEG_INF in lse1.reshape(-1).tolist() or NEG_INF in lse2.reshape(-1).tolist()
 
 
 def _any_empty(lses: torch.Tensor) -> bool:

@@ -80,6 +80,8 @@ class BlockPool:
         # and a StoreBlocks frame (one layer's K or V of consecutive blocks) lands in it directly.
         g = geometry
         self.kv = torch.zeros(g.num_layers, 2, num_blocks, *g.frame_shape, dtype=DTYPES[g.dtype], device=device)
+        # (K, V) views of each layer, made once: indexing self.kv costs microseconds every call
+        self._layer_kv = [(self.kv[layer, 0], self.kv[layer, 1]) for layer in range(g.num_layers)]
         self._free_map = bytearray(b"\x01") * num_blocks  # 1: free
         self._num_free = num_blocks
         self._owner: list[str | None] = [None] * num_blocks
@@ -189,7 +191,7 @@ class BlockPool:
         p = self._prepare(owner, block_tables, seq_lens)
         if p.num_tokens != q.shape[0]:
             raise PoolError(f"query_lens sum to {p.num_tokens}, q has {q.shape[0]} rows")
-        k_cache, v_cache = self.kv[layer, 0], self.kv[layer, 1]  # [N, bs, Hkv, D] each, contiguous
+        k_cache, v_cache = self._layer_kv[layer]  # [N, bs, Hkv, D] each, contiguous
         return paged_attention_partial(q, k_cache, v_cache, p.tables, p.context_lens, p.query_starts, scale,
                                        causal=False, plan=p.plan)
 

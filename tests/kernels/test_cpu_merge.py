@@ -78,3 +78,19 @@ def test_bf16_outs_merge_in_fp32_and_cast_once():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref_out.float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pair_with_tokens_everywhere_matches_the_formula(dtype):
+    # The usual remote + local pair takes a shorter path than the general merge.
+    gen = torch.Generator().manual_seed(17)
+    outs = torch.randn(2, 5, 4, 16, generator=gen)
+    lses = torch.randn(2, 5, 4, generator=gen) * 20  # far apart too: weights near 0 and 1
+    states = [(outs[i].to(dtype), lses[i]) for i in range(2)]
+    want_lse = torch.logsumexp(lses.double(), dim=0)
+    want_out = (outs.to(dtype).double() * torch.exp(lses.double() - want_lse).unsqueeze(-1)).sum(dim=0)
+    out, lse = cpu_merge.merge_states_cpu(states)
+    assert out.dtype == dtype
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want_out, atol=tol, rtol=tol)
