@@ -16,7 +16,9 @@ and without error handling a dead peer hangs or aborts the survivor (see NOTES-u
 Progress: the worker runs in UCX *blocking* mode, driven by the asyncio loop (its epoll fd is a
 loop reader), with a short busy-poll (``spin_us``) after each event, on both sides (a client after
 sending, a server after a request and its reply): a round trip usually needs no epoll wake-up.
-Idle cost is ~0 (epoll sleeps once the spin after the last event ran out).
+Idle cost is ~0 (epoll sleeps once the spin after the last event ran out). Callers that know a
+message is due poll until it comes (``Node.linger``, ``Request.linger``): the worker's step thread
+while a layer's partial attention is out, a memory server between one layer's answer and the next.
 """
 
 from __future__ import annotations
