@@ -45,10 +45,10 @@ class Node:
         config = config or TransportConfig.from_env()
         return cls(config, ucx_api)
 
-    def linger(self, seconds: float) -> None:
-        """Poll for messages for the next ``seconds`` rather than sleep (0 ends it): see
+    def linger(self, seconds: float, *, any_message: bool = True) -> None:
+        """Poll for messages for up to ``seconds`` rather than sleep (0 ends it): see
         ``Progress.linger``."""
-        self._progress.linger(seconds)
+        self._progress.linger(seconds, any_message=any_message)
 
     def _new_prefix(self) -> int:
         return next(self._prefixes) % (1 << 20) or next(self._prefixes)

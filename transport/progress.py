@@ -45,6 +45,7 @@ class Progress:
         self._spin_s = spin_us / 1e6
         self._spin_until = 0.0
         self._linger_until = 0.0  # poll (yielding the core) rather than sleep until then: see linger
+        self._linger_any = True  # the first message to arrive ends the linger
         self._last_activity = 0.0
         self.spin_hit_rate = 1.0  # recent share of gaps between activities shorter than the spin
         # (request, future | callback | None, keep, arrival: its completion is activity)
@@ -109,13 +110,16 @@ class Progress:
             self._scheduled = True
             self._loop.call_soon(self._drive)
 
-    def linger(self, seconds: float) -> None:
-        """Poll instead of sleeping in epoll until a message arrives or ``seconds`` pass (0 ends
-        it): the caller expects one by then (the reply a thread waits for, a peer's next request).
-        A message to a process asleep in epoll costs both sides a wake-up of an idle core, tens of
-        microseconds each on a VM; lingering catches it at once. Between polls the thread yields
-        its core to any other runnable thread (a co-located peer computing the answer)."""
+    def linger(self, seconds: float, *, any_message: bool = True) -> None:
+        """Poll instead of sleeping in epoll for up to ``seconds`` (0 ends it): the caller expects
+        a message by then (a peer's next request, the reply a thread waits for). A message to a
+        process asleep in epoll costs both sides a wake-up of an idle core, tens of microseconds
+        each on a VM; lingering catches it at once. Between polls the thread yields its core to any
+        other runnable thread (a co-located peer computing the answer). ``any_message``: the first
+        message to arrive ends it; False: only the deadline or ``linger(0)`` do (a thread waiting
+        for one reply among several)."""
         self._linger_until = time.monotonic() + seconds if seconds > 0 else 0.0
+        self._linger_any = any_message
         if seconds > 0:
             self.kick(spin=False)
 
@@ -133,7 +137,8 @@ class Progress:
             self._worker.progress()
             if self._poll():
                 self._activity()
-                if self._linger_until == lingering:  # what it lingered for came (no callback lingers anew)
+                # what it lingered for came (unless a callback lingered anew)
+                if self._linger_any and self._linger_until == lingering:
                     self._linger_until = 0.0
         finally:
             self._driving = False

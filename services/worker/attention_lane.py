@@ -77,7 +77,8 @@ class AttentionLane:
             if not reply.done():
                 if self._loop is None:
                     raise PeerUnreachable("attention lane closed")
-                self._node.linger(_POLL_S)
+                # Until this reply: another memory server's reply may come first.
+                self._node.linger(_POLL_S, any_message=False)
                 try:
                     self._loop.run_until_complete(reply)  # a future, not a coroutine: no task
                 finally:

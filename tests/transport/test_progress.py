@@ -107,3 +107,16 @@ async def test_a_callback_may_linger_anew(driver):
     incoming.completed = True
     await asyncio.sleep(0.02)
     assert worker.num_arm == 0 and worker.num_progress > 10
+
+
+async def test_a_linger_for_one_reply_outlasts_other_messages(driver):
+    worker, progress = driver
+    other = _Receive()
+    progress.watch(other, lambda _: None)
+    progress.linger(10.0, any_message=False)  # a thread waiting for one reply among several
+    other.completed = True
+    await asyncio.sleep(0.02)
+    assert worker.num_arm == 0  # still polling
+    progress.linger(0)
+    await asyncio.sleep(0.01)
+    assert worker.num_arm == 1
