@@ -56,7 +56,7 @@ async def test_linger_polls_until_its_deadline_then_sleeps(driver):
     progress.linger(0.1)
     await asyncio.sleep(0.02)
     polled = worker.num_progress
-    assert polled > 10 and worker.num_arm == 0  # polling, never armed
+    assert polled >= 2 and worker.num_arm == 0  # polling, never armed
     await asyncio.sleep(0.15)
     assert worker.num_arm == 1  # the deadline passed: armed once, asleep
     settled = worker.num_progress
@@ -106,7 +106,7 @@ async def test_a_callback_may_linger_anew(driver):
     progress.watch(incoming, lambda _: progress.linger(10.0))  # a server answering, then expecting more
     incoming.completed = True
     await asyncio.sleep(0.02)
-    assert worker.num_arm == 0 and worker.num_progress > 10
+    assert worker.num_arm == 0 and worker.num_progress >= 2
 
 
 async def test_a_linger_for_one_reply_outlasts_other_messages(driver):
