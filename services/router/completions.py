@@ -190,19 +190,14 @@ async def _beam(request: web.Request, parsed: ParsedRequest, resolved: ResolvedM
     metrics = request.app[METRICS]
     metrics.count_prompt(resolved.base, usage(choices))
     metrics.generated(resolved.base, sum(c.num_generated_tokens for c in choices))
-    if parsed.stream:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Request-Id": formatter.id})
-        await response.prepare(request)
-        await response.write(formatter.stream_head())
-        formatter.track(choices)
-        for choice, frame in answers:
-            await response.write(formatter.stream_chunks(choice, frame))
-        await response.write(formatter.stream_tail(choices))
-        await response.write_eof()
-    else:
-        response = json_response(formatter.full_response(choices))
-        response.headers["X-Request-Id"] = formatter.id
+    if not parsed.stream:
+        return _whole(formatter, choices)
+    response = await _open_sse(request, formatter)
+    formatter.track(choices)
+    for choice, frame in answers:
+        await response.write(formatter.stream_chunks(choice, frame))
+    await response.write(formatter.stream_tail(choices))
+    await response.write_eof()
     return response
 
 
@@ -263,19 +258,30 @@ async def _collect(formatter: Formatter, sequences: list[RoutedSequence], clock:
         raise _as_api_error(e) from e
     choices = [c for c, _ in sequences]
     app[METRICS].count_prompt(model, usage(choices))
+    return _whole(formatter, choices)
+
+
+def _whole(formatter: Formatter, choices: list[ChoiceState]) -> web.Response:
+    """The whole answer as one JSON response."""
     response = json_response(formatter.full_response(choices))
     response.headers["X-Request-Id"] = formatter.id
     return response
 
 
-async def _stream(request: web.Request, formatter: Formatter, sequences: list[RoutedSequence],
-                  clock: RequestClock, model: str) -> tuple[web.StreamResponse, str]:
+async def _open_sse(request: web.Request, formatter: Formatter) -> web.StreamResponse:
+    """The SSE response, sent with its head chunk (if the formatter has one)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": formatter.id})
     await response.prepare(request)
     head = formatter.stream_head()
     if head:
         await response.write(head)
+    return response
+
+
+async def _stream(request: web.Request, formatter: Formatter, sequences: list[RoutedSequence],
+                  clock: RequestClock, model: str) -> tuple[web.StreamResponse, str]:
+    response = await _open_sse(request, formatter)
     observe = _observer(request.app, clock, model)
 
     async def on_frame(choice: ChoiceState, frame: DeltaFrame) -> None:
