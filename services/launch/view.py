@@ -56,7 +56,8 @@ def view_from_worker_stats(stats: list[dict]) -> ClusterView:
 def view_from_cluster_json(body: dict) -> ClusterView:
     """From the router's /cluster body: per-node `num_blocks` (or `num_total_blocks`) and
     `num_used_blocks` (or `num_free_blocks`); top-level totals win where present."""
-    workers = body.get("workers") or []
+    # A worker the router finds silent is presumed gone: its last report is not capacity or use.
+    workers = [w for w in body.get("workers") or [] if not w.get("silent")]
     memservers = body.get("memservers") or []
     nodes = [*workers, *memservers]
     block_size = int(body.get("block_size") or next((n["block_size"] for n in nodes if n.get("block_size")), 0))

@@ -295,13 +295,19 @@ async def _stream(request: web.Request, formatter: Formatter, sequences: list[Ro
     choices = [c for c, _ in sequences]
     formatter.track(choices)
     try:
-        await drive(sequences, on_frame)
-    except (UpstreamFailed, WorkerLost, ApiError) as e:
-        err = _as_api_error(e)
-        log.warning("stream_failed", request_id=formatter.id, error=err.message)
-        await response.write(formatter.stream_error(err))
-        return response, "stream_error"
-    request.app[METRICS].count_prompt(model, usage(choices))
-    await response.write(formatter.stream_tail(choices))
-    await response.write_eof()
+        try:
+            await drive(sequences, on_frame)
+        except (UpstreamFailed, WorkerLost, ApiError) as e:
+            err = _as_api_error(e)
+            log.warning("stream_failed", request_id=formatter.id, error=err.message)
+            await response.write(formatter.stream_error(err))
+            return response, "stream_error"
+        request.app[METRICS].count_prompt(model, usage(choices))
+        await response.write(formatter.stream_tail(choices))
+        await response.write_eof()
+    except ConnectionResetError:
+        # The client left while a chunk was being written (aiohttp raises then; a client that
+        # leaves while we wait for the worker cancels the handler instead): not a server error.
+        # The caller closes the worker streams, which aborts the generation.
+        return response, "client_disconnected"
     return response, "200"

@@ -71,9 +71,9 @@ async def heartbeat(request: web.Request) -> web.Response:
     if load.leaving:
         ledger.leave(load.memserver_id)
     registry = request.app[REGISTRY]
-    # Owners a memserver may keep blocks for: workers the router still knows and sees alive.
-    live = [s.info.worker_id for s in registry.all() if registry.is_live(s) or (s.load and s.load.draining)]
-    return json_response({"live_workers": live})
+    # Owners a memserver may keep blocks for: workers the router knows and has heard from lately
+    # (a draining one, or one it saw fail, too, while it still heartbeats).
+    return json_response({"live_workers": [s.info.worker_id for s in registry.present()]})
 
 
 @routes.delete("/internal/memservers/{memserver_id}")
@@ -133,6 +133,7 @@ def cluster_view(app: web.Application) -> dict:
         total = s.load.num_total_blocks if s.load else s.info.num_total_blocks
         free = s.load.num_free_blocks if s.load else total
         workers.append({"worker_id": s.info.worker_id, "live": registry.is_live(s), "url": s.info.url,
+                        "silent": registry.is_silent(s),
                         "block_size": s.info.block_size, "num_blocks": total, "num_free_blocks": free,
                         "num_used_blocks": total - free,
                         # its blocks on memory servers that only cache a prefix (room, when needed)
@@ -145,6 +146,8 @@ def cluster_view(app: web.Application) -> dict:
     remote_total = sum(m["num_blocks"] for m in memservers)
     remote_free = ledger.free_blocks() + sum(w["num_remote_cached_blocks"] for w in workers if w["live"])
     live_workers = [w for w in workers if w["live"]]
+    # A silent worker is presumed gone with its blocks: listed with its last report, not counted.
+    present = [w for w in workers if not w["silent"]]
     best_total = max((w["num_blocks"] for w in live_workers), default=0)
     best_free = max((w["num_free_blocks"] for w in live_workers), default=0)
     return {
@@ -155,7 +158,8 @@ def cluster_view(app: web.Application) -> dict:
         # One sequence can use its worker's pool plus every memory server.
         "max_context_tokens": (best_total + remote_total) * block_size if live_workers else 0,
         "free_context_tokens": (best_free + remote_free) * block_size if live_workers else 0,
-        "num_used_blocks": sum(w["num_used_blocks"] for w in workers) + sum(m["num_used_blocks"] for m in memservers),
+        "num_total_blocks": sum(w["num_blocks"] for w in present) + remote_total,
+        "num_used_blocks": sum(w["num_used_blocks"] for w in present) + sum(m["num_used_blocks"] for m in memservers),
     }
 
 

@@ -1,7 +1,9 @@
 """Worker registry: who serves what, how loaded, and who is alive. Plain Python; time is injected.
 
 A worker is live when it has heartbeated within `heartbeat_timeout_s` and, if the router saw it
-fail (connection refused, stream cut), has heartbeated again since.
+fail (connection refused, stream cut), has heartbeated again since. A worker silent for longer is
+presumed gone, with the KV blocks it held: memory servers free its blocks (their heartbeat answer no
+longer names it), and the cluster's block count leaves out its last report until it heartbeats again.
 """
 
 from __future__ import annotations
@@ -59,7 +61,17 @@ class WorkerRegistry:
             return False
         if state.failed_at is not None and state.last_seen <= state.failed_at:
             return False
-        return self._clock() - state.last_seen < self._timeout
+        return not self.is_silent(state)
+
+    def is_silent(self, state: WorkerState) -> bool:
+        """No heartbeat within the timeout: presumed gone (a draining or failed worker that still
+        heartbeats is not silent)."""
+        return self._clock() - state.last_seen >= self._timeout
+
+    def present(self) -> list[WorkerState]:
+        """Workers not presumed gone (live, draining, or failed but still heartbeating): the owners
+        whose KV blocks exist, on themselves and on memory servers."""
+        return [s for s in self._workers.values() if not self.is_silent(s)]
 
     def get(self, worker_id: str) -> WorkerState | None:
         return self._workers.get(worker_id)

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from tests.e2e.cluster import (
-    get, router_workers, running_cluster, wait_for, wait_zero_used_blocks, wait_zero_used_blocks_async,
+    cluster_view, get, router_workers, running_cluster, wait_for, wait_zero_used_blocks, wait_zero_used_blocks_async,
 )
 
 BODY = {"model": "tiny", "prompt": "Stream for a while", "temperature": 0, "ignore_eos": True, "stream": True}
@@ -62,6 +62,9 @@ async def test_worker_killed_mid_stream_gives_sse_error_and_leaves_rotation(clus
                    for _ in range(2)]
         for s in streams:
             await s.content.readline()
+        victim_id = victim.url.removeprefix("http://")
+        await asyncio.to_thread(wait_for, lambda: _reported_used(cluster, victim_id) > 0, 10,
+                                "the victim to report its blocks in use")
         victim.kill()  # SIGKILL
         readers = [asyncio.create_task(_events(s)) for s in streams]
         done, pending = await asyncio.wait(readers, timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -74,7 +77,6 @@ async def test_worker_killed_mid_stream_gives_sse_error_and_leaves_rotation(clus
     events = finished.result()
     assert "error" in events[-1] and events[-1]["error"]["code"] == "worker_lost", events[-1]
     assert "[DONE]" not in events
-    victim_id = victim.url.removeprefix("http://")
     live = {w["worker_id"]: w["live"] for w in router_workers(cluster.router)}
     assert live[victim_id] is False and live[survivor.url.removeprefix("http://")] is True
     assert json.loads(get(cluster.router.url + "/ready")[1])["num_live_workers"] == 1
@@ -83,3 +85,13 @@ async def test_worker_killed_mid_stream_gives_sse_error_and_leaves_rotation(clus
         async with session.post(cluster.router.url + "/v1/completions", json={**BODY, "max_tokens": 3, "stream": False}) as resp:
             assert resp.status == 200
     wait_zero_used_blocks(cluster.workers)
+    # The victim's blocks went with it: once it misses the heartbeat timeout the router's count,
+    # which still lists its last report, leaves them out.
+    wait_for(lambda: cluster_view(cluster.router)["num_used_blocks"] == 0, 10, "the router to stop counting the dead "
+             "worker's blocks")
+    (dead,) = [w for w in cluster_view(cluster.router)["workers"] if w["worker_id"] == victim_id]
+    assert dead["silent"] and dead["num_used_blocks"] > 0
+
+
+def _reported_used(cluster, worker_id: str) -> int:
+    return next(w["num_used_blocks"] for w in cluster_view(cluster.router)["workers"] if w["worker_id"] == worker_id)

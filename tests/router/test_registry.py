@@ -116,3 +116,47 @@ def test_lora_adapters_are_models_named_as_themselves():
     assert reg.lora_adapter("sql") == ("/adapters/sql", "base") and reg.lora_adapter("base") is None
     # responses name the adapter; vLLM's metrics its base model
     assert resolve_model(reg, "sql") == ResolvedModel("sql", "sql", 1000, "base") and reg.knows("sql")
+
+
+def test_the_clusters_block_count_leaves_out_a_worker_presumed_gone():
+    """A worker whose engine died took its KV blocks with it: once it misses the heartbeat timeout,
+    GET /cluster lists its last report (silent) but counts neither its blocks nor its capacity. A
+    draining or failed worker that still heartbeats holds real blocks: counted."""
+    from aiohttp import web
+
+    from services.launch.view import view_from_cluster_json
+    from services.router.keys import LEDGER, REGISTRY
+    from services.router.kv_api import cluster_view
+    from services.router.ledger import Ledger
+
+    clock = Clock()
+    app = web.Application()
+    app[REGISTRY] = reg = WorkerRegistry(3.0, clock)
+    app[LEDGER] = Ledger(3.0, clock=clock)
+    for wid in ("a", "b", "c"):
+        reg.register(info(wid))
+    reg.heartbeat(WorkerLoad("a", 1, 0, 96, 100, 0, False))  # 4 blocks in use
+    reg.heartbeat(WorkerLoad("b", 1, 0, 90, 100, 0, True))  # draining with 10
+    reg.heartbeat(load("c", free=99))  # 1
+    reg.mark_failed("c")
+    view = cluster_view(app)
+    assert view["num_used_blocks"] == 15 and view["num_total_blocks"] == 300
+    assert view_from_cluster_json(view).num_used_blocks == 15
+
+    clock.t = 2.0
+    reg.heartbeat(load("b", free=100, draining=True))
+    reg.heartbeat(load("c", free=100))
+    reg.mark_failed("c")
+    clock.t = 3.5  # "a" died at 0.0 holding 4 blocks
+    view = cluster_view(app)
+    silent = {w["worker_id"]: w["silent"] for w in view["workers"]}
+    assert silent == {"a": True, "b": False, "c": False}
+    # memory servers keep the blocks of "b" (draining) and "c" (seen to fail, still heartbeating)
+    assert [s.info.worker_id for s in reg.present()] == ["b", "c"]
+    assert next(w for w in view["workers"] if w["worker_id"] == "a")["num_used_blocks"] == 4  # its last report
+    assert (view["num_used_blocks"], view["num_total_blocks"]) == (0, 200)
+    parsed = view_from_cluster_json(view)
+    assert (parsed.num_workers, parsed.num_used_blocks, parsed.num_total_blocks) == (2, 0, 200)
+
+    reg.heartbeat(WorkerLoad("a", 1, 0, 98, 100, 0, False))  # it was only slow: counted again
+    assert cluster_view(app)["num_used_blocks"] == 2

@@ -304,3 +304,33 @@ async def test_a_chats_turns_go_to_the_worker_holding_its_prefix():
         assert await landed(900) == first
         assert await turn(3) == 1 - first
         await asyncio.gather(busy, much_busier)
+
+
+async def test_a_client_gone_during_a_write_is_a_disconnect_not_a_server_error(monkeypatch):
+    """Whether aiohttp reports a client that left as a cancelled handler or as a failed write
+    depends on timing; both end the generation on the worker and count as client_disconnected."""
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    from services.router import completions
+
+    opened = completions._open_sse
+
+    async def open_then_lose_the_client(request, formatter):
+        response = await opened(request, formatter)
+
+        async def write(data):
+            raise ClientConnectionResetError("Cannot write to closing transport")
+
+        response.write = write
+        return response
+
+    monkeypatch.setattr(completions, "_open_sse", open_then_lose_the_client)
+    async with running_stack(engine_kwargs={"step_s": 0.01}) as s:
+        resp = await s.post("/v1/completions", {"prompt": "x", "max_tokens": 400, "stream": True})
+        await resp.read()
+        await s.wait_blocks_free(timeout=2.0)
+        assert s.engines[0].requests  # it reached the engine, and was aborted there
+        async with s.client.get(s.url("/metrics")) as got:
+            metrics = await got.text()
+        assert 'kvmesh_router_requests_total{endpoint="text_completion",status="client_disconnected"} 1.0' in metrics
+        assert 'status="error"' not in metrics
