@@ -37,7 +37,8 @@ from services.runtime.auth import DEV_CLUSTER_TOKEN
 PROMPT_LENS = (20, 300, 900, 1500, 2200)
 # Why a request may fail while processes die: it is told, and nothing it got was wrong.
 EXPECTED_ERRORS = ("lost KV capacity", "engine process died")
-EXPECTED_STATUS = {400: "context_length_exceeded", 503: "no_worker_available"}
+# (status, code) of a refusal that is a right answer while capacity comes and goes
+EXPECTED_STATUS = {(400, "context_length_exceeded"), (503, "no_worker_available"), (503, "kv_capacity_busy")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +94,7 @@ def _classify(outcome: str, detail: str, reference: str) -> str:
         return "cut"
     if outcome == "error_event" and any(e in detail for e in EXPECTED_ERRORS):
         return "told: " + next(e for e in EXPECTED_ERRORS if e in detail)
-    if outcome == "http" and EXPECTED_STATUS.get(int(detail.split()[0])) == detail.split()[1]:
+    if outcome == "http" and (int(detail.split()[0]), detail.split()[1]) in EXPECTED_STATUS:
         return "refused: " + detail
     return "BAD " + outcome
 

@@ -33,6 +33,7 @@ def kv_summary(app: web.Application, worker_id: str | None = None) -> dict:
     ledger, registry = app[LEDGER], app[REGISTRY]
     summary = {
         "free_blocks": ledger.free_blocks(),
+        "capacity_blocks": ledger.capacity_blocks(),
         "memservers": {s.memserver_id: s.address for s in ledger.servers()},
         "leaving": [s.memserver_id for s in ledger.servers() if s.leaving],
     }

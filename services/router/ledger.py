@@ -120,6 +120,10 @@ class Ledger:
     def free_blocks(self) -> int:
         return sum(self.available(m) for m in self._servers)
 
+    def capacity_blocks(self) -> int:
+        """Every block of the servers that lend (not leaving, not found unreachable), free or not."""
+        return sum(s.num_blocks for s in self._servers.values() if not s.leaving and not s.unreachable)
+
     def borrow(self, worker_id: str, num_blocks: int, near: tuple[str, ...] = (), need: int = 0) -> list[Grant]:
         """Reserve num_blocks, spreading a sequence over few servers: first the ones in ``near``
         (those already holding it, in that order), then the most free. Every layer of every step

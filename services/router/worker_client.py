@@ -147,7 +147,8 @@ async def open_stream(pool: WorkerPool, model: str, call: GenerateCall, num_toke
     while True:
         candidate = pool.policy(pool.registry.candidates(model, frozenset(tried)), key)
         if candidate is None:
-            if refused is not None:
+            if refused is not None:  # every worker is busy, leaving or gone: worth a retry soon
+                refused.headers.setdefault("Retry-After", "1")
                 raise refused
             raise ApiError(
                 f"no live worker is serving model '{model}'; retry when a worker has registered",

@@ -66,6 +66,7 @@ class RemoteKVClient:
         self._block_size = 0
         self._timeout = timeout_s
         self._free_hint = 0
+        self._capacity_hint = 0
         self._reclaimable_hint = 0  # blocks other workers only cache
         self._reclaim = 0  # of our cached blocks, how many others need (taken once: take_reclaim)
         self._addresses: dict[str, str] = {}
@@ -93,6 +94,7 @@ class RemoteKVClient:
     # --- fed by the worker's heartbeat (event loop) ---
     def update(self, kv: dict) -> None:
         self._free_hint = int(kv.get("free_blocks", 0))
+        self._capacity_hint = int(kv.get("capacity_blocks", 0))
         self._reclaimable_hint = int(kv.get("reclaimable_blocks", 0))
         self._reclaim = int(kv.get("reclaim", 0))
         self._addresses.update(kv.get("memservers", {}))
@@ -125,6 +127,9 @@ class RemoteKVClient:
 
     def reclaimable_blocks(self) -> int:
         return self._reclaimable_hint
+
+    def capacity_blocks(self) -> int:
+        return self._capacity_hint
 
     def take_reclaim(self) -> int:
         reclaim, self._reclaim = self._reclaim, 0

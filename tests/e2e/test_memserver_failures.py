@@ -284,3 +284,31 @@ async def test_memserver_leaves_gracefully_mid_stream(tmp_path):
         assert "memserver_drained" in leaver.log_text() and "num_blocks_left=0" in leaver.log_text()
         wait_for(lambda: leaver.name not in _memserver_ids(cluster), 10, "the router to drop the memserver that left")
         cluster.wait_zero_used_blocks()
+
+
+async def test_a_request_that_fits_the_cluster_but_not_beside_another_is_told_to_retry(tmp_path):
+    """32 local + 64 remote blocks hold one 1500-token sequence. A second one, sent while the first
+    holds blocks on the memory server, is refused with 503 kv_capacity_busy and Retry-After (an
+    OpenAI client retries it), not with 400 context_length_exceeded (which says: change the
+    request); sent again once the first ended, it is served, its tokens equal all-local ones."""
+    first, second = _prompt(600, seed=90), _prompt(700, seed=91)
+    (expected,) = await asyncio.to_thread(offline_texts, [second], 800)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1,
+                         memserver_capacity="2MiB") as cluster:
+        memserver = cluster.memservers[0]
+        async with aiohttp.ClientSession() as session:
+            running = asyncio.create_task(stream_text(session, cluster.router.url, first, 900))
+            await asyncio.to_thread(wait_for, lambda: worker_stats(memserver)["num_used_blocks"] >= 4, 120,
+                                    "the first request to spill")
+            await asyncio.sleep(1.2)  # the worker's hint of the free blocks there: re-based by its heartbeats
+            body = {"model": "tiny", "prompt": second, "max_tokens": 800, "temperature": 0, "ignore_eos": True}
+            async with session.post(cluster.router.url + "/v1/completions", json=body) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 503 and error["code"] == "kv_capacity_busy", error
+                assert resp.headers["Retry-After"] == "1"
+                assert "needs 1500" in error["message"] and "retry" in error["message"]
+            assert not running.done()
+            await running
+            text, _ = await stream_text(session, cluster.router.url, second, 800)
+            assert text == expected
+        cluster.wait_zero_used_blocks()

@@ -15,6 +15,7 @@ from loadtest.scenarios.chaos import _body, _classify
     ("error_event", "generation failed: boom", "BAD error_event"),
     ("http", "400 context_length_exceeded", "refused: 400 context_length_exceeded"),
     ("http", "503 no_worker_available", "refused: 503 no_worker_available"),
+    ("http", "503 kv_capacity_busy", "refused: 503 kv_capacity_busy"),  # told to retry: other sequences hold the room
     ("http", "503 engine_unavailable", "BAD http"),  # the router should have tried the other worker
     ("http", "500 internal_error", "BAD http"),
     ("eof", "partial", "BAD eof"),

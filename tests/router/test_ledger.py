@@ -24,7 +24,7 @@ def test_borrow_prefers_most_free_and_spreads_over_few_servers():
     assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-a", 30)]
     grants = ledger.borrow("w1", 100)  # a has 70 unreserved, b 60
     assert [(g.memserver_id, g.num_blocks) for g in grants] == [("ms-a", 70), ("ms-b", 30)]
-    assert ledger.free_blocks() == 30
+    assert ledger.free_blocks() == 30 and ledger.capacity_blocks() == 160  # lent or not
 
 
 def test_borrow_fills_the_servers_already_holding_the_sequence_first():
@@ -62,6 +62,7 @@ def test_a_creditor_found_unreachable_lends_nothing_until_it_heartbeats():
     (grant,) = ledger.borrow("w1", 10)
     assert grant.memserver_id == "ms-a"
     assert ledger.settle(grant.reservation_id, 0, unreachable=True) == "ms-a"
+    assert ledger.capacity_blocks() == 60
     # Every borrow goes elsewhere, and the cluster's free capacity no longer counts it.
     assert [(g.memserver_id, g.num_blocks) for g in ledger.borrow("w2", 60)] == [("ms-b", 60)]
     with pytest.raises(InsufficientCapacity, match="0 free KV blocks"):
@@ -99,7 +100,7 @@ def test_leaving_server_lends_nothing():
     ledger.leave("ms-a")
     grants = ledger.borrow("w1", 10)
     assert [g.memserver_id for g in grants] == ["ms-b"]
-    assert ledger.free_blocks() == 50
+    assert ledger.free_blocks() == 50 and ledger.capacity_blocks() == 60
 
 
 def test_stale_reservations_expire():

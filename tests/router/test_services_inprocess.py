@@ -6,7 +6,7 @@ from importlib import metadata
 import pytest
 
 from services.router.keys import REGISTRY
-from services.worker.engine.api import EngineOverloaded
+from services.worker.engine.api import EngineOverloaded, KVCapacityBusy
 from services.worker.engine.client import EngineDied
 from services.runtime.wire import WorkerRegistration
 from tests.router.stack import free_port, internal_headers, read_sse, running_stack
@@ -166,7 +166,8 @@ async def test_no_worker_and_unreachable_worker_give_503():
 @pytest.mark.parametrize("refusal,marked_failed", [
     (EngineDied("the engine process died: killed"), True),
     (EngineOverloaded("the engine's queue is full"), False),
-], ids=["engine-died", "overloaded"])
+    (KVCapacityBusy("the cluster's KV cache is busy: ... retry shortly", "max_tokens"), False),
+], ids=["engine-died", "overloaded", "kv-busy"])
 async def test_a_worker_that_refuses_with_503_is_routed_around(refusal, marked_failed):
     # Nothing was generated yet: the next worker serves the request, the client never sees the 503.
     async with running_stack(num_workers=2) as s:
@@ -176,10 +177,10 @@ async def test_a_worker_that_refuses_with_503_is_routed_around(refusal, marked_f
             resp = await s.post("/v1/completions", {"prompt": "hello", "max_tokens": 3})
             assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "abc"
         assert sick.requests == [] and len(healthy.requests) == 6
-        healthy.refuse = refusal  # every worker refuses: the client gets the worker's 503
+        healthy.refuse = refusal  # every worker refuses: the client gets the worker's 503, and when to retry
         resp = await s.post("/v1/completions", {"prompt": "hello", "max_tokens": 3})
         body = await resp.json()
-        assert resp.status == 503 and body["error"]["code"] == refusal.code
+        assert resp.status == 503 and body["error"]["code"] == refusal.code and resp.headers["Retry-After"] == "1"
         registry = s.router.app[REGISTRY]
         assert all(w.failed_at is not None for w in registry.all()) == marked_failed
 

@@ -33,6 +33,9 @@ class FakeRemoteKV:
     def reclaimable_blocks(self) -> int:
         return 0  # no other worker
 
+    def capacity_blocks(self) -> int:
+        return sum(s.pool.shape[2] for s in self.servers.values() if s.alive)
+
     def take_reclaim(self) -> int:
         return 0
 

@@ -13,7 +13,7 @@ import pytest
 from services.worker.engine import ipc
 from services.worker.engine.api import (
     ContextLengthExceeded, Delta, EngineOverloaded, FinishReason, GenerateRequest, InvalidRequest, SamplingParams,
-    StructuredKind, StructuredOutput, TokenLogprob,
+    KVCapacityBusy, StructuredKind, StructuredOutput, TokenLogprob,
 )
 from services.worker.engine.client import EngineProcess
 from services.worker.engine.config import EngineConfig
@@ -31,6 +31,8 @@ def test_messages_round_trip():
     assert ipc.delta_from_obj(ipc.delta_to_obj(delta)) == delta
     err = ipc.error_from_reject(*ipc.reject_message("r1", ContextLengthExceeded("too long", "max_tokens"))[2:])
     assert type(err) is ContextLengthExceeded and err.status == 400 and err.param == "max_tokens"
+    err = ipc.error_from_reject(*ipc.reject_message("r1", KVCapacityBusy("busy", "max_tokens"))[2:])
+    assert type(err) is KVCapacityBusy and err.status == 503
 
 
 @pytest.fixture

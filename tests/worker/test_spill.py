@@ -26,12 +26,12 @@ def assert_no_block_leaked(engine: LLMEngine, remote: FakeRemoteKV) -> None:
     assert remote.used_blocks() == 0 and engine.stats().num_remote_blocks == 0
 
 
-def _engine(path, remote_servers: int, blocks_per_server: int = 64):
+def _engine(path, remote_servers: int, blocks_per_server: int = 64, remote_kv=FakeRemoteKV):
     config = EngineConfig(model=str(path), block_size=16, num_kv_blocks=LOCAL_BLOCKS, max_num_batched_tokens=64)
     probe = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=1))
     cfg = probe.model_config
     shape = (cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim)
-    remote = FakeRemoteKV(remote_servers, blocks_per_server, shape, probe.runner.dtype, cfg.head_dim**-0.5)
+    remote = remote_kv(remote_servers, blocks_per_server, shape, probe.runner.dtype, cfg.head_dim**-0.5)
     return LLMEngine(config, remote=remote), remote
 
 
@@ -88,9 +88,60 @@ def test_admission_counts_cluster_capacity(model):
     from services.worker.engine.api import ContextLengthExceeded, GenerateRequest, SamplingParams
 
     engine, remote = _engine(path, remote_servers=1, blocks_per_server=20)  # 28 blocks = 448 tokens in all
-    with pytest.raises(ContextLengthExceeded, match="holds 128 tokens here plus 320 free on memory servers"):
+    with pytest.raises(ContextLengthExceeded, match=r"holds 128 tokens here plus 320 free on memory servers \(320 in"):
         engine.prepare(GenerateRequest("big", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[0])))
     engine.prepare(GenerateRequest("ok", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[1])))
+
+
+def test_a_request_the_cluster_holds_but_not_while_another_runs_is_busy_not_too_long(model):
+    """The cluster's blocks are the limit of one sequence, not what other sequences leave free: a
+    request that fits them is refused as busy (503, retry), not as too long (400), while another
+    holds the room, and is served once that one ends."""
+    path, prompts, expected = model
+    from services.worker.engine.api import GenerateRequest, KVCapacityBusy, SamplingParams
+
+    engine, remote = _engine(path, remote_servers=1, blocks_per_server=20)  # 28 blocks = 448 tokens in all
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    engine.submit(engine.prepare(GenerateRequest("first", params, prompt_token_ids=tuple(prompts[1]))))
+    while remote.used_blocks() < 8:  # 324 tokens: 21 blocks, most of them spilled
+        engine.step()
+    second = GenerateRequest("second", params, prompt_token_ids=tuple(prompts[1]))
+    with pytest.raises(KVCapacityBusy, match=r"needs 324 .* holds 128 tokens here plus 320 on memory servers"):
+        engine.prepare(second)
+    while engine.has_work():
+        engine.step()
+    got, _ = run_engine(engine, [prompts[1]])
+    assert got == [expected[1]]
+    assert_no_block_leaked(engine, remote)
+
+
+def test_a_refused_spill_makes_a_sequence_wait_for_room_not_fail(model):
+    """Two sequences the cluster holds one at a time, both admitted on a free-blocks hint that
+    was stale (another worker's spill not yet heard of): the spill the servers refuse sends its
+    sequence back to wait for the other to end. The cluster lost nothing, so nothing fails, and
+    both streams' tokens equal transformers'."""
+    from services.worker.engine.remote import SpillFailed
+
+    path, prompts, expected = model
+
+    class StaleHint(FakeRemoteKV):
+        stale = 20  # blocks the hint still counts as free; a refused spill re-reads it (RemoteKVClient.refresh)
+
+        def free_blocks(self) -> int:
+            return super().free_blocks() + self.stale
+
+        def spill(self, request_id, kv, start_token, near=(), need=0):
+            if kv.shape[2] > super().free_blocks():
+                self.stale = 0
+                raise SpillFailed("memory servers refused the blocks")
+            return super().spill(request_id, kv, start_token, near, need)
+
+    engine, remote = _engine(path, remote_servers=1, blocks_per_server=20, remote_kv=StaleHint)  # 448 tokens in all
+    second = prompts[1][::-1]
+    got, _ = run_engine(engine, [prompts[1], second])  # 324 tokens each: 21 blocks
+    assert got == [expected[1], hf_greedy(path, [second])[0]]
+    assert remote.stale == 0  # a spill was refused
+    assert_no_block_leaked(engine, remote)
 
 
 def test_sequence_that_no_longer_fits_after_a_loss_ends_with_a_clear_error(model):

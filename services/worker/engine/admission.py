@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.engine.api import ContextLengthExceeded, GenerateRequest, InvalidRequest, StructuredOutput
+from services.worker.engine.api import (ContextLengthExceeded, GenerateRequest, InvalidRequest, KVCapacityBusy,
+                                        StructuredOutput)
 from services.worker.engine.bad_words import bad_word_ids
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.detokenizer import IncrementalDetokenizer
@@ -112,11 +113,20 @@ class Admission:
             blocks = self.scheduler.blocks
             local = blocks.num_blocks * blocks.block_size
             remote = self.scheduler.remote.room() * blocks.block_size
-            where = f"the KV cache holds {local} tokens"
-            if self.remote is not None:
-                where += f" here plus {remote} free on memory servers"
+            needs = f"the request needs {total} ({num_prompt} prompt + {max_tokens} max_tokens)"
+            if self.remote is None:
+                raise ContextLengthExceeded(f"the KV cache holds {local} tokens; {needs}", "max_tokens")
+            capacity = self.remote.capacity_blocks() * blocks.block_size
+            if blocks.blocks_for(total) <= blocks.num_blocks + self.remote.capacity_blocks():
+                # Other sequences hold the room it needs; they end, and free it.
+                raise KVCapacityBusy(
+                    f"the cluster's KV cache is busy: {needs}, and it holds {local} tokens here plus {capacity} "
+                    f"on memory servers, but only {remote} of those are free now; retry shortly",
+                    "max_tokens",
+                )
             raise ContextLengthExceeded(
-                f"{where}; the request needs {total} ({num_prompt} prompt + {max_tokens} max_tokens)",
+                f"the KV cache holds {local} tokens here plus {remote} free on memory servers ({capacity} in all); "
+                f"{needs}",
                 "max_tokens",
             )
 

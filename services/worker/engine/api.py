@@ -30,6 +30,14 @@ class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
 
 
+class KVCapacityBusy(EngineError):
+    """The request fits the cluster's KV capacity, but other sequences hold too much of it now: not
+    a bad request (400) but a busy server; another worker, or a retry shortly, may take it."""
+
+    status = 503
+    code = "kv_capacity_busy"
+
+
 class NotFound(EngineError):
     """What the request names (a LoRA adapter to unload) is not here."""
 

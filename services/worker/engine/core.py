@@ -31,7 +31,7 @@ from services.runtime.host import keep_freed_memory
 from services.runtime.logging import configure_logging
 from services.worker.engine import ipc
 from services.worker.engine.api import (
-    ContextLengthExceeded, EngineError, EngineOverloaded, GenerateRequest, InvalidRequest,
+    ContextLengthExceeded, EngineError, EngineOverloaded, GenerateRequest, InvalidRequest, KVCapacityBusy,
 )
 from services.worker.engine.config import EngineConfig
 from services.worker.model.errors import ModelError
@@ -218,10 +218,11 @@ class EngineServer:
         try:
             try:
                 active = self.engine.prepare(request, grammar)
-            except ContextLengthExceeded:
+            except (ContextLengthExceeded, KVCapacityBusy):
                 if self.remote is None:
                     raise
-                # Memory servers may have joined since the last heartbeat: look again before refusing.
+                # Memory servers may have joined, or freed blocks, since the last heartbeat: look again
+                # before refusing.
                 self.remote.call(self.remote.client.refresh(), timeout=15.0)
                 active = self.engine.prepare(request, grammar)
         except EngineError as e:

@@ -18,11 +18,12 @@ import msgpack
 from services.runtime.wire import GenerateCall
 from services.worker.engine.api import (
     ContextLengthExceeded, Delta, EngineError, EngineOverloaded, EngineStats, FinishReason, GenerateRequest,
-    InvalidRequest, NotFound, TokenLogprob,
+    InvalidRequest, KVCapacityBusy, NotFound, TokenLogprob,
 )
 from services.worker.wire_convert import to_generate_request
 
-_ERRORS = {cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, EngineOverloaded, NotFound)}
+_ERRORS = {cls.code: cls for cls in (InvalidRequest, ContextLengthExceeded, KVCapacityBusy, EngineOverloaded,
+                                      NotFound)}
 
 
 def pack(message: list) -> bytes:

@@ -325,12 +325,16 @@ class LLMEngine:
                 self._recompute(seq, deltas, memserver_ids)
 
     def _recompute(self, seq: Sequence, deltas: list[Delta], lost: set[str] = frozenset()) -> None:
-        """Back to the queue to recompute its KV from its tokens, if the cluster can still hold it."""
+        """Back to the queue to recompute its KV from its tokens, if the cluster can still hold it.
+        After a refused spill (nothing lost), that is its capacity: other sequences hold the room
+        now, and it waits for them to end rather than fail."""
         # Its own blocks on surviving servers are about to be freed: they count as room too (the
         # free-blocks hint still has them as lent).
         own = sum(len(s.block_ids) for s in seq.remote_spans if s.memserver_id not in lost)
         self.scheduler.preempt(seq)
         total = seq.num_prompt_tokens + seq.sampling.max_tokens
+        if not lost and self.blocks.blocks_for(total) <= self.blocks.num_blocks + self.remote.capacity_blocks():
+            return
         if not self.scheduler.fits_ever(total, extra_blocks=own):
             capacity = self.blocks.num_blocks + own + self.scheduler.remote.room()
             reason = (f"the cluster lost KV capacity: this sequence needs {total} tokens, "

@@ -53,6 +53,9 @@ class RemoteKV(Protocol):
     def reclaimable_blocks(self) -> int:
         """Blocks other workers only cache there (a hint: they give them up when the ledger runs short)."""
 
+    def capacity_blocks(self) -> int:
+        """Every block the cluster's lending memory servers have, in use or not (a hint)."""
+
     def take_reclaim(self) -> int:
         """How many of our cached blocks other workers need (the ledger refused them); each
         heartbeat's figure is returned once, then 0."""
