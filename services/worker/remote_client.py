@@ -123,7 +123,10 @@ class RemoteKVClient:
 
     # --- RemoteKV (engine's step thread) ---
     def free_blocks(self) -> int:
-        return self._free_hint
+        # Blocks freed are added at once, and a heartbeat answer that already counts them may land
+        # first: never more than the cluster has (a 1,025-token request was let in on a 1,024-token
+        # cluster that way, capacity bench).
+        return min(self._free_hint, self._capacity_hint) if self._capacity_hint else self._free_hint
 
     def reclaimable_blocks(self) -> int:
         return self._reclaimable_hint

@@ -219,6 +219,21 @@ def test_a_lost_memserver_is_written_off_under_a_newer_epoch_once_the_router_lis
     assert conn.sent[1] == FreeBlocks("w0", (3, 4), old)
 
 
+
+def test_the_free_blocks_hint_never_exceeds_what_the_cluster_has(loop):
+    """A free adds its blocks to the hint at once; when the heartbeat answer that already counts
+    them came first, the sum is more than the memory servers hold, and admission would let in a
+    request no server has room for."""
+    conn = RecordingConnection()
+    node = types.SimpleNamespace(pool=types.SimpleNamespace(get=lambda address: _ready(conn)))
+    client = RemoteKVClient(loop, node, FakeLedger(), attention_lane=False)
+    asyncio.run_coroutine_threadsafe(_update(client, {"memservers": {"ms0": "ms0:1"}, "free_blocks": 31,
+                                                      "capacity_blocks": 32}), loop).result(5)
+    assert client.free_blocks() == 31
+    client.release([RemoteSpan("ms0", (3, 4), 0, client.epoch_of("ms0"))]).result(5)
+    assert conn.sent[-1].block_ids == (3, 4) and client.free_blocks() == 32
+
+
 async def _ready(value):
     return value
 
