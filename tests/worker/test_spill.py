@@ -88,7 +88,7 @@ def test_admission_counts_cluster_capacity(model):
     from services.worker.engine.api import ContextLengthExceeded, GenerateRequest, SamplingParams
 
     engine, remote = _engine(path, remote_servers=1, blocks_per_server=20)  # 28 blocks = 448 tokens in all
-    with pytest.raises(ContextLengthExceeded, match=r"holds 128 tokens here plus 320 free on memory servers \(320 in"):
+    with pytest.raises(ContextLengthExceeded, match=r"holds 128 tokens here plus 320 free on memory servers \(of 320 there\)"):
         engine.prepare(GenerateRequest("big", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[0])))
     engine.prepare(GenerateRequest("ok", SamplingParams(max_tokens=24), prompt_token_ids=tuple(prompts[1])))
 

@@ -125,7 +125,7 @@ class Admission:
                     "max_tokens",
                 )
             raise ContextLengthExceeded(
-                f"the KV cache holds {local} tokens here plus {remote} free on memory servers ({capacity} in all); "
+                f"the KV cache holds {local} tokens here plus {remote} free on memory servers (of {capacity} there); "
                 f"{needs}",
                 "max_tokens",
             )
