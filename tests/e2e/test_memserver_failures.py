@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import aiohttp
 import pytest
@@ -167,6 +168,36 @@ def test_a_workers_cached_prefix_makes_room_for_another_workers_request(tmp_path
             assert answer("b", other) == expected[1]
             assert worker_stats(a)["num_remote_cached_blocks"] < cached
             assert "spill_failed" in b.log_text() or worker_stats(b)["num_remote_cached_blocks"] > 0
+        cluster.wait_zero_used_blocks()
+
+
+def test_an_idle_workers_cache_that_fills_the_memserver_gives_way(tmp_path):
+    """A's cached document takes every block of the memory server, and B knows it (nothing free).
+    B's request fits only in that room: B's spill is planned anyway, refused, and the refusal makes
+    the ledger ask A to give the room up. Before, B planned spills within the free room only, never
+    asked, and its request waited for good."""
+    import openai
+
+    doc, other = _prompt(2000, seed=72), _prompt(1500, seed=73)
+    expected = offline_texts([doc, other], 8)
+    with running_cluster(tmp_path, 0) as cluster:
+        a = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "a")
+        cluster.add_worker(*WORKER_ARGS, "--served-model-name", "b")
+        cluster.wait_ready(2)
+        cluster.add_memserver(capacity="3MiB")  # 96 blocks: A's 2000-token document leaves 2
+        cluster.wait_memservers(1)
+        with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            def answer(model: str, prompt: list[int]) -> str:
+                return client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+
+            assert answer("a", doc) == expected[0]
+            wait_for(lambda: worker_stats(a)["num_remote_cached_blocks"] >= 94, 10, "A to cache the document there")
+            wait_for(lambda: cluster_view(cluster.router)["memservers"][0]["num_free_blocks"] <= 2, 10,
+                     "the router to see the memory server full")
+            time.sleep(1.5)  # B's hint of the free blocks: re-based by its heartbeats
+            assert answer("b", other) == expected[1]
+            assert worker_stats(a)["num_remote_cached_blocks"] < 94
         cluster.wait_zero_used_blocks()
 
 

@@ -251,3 +251,19 @@ def test_a_joining_sequence_whose_cached_prefix_fills_the_pool_spills_it_and_run
     out = sched.schedule()  # its cached blocks are the whole pool; before, it waited forever
     assert [(c.seq.request_id, c.start) for c in out.chunks] == [("r1", longer.num_computed_tokens)]
     assert [p.seq for p in out.spills] == [longer] and longer.num_remote_tokens > 0
+
+
+def test_a_spill_into_room_only_other_workers_cache_holds_is_planned_so_the_ledger_can_ask_for_it():
+    """Nothing free on the memory servers, but other workers cache 10 blocks there: a prefill that
+    outgrows the local pool plans its spill anyway (the servers refuse it, and that refusal is what
+    makes the ledger ask the others to give the room up) instead of stalling."""
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=100, remote_free_blocks=lambda: 0,
+                      remote_reclaimable=lambda: 10, spill_batch=2)
+    seq = _seq(0, 24)  # 6 blocks, 4 here
+    sched.add(seq)
+    out = sched.schedule()
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(0, 16)]  # what fits here
+    _complete(out.chunks)
+    out = sched.schedule()
+    assert [len(p.block_ids) for p in out.spills] == [2]  # into room nobody has freed yet
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(16, 8)]

@@ -42,8 +42,12 @@ class RemoteHoldings:
     def room(self) -> int:
         if self._free_blocks is None:
             return 0
-        others = self._reclaimable() if self._reclaimable is not None else 0
-        return self._free_blocks() + self.cache.num_evictable + others
+        return self._free_blocks() + self.cache.num_evictable + self.others_reclaimable()
+
+    def others_reclaimable(self) -> int:
+        """Other workers' cached blocks there: theirs until a refused borrow of ours makes the
+        ledger ask them to give them up."""
+        return self._reclaimable() if self._reclaimable is not None else 0
 
     def new_step(self) -> None:
         self.num_evicted_for_spill = 0

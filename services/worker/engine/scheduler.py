@@ -212,6 +212,13 @@ class Scheduler:
         room = self.remote.free_blocks() - self._spilled_this_step + self.remote.num_evicted_for_spill
         if room < goal:  # running sequences come before cached prefixes nobody uses
             room += self.remote.evict_for_spill(goal - room)
+        if room < goal:
+            # Other workers' cached blocks are room too (admission counted them), but only a
+            # refused borrow makes the ledger ask them to give it up: plan the spill, and let the
+            # servers refuse it (the sequence waits, and finds the room on a later try). Planned
+            # within the free room only, a sequence of ours stalled for good while another
+            # worker's idle cache filled the servers.
+            room += min(goal - room, self.remote.others_reclaimable())
         moved = freed = 0
         # A sequence joining the batch may spill too: its cached prefix may fill the local pool.
         candidates = self.running if joining in self.running else [*self.running, joining]
