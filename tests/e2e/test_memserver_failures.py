@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -140,35 +141,43 @@ async def test_two_workers_share_memservers_and_owners_stay_apart(tmp_path):
         cluster.wait_zero_used_blocks()
 
 
-def test_a_workers_cached_prefix_makes_room_for_another_workers_request(tmp_path):
+@contextlib.contextmanager
+def _two_models_one_memserver(tmp_path, capacity: str):
+    """Workers serving the same weights as models "a" and "b" (kept apart), one memory server;
+    yields (cluster, worker a, worker b, answer(model, prompt) -> greedy text of 8 tokens)."""
     import openai
 
-    doc, other = _prompt(2048, seed=70), _prompt(2048, seed=71)
-    expected = offline_texts([doc, other], 8)
     with running_cluster(tmp_path, 0) as cluster:
-        a = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "a")  # the same weights, apart
+        a = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "a")
         b = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "b")
         cluster.wait_ready(2)
-        cluster.add_memserver(capacity="4MiB")  # 128 blocks; each prompt needs ~97 of them
+        cluster.add_memserver(capacity=capacity)
         cluster.wait_memservers(1)
         with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
             def answer(model: str, prompt: list[int]) -> str:
                 return client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
                                                  extra_body={"ignore_eos": True}).choices[0].text
 
-            assert answer("a", doc) == expected[0]
-            cached = worker_stats(a)["num_remote_cached_blocks"]
-            assert cached >= 2048 // 16 - 32  # A keeps the document there
-            # The router hears of it with A's next heartbeat, and counts it as room.
-            wait_for(lambda: cluster_view(cluster.router)["free_context_tokens"] == (32 + 128) * 16, 10,
-                     "the router to count A's cached blocks as room")
-            metric = f'kvmesh_worker_kv_blocks_remote_cached{{worker="{worker_stats(a)["worker_id"]}"}} {cached}.0'
-            assert metric in get(cluster.router.url + "/metrics")[1].decode()
-            # B's request fits only in the room A's cache holds: admitted, and A gives the room up.
-            assert answer("b", other) == expected[1]
-            assert worker_stats(a)["num_remote_cached_blocks"] < cached
-            assert "spill_failed" in b.log_text() or worker_stats(b)["num_remote_cached_blocks"] > 0
+            yield cluster, a, b, answer
         cluster.wait_zero_used_blocks()
+
+
+def test_a_workers_cached_prefix_makes_room_for_another_workers_request(tmp_path):
+    doc, other = _prompt(2048, seed=70), _prompt(2048, seed=71)
+    expected = offline_texts([doc, other], 8)
+    with _two_models_one_memserver(tmp_path, "4MiB") as (cluster, a, b, answer):  # 128 blocks; each prompt ~97
+        assert answer("a", doc) == expected[0]
+        cached = worker_stats(a)["num_remote_cached_blocks"]
+        assert cached >= 2048 // 16 - 32  # A keeps the document there
+        # The router hears of it with A's next heartbeat, and counts it as room.
+        wait_for(lambda: cluster_view(cluster.router)["free_context_tokens"] == (32 + 128) * 16, 10,
+                 "the router to count A's cached blocks as room")
+        metric = f'kvmesh_worker_kv_blocks_remote_cached{{worker="{worker_stats(a)["worker_id"]}"}} {cached}.0'
+        assert metric in get(cluster.router.url + "/metrics")[1].decode()
+        # B's request fits only in the room A's cache holds: admitted, and A gives the room up.
+        assert answer("b", other) == expected[1]
+        assert worker_stats(a)["num_remote_cached_blocks"] < cached
+        assert "spill_failed" in b.log_text() or worker_stats(b)["num_remote_cached_blocks"] > 0
 
 
 def test_an_idle_workers_cache_that_fills_the_memserver_gives_way(tmp_path):
@@ -176,29 +185,16 @@ def test_an_idle_workers_cache_that_fills_the_memserver_gives_way(tmp_path):
     B's request fits only in that room: B's spill is planned anyway, refused, and the refusal makes
     the ledger ask A to give the room up. Before, B planned spills within the free room only, never
     asked, and its request waited for good."""
-    import openai
-
     doc, other = _prompt(2000, seed=72), _prompt(1500, seed=73)
     expected = offline_texts([doc, other], 8)
-    with running_cluster(tmp_path, 0) as cluster:
-        a = cluster.add_worker(*WORKER_ARGS, "--served-model-name", "a")
-        cluster.add_worker(*WORKER_ARGS, "--served-model-name", "b")
-        cluster.wait_ready(2)
-        cluster.add_memserver(capacity="3MiB")  # 96 blocks: A's 2000-token document leaves 2
-        cluster.wait_memservers(1)
-        with openai.OpenAI(base_url=cluster.router.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
-            def answer(model: str, prompt: list[int]) -> str:
-                return client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
-                                                 extra_body={"ignore_eos": True}).choices[0].text
-
-            assert answer("a", doc) == expected[0]
-            wait_for(lambda: worker_stats(a)["num_remote_cached_blocks"] >= 94, 10, "A to cache the document there")
-            wait_for(lambda: cluster_view(cluster.router)["memservers"][0]["num_free_blocks"] <= 2, 10,
-                     "the router to see the memory server full")
-            time.sleep(1.5)  # B's hint of the free blocks: re-based by its heartbeats
-            assert answer("b", other) == expected[1]
-            assert worker_stats(a)["num_remote_cached_blocks"] < 94
-        cluster.wait_zero_used_blocks()
+    with _two_models_one_memserver(tmp_path, "3MiB") as (cluster, a, b, answer):  # 96 blocks: the document leaves 2
+        assert answer("a", doc) == expected[0]
+        wait_for(lambda: worker_stats(a)["num_remote_cached_blocks"] >= 94, 10, "A to cache the document there")
+        wait_for(lambda: cluster_view(cluster.router)["memservers"][0]["num_free_blocks"] <= 2, 10,
+                 "the router to see the memory server full")
+        time.sleep(1.5)  # B's hint of the free blocks: re-based by its heartbeats
+        assert answer("b", other) == expected[1]
+        assert worker_stats(a)["num_remote_cached_blocks"] < 94
 
 
 async def test_memserver_refuses_another_owners_blocks(tmp_path):
