@@ -23,7 +23,7 @@ def merge_states_cpu(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     lse = logsumexp_i(lse_i), out = sum_i exp(lse_i - lse) * out_i summed in fp32 in list order;
     (0, -inf) where every lse_i is -inf; an empty partition's out is ignored even if it is garbage."""
     out_dtype = states[0][0].dtype
-    if len(states) == 2 and not _any_empty_pair(states[0][1], states[1][1]):
+    if len(states) == 2 and not (_any_empty(states[0][1]) or _any_empty(states[1][1])):
         return _merge_two(*states[0], *states[1])
     lses = torch.stack([lse for _, lse in states])  # [N, T, H] fp32
     outs = torch.stack([out for out, _ in states])  # [N, T, H, D]
@@ -49,12 +49,6 @@ def _merge_two(out1, lse1, out2, lse2):
     return (out if out1.dtype == torch.float32 else out.to(out1.dtype)), lse
 
 
-def _any_empty_pair(lse1: torch.Tensor, lse2: torch.Tensor) -> bool:
-    if lse1.numel() > _HOST_CHECK_MAX:
-        return True
-    return NEG_INF in lse1.reshape(-1).tolist() or NEG_INF in lse2.reshape(-1).tolist()
-
-
 def _any_empty(lses: torch.Tensor) -> bool:
     # Only an empty (-inf) entry can carry a garbage out: a finite lse is a partition that saw tokens.
-    return lses.numel() > _HOST_CHECK_MAX or NEG_INF in lses.view(-1).tolist()
+    return lses.numel() > _HOST_CHECK_MAX or NEG_INF in lses.reshape(-1).tolist()
