@@ -116,8 +116,8 @@ class Admission:
             needs = f"the request needs {total} ({num_prompt} prompt + {max_tokens} max_tokens)"
             if self.remote is None:
                 raise ContextLengthExceeded(f"the KV cache holds {local} tokens; {needs}", "max_tokens")
-            capacity = self.remote.capacity_blocks() * blocks.block_size
-            if blocks.blocks_for(total) <= blocks.num_blocks + self.remote.capacity_blocks():
+            capacity = self.scheduler.remote.capacity() * blocks.block_size
+            if self.scheduler.fits_capacity(total):
                 # Other sequences hold the room it needs; they end, and free it.
                 raise KVCapacityBusy(
                     f"the cluster's KV cache is busy: {needs}, and it holds {local} tokens here plus {capacity} "

@@ -61,6 +61,7 @@ class LLMEngine:
             spill_batch=max(4, self.blocks.num_blocks // 8), by_priority=config.scheduling_policy == "priority",
             remote_reclaimable=remote.reclaimable_blocks if remote is not None else None,
             remote_take_reclaim=remote.take_reclaim if remote is not None else None,
+            remote_capacity=remote.capacity_blocks if remote is not None else None,
         )
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_model_len)
         # What a request that leaves a sampling field unset gets (the worker front applies them)
@@ -333,7 +334,7 @@ class LLMEngine:
         own = sum(len(s.block_ids) for s in seq.remote_spans if s.memserver_id not in lost)
         self.scheduler.preempt(seq)
         total = seq.num_prompt_tokens + seq.sampling.max_tokens
-        if not lost and self.blocks.blocks_for(total) <= self.blocks.num_blocks + self.remote.capacity_blocks():
+        if not lost and self.scheduler.fits_capacity(total):
             return
         if not self.scheduler.fits_ever(total, extra_blocks=own):
             capacity = self.blocks.num_blocks + own + self.scheduler.remote.room()

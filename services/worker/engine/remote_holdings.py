@@ -19,16 +19,17 @@ _Hint = Callable[[], int] | None
 
 class RemoteHoldings:
     def __init__(self, block_size: int, enable_caching: bool = True, free_blocks: _Hint = None,
-                 reclaimable: _Hint = None, take_reclaim: _Hint = None):
+                 reclaimable: _Hint = None, take_reclaim: _Hint = None, capacity: _Hint = None):
         """free_blocks: what the cluster could lend now (None: no memory servers for us);
         reclaimable: other workers' cached blocks there; take_reclaim: how many of ours other
-        workers need (each heartbeat's figure once) - RemoteKV's free_blocks, reclaimable_blocks,
-        take_reclaim."""
+        workers need (each heartbeat's figure once); capacity: every block the lending servers
+        have - RemoteKV's free_blocks, reclaimable_blocks, take_reclaim, capacity_blocks."""
         self.block_size = block_size
         self.cache = RemoteBlockCache(enable_caching)
         self._free_blocks = free_blocks
         self._reclaimable = reclaimable
         self._take_reclaim = take_reclaim
+        self._capacity = capacity
         self.released: list[RemoteSpan] = []  # to free on their servers: the engine takes them
         self.num_evicted_for_spill = 0  # this step's: the engine frees them before it spills
 
@@ -43,6 +44,10 @@ class RemoteHoldings:
         if self._free_blocks is None:
             return 0
         return self._free_blocks() + self.cache.num_evictable + self.others_reclaimable()
+
+    def capacity(self) -> int:
+        """Every block of the lending memory servers, in use or not (0: none known)."""
+        return self._capacity() if self._capacity is not None else 0
 
     def others_reclaimable(self) -> int:
         """Other workers' cached blocks there: theirs until a refused borrow of ours makes the

@@ -77,14 +77,15 @@ class Scheduler:
         by_priority: bool = False,
         remote_reclaimable: Callable[[], int] | None = None,
         remote_take_reclaim: Callable[[], int] | None = None,
+        remote_capacity: Callable[[], int] | None = None,
     ):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # Our KV on memory servers, and the room there (RemoteKV.free_blocks, reclaimable_blocks,
-        # take_reclaim); the engine frees what lands in self.remote.released
+        # take_reclaim, capacity_blocks); the engine frees what lands in self.remote.released
         self.remote = RemoteHoldings(block_manager.block_size, block_manager.enable_caching,
-                                     remote_free_blocks, remote_reclaimable, remote_take_reclaim)
+                                     remote_free_blocks, remote_reclaimable, remote_take_reclaim, remote_capacity)
         self.spill_batch = spill_batch  # spill at least this many blocks at once (fewer round trips)
         # --scheduling-policy priority: the queue is kept in Sequence.order (FCFS: arrival, a
         # preempted sequence first); running and preemption follow Sequence.order either way
@@ -300,3 +301,8 @@ class Scheduler:
         `extra_blocks` known to be coming free)?"""
         remote = self.remote.room()
         return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + remote + extra_blocks
+
+    def fits_capacity(self, num_tokens: int) -> bool:
+        """Could the local pool plus every block of the lending memory servers hold a sequence of
+        this many tokens, were nothing else using them?"""
+        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks + self.remote.capacity()
