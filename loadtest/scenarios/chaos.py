@@ -1,7 +1,9 @@
 """Faults while load runs, every answer checked against an undisturbed run of the same request.
 
 Memory servers are killed (-9), frozen for a few seconds (SIGSTOP: a hung host or a stalled
-network) and stopped gracefully (SIGTERM: they leave); a worker's engine process is killed.
+network) and stopped gracefully (SIGTERM: they leave); a worker's engine process is killed. With
+``--faults``, whole workers are killed or frozen too (a frozen worker past the router's heartbeat
+timeout is presumed dead: its blocks are freed while it sleeps, and it must cope when it wakes).
 Whatever dies is replaced, as `kvmesh up` does. Requests are greedy or seeded samples over
 prompts from a few tokens to several times a worker's KV capacity (they spill); some clients
 disconnect mid-stream. A request that completes must equal its reference text exactly. One that
@@ -37,8 +39,23 @@ from services.runtime.auth import DEV_CLUSTER_TOKEN
 PROMPT_LENS = (20, 300, 900, 1500, 2200)
 # Why a request may fail while processes die: it is told, and nothing it got was wrong.
 EXPECTED_ERRORS = ("lost KV capacity", "engine process died")
+WORKER_KILLED = "failed mid-stream"  # the router's word for a worker that died under a stream
 # (status, code) of a refusal that is a right answer while capacity comes and goes
 EXPECTED_STATUS = {(400, "context_length_exceeded"), (503, "no_worker_available"), (503, "kv_capacity_busy")}
+
+
+# memserver: kill -9, freeze (SIGSTOP for 2-6 s), term; a worker's engine: kill -9; a whole worker
+# (its process group): kill -9, freeze
+FAULT_KINDS = ("kill", "freeze", "term", "kill-engine", "kill-worker", "freeze-worker")
+DEFAULT_FAULTS = ("kill", "kill", "freeze", "term", "kill-engine")
+
+
+def _faults(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"fault kinds are {', '.join(FAULT_KINDS)}; got {text!r}")
+    return kinds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--memservers", type=int, default=3, help="memservers at start")
+    parser.add_argument("--faults", type=_faults, default=DEFAULT_FAULTS,
+                        help=f"comma-separated fault kinds drawn from (repeats weigh more): {', '.join(FAULT_KINDS)}; "
+                             f"default {','.join(DEFAULT_FAULTS)}")
     add_cluster_arguments(parser)
     parser.set_defaults(workers=2, worker_kv_blocks=48, memserver_capacity="8MiB")
 
@@ -87,22 +107,29 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict, cut_afte
         return "eof", text  # the stream ended without [DONE]
 
 
-def _classify(outcome: str, detail: str, reference: str) -> str:
+def _classify(outcome: str, detail: str, reference: str, expected_errors: tuple[str, ...] = EXPECTED_ERRORS) -> str:
     if outcome == "ok":
         return "ok" if detail == reference else "MISMATCH"
     if outcome == "cut":
         return "cut"
-    if outcome == "error_event" and any(e in detail for e in EXPECTED_ERRORS):
-        return "told: " + next(e for e in EXPECTED_ERRORS if e in detail)
+    if outcome == "error_event" and any(e in detail for e in expected_errors):
+        return "told: " + next(e for e in expected_errors if e in detail)
     if outcome == "http" and (int(detail.split()[0]), detail.split()[1]) in EXPECTED_STATUS:
         return "refused: " + detail
     return "BAD " + outcome
 
 
-def _fault(cluster: LocalCluster, rng: random.Random) -> tuple[str, Child | None]:
-    """One fault now: what it was, and the memserver it froze (the caller continues it)."""
+def _fault(cluster: LocalCluster, rng: random.Random, kinds: tuple[str, ...]) -> tuple[str, Child | None]:
+    """One fault now: what it was, and the process it froze (the caller continues it)."""
     memservers = [m for m in cluster.memservers if m.alive]
-    kind = rng.choice(["kill", "kill", "freeze", "term", "kill-engine"])
+    kind = rng.choice(kinds)
+    if kind in ("kill-worker", "freeze-worker"):
+        workers = [w for w in cluster.workers if w.alive]
+        if len(workers) < 2:  # keep one serving
+            return "none (one worker left)", None
+        victim = rng.choice(workers)
+        victim.signal_group(signal.SIGKILL if kind == "kill-worker" else signal.SIGSTOP)
+        return f"{kind.removesuffix('-worker')} {victim.name}", victim if kind == "freeze-worker" else None
     if kind == "kill-engine":
         worker = rng.choice([w for w in cluster.workers if w.alive])
         engines = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
@@ -120,7 +147,7 @@ async def _chaos(cluster: LocalCluster, args: argparse.Namespace, stop_at: float
     rng = random.Random(args.seed)
     while time.monotonic() < stop_at - 10:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * args.fault_every)
-        what, frozen = await asyncio.to_thread(_fault, cluster, rng)
+        what, frozen = await asyncio.to_thread(_fault, cluster, rng, args.faults)
         log.append(what)
         print(f"  {time.strftime('%X')} fault: {what}", flush=True)
         if frozen is not None:
@@ -162,6 +189,7 @@ async def _run(cluster: LocalCluster, args: argparse.Namespace) -> dict:
         bad: list[str] = []
         faults: list[str] = []
         stop_at = time.monotonic() + args.duration
+        expected_errors = EXPECTED_ERRORS + ((WORKER_KILLED,) if "kill-worker" in args.faults else ())
 
         async def client() -> None:
             while time.monotonic() < stop_at:
@@ -171,7 +199,7 @@ async def _run(cluster: LocalCluster, args: argparse.Namespace) -> dict:
                     outcome, detail = await _stream(session, url, _body(i, args.max_tokens), cut)
                 except (aiohttp.ClientError, TimeoutError) as e:
                     outcome, detail = "exception", repr(e)
-                verdict = _classify(outcome, detail, references[i])
+                verdict = _classify(outcome, detail, references[i], expected_errors)
                 outcomes[verdict] += 1
                 if verdict.startswith(("BAD", "MISMATCH")):
                     bad.append(f"prompt {i}: {verdict}: {detail[:160]!r}")

@@ -6,7 +6,9 @@ later reaches it again writes off what it left there by moving to a higher epoch
 the owner's blocks of older epochs at the first message of a newer one and ignores (frees) or
 refuses (stores, attention) messages of an older one, so a late free can never hit a block that
 was handed out again. A worker starts its epochs at its start time in nanoseconds: a restarted
-worker under the same id fences off what its predecessor left."""
+worker under the same id fences off what its predecessor left. The server moves the fence itself
+when it frees an owner's blocks unasked (the router let the owner's lease expire, its connection
+closed): the owner's old epoch is then stale here, and its next message tells it so."""
 
 from __future__ import annotations
 

@@ -86,16 +86,25 @@ class MemoryService:
     def session_closed(self, peer: str) -> None:
         owner = self._owner_of.pop(peer, None)
         if owner is not None and owner not in self._owner_of.values():
-            num = self.pool.free_owner(owner)
-            if num:
-                log.warning("owner_blocks_freed", owner=owner, num_blocks=num, reason="connection closed")
+            self._write_off(owner, "connection closed")
 
     def reap(self, live_owners: set[str]) -> None:
         """Free the blocks of owners the router no longer knows (their lease expired)."""
         for owner in list(self.pool.holdings()):
             if owner not in live_owners:
-                num = self.pool.free_owner(owner)
-                log.warning("owner_blocks_freed", owner=owner, num_blocks=num, reason="lease expired")
+                self._write_off(owner, "lease expired")
+
+    def _write_off(self, owner: str, reason: str) -> None:
+        """Free an owner's blocks without its asking, and fence off its epoch. The owner may still
+        be alive (frozen past its lease, cut off a while): until it writes these blocks off itself
+        (a newer epoch), its messages under the old one are refused with stale_epoch. Accepted,
+        its attention would find its blocks gone, and a store would be handed ids it still counts
+        as its own (the worker's engine died of 'stored twice' in a chaos run)."""
+        num = self.pool.free_owner(owner)
+        if owner in self._epochs:
+            self._epochs[owner] += 1  # the owner's next epoch is at least this (remote_client)
+        if num:
+            log.warning("owner_blocks_freed", owner=owner, num_blocks=num, reason=reason)
 
     async def store(self, request: Request) -> BlocksStored:
         msg: StoreBlocks = request.message

@@ -19,7 +19,7 @@ from services.runtime.wire import CONTENT_TYPE, BorrowRequest, Repay, Settle, en
 from services.worker.attend_client import TRANSPORT_ERRORS as _TRANSPORT_ERRORS
 from services.worker.attend_client import AttendClient
 from services.worker.engine.remote import AttentionCall, RemoteSpan, SpillFailed
-from transport.errors import PeerUnreachable
+from transport.errors import PeerUnreachable, RemoteError
 from transport.node import Node
 
 log = structlog.get_logger()
@@ -201,6 +201,10 @@ class RemoteKVClient:
                                                timeout=self._timeout)
                 except _TRANSPORT_ERRORS as e:
                     log.warning("store_refused", request_id=request_id, memserver=grant["memserver_id"], error=str(e))
+                    if isinstance(e, RemoteError) and e.code == "stale_epoch":
+                        # The server freed our blocks unasked (our lease expired while we were silent):
+                        # recompute what lived there and move to a newer epoch, as for a lost server.
+                        self._mark_lost(grant["memserver_id"], str(e))
                     # Unreachable, not full: the ledger lends nothing more from it until it heartbeats.
                     await self._ledger.settle(grant["reservation_id"], 0, isinstance(e, PeerUnreachable))
                     continue

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import subprocess
 import time
 
 import aiohttp
 import pytest
 
 from services.memserver.messages import Attend, FreeBlocks, StoreBlocks, attend_layout
-from tests.e2e.cluster import TOKEN, cluster_view, get, running_cluster, wait_for, worker_stats
+from tests.e2e.cluster import TOKEN, cluster_view, get, num_live_workers, running_cluster, wait_for, worker_stats
 from tests.e2e.test_memservers import MEMSERVER_CAPACITY, WORKER_ARGS, _prompt, offline_texts, stream_text
 
 
@@ -295,6 +297,41 @@ async def test_killed_worker_blocks_are_freed_by_memservers(tmp_path):
                 await resp.read()
         wait_for(lambda: all(worker_stats(m)["num_used_blocks"] == 0 for m in cluster.memservers), 10,
                  "memservers to free the dead worker's blocks")
+
+
+def _signal_tree(proc, sig: int) -> None:
+    """A worker and its engine process: a frozen host stops both."""
+    children = subprocess.run(["pgrep", "-P", str(proc.popen.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [proc.popen.pid, *map(int, children)]:
+        os.kill(pid, sig)
+
+
+async def test_a_worker_frozen_past_its_lease_serves_on_when_it_wakes(tmp_path):
+    """A worker frozen (SIGSTOP) past the router's heartbeat timeout is presumed dead: the memory
+    server frees the blocks it cached there. Woken, it still counts them as its own. Before the
+    server fenced its epoch, the next spill was handed those very ids and its engine died of
+    'stored twice'; now the server says the epoch is stale, the worker writes the server off and
+    recomputes, and both requests are served as all-local serves them."""
+    first, second = _prompt(900, seed=90), _prompt(1000, seed=91)
+    expected = await asyncio.to_thread(offline_texts, [first, second], 8)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        worker, memserver = cluster.workers[0], cluster.memservers[0]
+        async with aiohttp.ClientSession() as session:
+            assert (await stream_text(session, cluster.router.url, first, 8))[0] == expected[0]
+            assert worker_stats(memserver)["num_used_blocks"] > 0  # the first prompt's blocks, cached there
+            _signal_tree(worker, signal.SIGSTOP)
+            try:
+                await asyncio.to_thread(wait_for, lambda: worker_stats(memserver)["num_used_blocks"] == 0, 30,
+                                        "the memory server to free the silent worker's blocks")
+            finally:
+                _signal_tree(worker, signal.SIGCONT)
+            await asyncio.to_thread(wait_for, lambda: num_live_workers(cluster.router) == 1, 30,
+                                    "the woken worker to be live again")
+            assert (await stream_text(session, cluster.router.url, second, 8))[0] == expected[1]
+            assert (await stream_text(session, cluster.router.url, first, 8))[0] == expected[0]
+        assert worker.alive, worker.log_tail()
+        cluster.wait_zero_used_blocks()
 
 
 async def test_memserver_leaves_gracefully_mid_stream(tmp_path):

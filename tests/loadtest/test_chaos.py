@@ -1,8 +1,10 @@
 """The chaos scenario's verdicts: what counts as a correct answer while processes die."""
 
+import argparse
+
 import pytest
 
-from loadtest.scenarios.chaos import _body, _classify
+from loadtest.scenarios.chaos import DEFAULT_FAULTS, EXPECTED_ERRORS, WORKER_KILLED, _body, _classify, _faults
 
 
 @pytest.mark.parametrize("outcome,detail,verdict", [
@@ -29,3 +31,16 @@ def test_requests_are_reproducible_and_mix_greedy_and_seeded_sampling():
     assert _body(4, 24) == _body(4, 24)
     assert len(_body(3, 24)["prompt"]) == 1500 and _body(3, 24)["temperature"] == 0
     assert _body(4, 24)["seed"] == 1004 and _body(5, 24)["top_k"] == 40
+
+
+def test_a_stream_cut_by_a_dead_worker_is_expected_only_when_workers_are_killed():
+    detail = "worker worker1 failed mid-stream: stream ended before the sequence finished"
+    assert _classify("error_event", detail, "x") == "BAD error_event"  # no worker dies by default: a bug
+    assert _classify("error_event", detail, "x", EXPECTED_ERRORS + (WORKER_KILLED,)) == "told: failed mid-stream"
+
+
+def test_fault_kinds_are_checked():
+    assert _faults("freeze-worker, kill-worker,kill") == ("freeze-worker", "kill-worker", "kill")
+    assert "kill-worker" not in DEFAULT_FAULTS
+    with pytest.raises(argparse.ArgumentTypeError, match="freeze-worker"):
+        _faults("kill,freeze-workers")

@@ -183,6 +183,22 @@ def test_a_spill_reports_a_creditor_it_could_not_reach_and_stores_elsewhere(loop
     (span,) = client.spill("req-1", kv, start_token=32)
     assert span.memserver_id == "ms1" and len(span.block_ids) == 3 and span.start_token == 32
     assert ledger.settled == [("ms0", 0, unreachable), ("ms1", 3, False)]
+    assert client.lost_memservers() == set()  # a full or dead creditor held none of our blocks
+
+
+def test_a_store_refused_for_a_stale_epoch_writes_that_server_off(loop):
+    # The server freed our blocks unasked (our lease expired while this worker was frozen): what
+    # lived there must be recomputed, and later messages go out under a newer epoch.
+    ledger = SpillLedger()
+    node = types.SimpleNamespace(pool=StorePool({"ms0": RemoteError("epoch 5 of w0 is stale", "stale_epoch"),
+                                                 "ms1": "ok"}))
+    client = RemoteKVClient(loop, node, ledger, attention_lane=False)
+    client.configure({"head_dim": 4, "block_size": 16})
+    old = client.epoch_of("ms0")
+    (span,) = client.spill("req-1", torch.zeros(2, 2, 3, 16, 1, 4), start_token=0)
+    assert span.memserver_id == "ms1"
+    assert client.lost_memservers() == {"ms0"}
+    assert client.epoch_of("ms0") > old and client.epoch_of("ms1") == old
 
 
 class RecordingConnection:
