@@ -53,7 +53,7 @@ def create_app(config: RouterConfig, policy: RoutingPolicy | None = None) -> web
     app[RESPONSES] = ResponseStore(config.responses_store_size)
     app[lora_api.RUNTIME_ADAPTERS] = lora_api.RuntimeAdapters()
     app.cleanup_ctx.append(_worker_pool_ctx(policy if policy is not None else PrefixAffinity()))
-    app.cleanup_ctx.append(kv_api._ledger_expiry_ctx(max(0.2, config.heartbeat_timeout_s / 4)))
+    app.cleanup_ctx.append(kv_api._expiry_ctx(max(0.2, config.heartbeat_timeout_s / 4)))
     app.add_routes(openai_api.routes)
     app.add_routes(lora_api.routes)
     app.add_routes(cache_api.routes)

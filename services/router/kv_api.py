@@ -164,15 +164,19 @@ def cluster_view(app: web.Application) -> dict:
     }
 
 
-def _ledger_expiry_ctx(interval_s: float):
-    async def ledger_expiry(app: web.Application):
+def _expiry_ctx(interval_s: float):
+    """Memory servers silent past the heartbeat timeout leave the ledger; workers silent far longer
+    leave the registry (until then /cluster lists them as silent, with their last report)."""
+    async def expiry(app: web.Application):
         async def loop():
             while True:
                 await asyncio.sleep(interval_s)
                 for memserver_id in app[LEDGER].expire():
                     log.warning("memserver_expired", memserver=memserver_id)
+                for worker_id in app[REGISTRY].forget_silent():
+                    log.warning("worker_forgotten", worker=worker_id, reason="silent since long")
 
-        task = asyncio.create_task(loop(), name="ledger-expiry")
+        task = asyncio.create_task(loop(), name="expiry")
         yield
         task.cancel()
         try:
@@ -180,4 +184,4 @@ def _ledger_expiry_ctx(interval_s: float):
         except asyncio.CancelledError:
             pass
 
-    return ledger_expiry
+    return expiry

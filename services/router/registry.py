@@ -4,6 +4,8 @@ A worker is live when it has heartbeated within `heartbeat_timeout_s` and, if th
 fail (connection refused, stream cut), has heartbeated again since. A worker silent for longer is
 presumed gone, with the KV blocks it held: memory servers free its blocks (their heartbeat answer no
 longer names it), and the cluster's block count leaves out its last report until it heartbeats again.
+A worker silent for `FORGET_AFTER_TIMEOUTS` timeouts is forgotten (replaced workers come back under
+new ids: the list would grow for good); the model names it served stay known.
 """
 
 from __future__ import annotations
@@ -26,11 +28,19 @@ class WorkerState:
     inflight_tokens: int = 0  # router-side view: max_tokens of each routed, unfinished sequence
 
 
+# Silent this many heartbeat timeouts (5 minutes at the default 3 s), a worker is forgotten.
+FORGET_AFTER_TIMEOUTS = 100
+
+
 class WorkerRegistry:
     def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic):
         self._timeout = heartbeat_timeout_s
+        self._forget_after = FORGET_AFTER_TIMEOUTS * heartbeat_timeout_s
         self._clock = clock
         self._workers: dict[str, WorkerState] = {}
+        # Names served by forgotten workers: a request for one is told no worker serves it now (503),
+        # not that the model does not exist (404)
+        self._retired_names: set[str] = set()
 
     def register(self, info: WorkerRegistration) -> None:
         old = self._workers.get(info.worker_id)
@@ -50,6 +60,15 @@ class WorkerRegistry:
 
     def deregister(self, worker_id: str) -> bool:
         return self._workers.pop(worker_id, None) is not None
+
+    def forget_silent(self) -> list[str]:
+        """Forget the workers silent for FORGET_AFTER_TIMEOUTS heartbeat timeouts; their ids.
+        One that heartbeats later is told to register again, as after deregistering."""
+        now = self._clock()
+        gone = [wid for wid, s in self._workers.items() if now - s.last_seen >= self._forget_after]
+        for worker_id in gone:
+            self._retired_names.update(self._workers.pop(worker_id).info.served_names)
+        return gone
 
     def mark_failed(self, worker_id: str) -> None:
         state = self._workers.get(worker_id)
@@ -115,8 +134,8 @@ class WorkerRegistry:
         return next((frozenset(s.info.eos_token_ids or ()) for s in self.live(name)), frozenset())
 
     def knows(self, name: str) -> bool:
-        """Some worker, live or not, serves a model by that name."""
-        return any(name in s.info.served_names for s in self._workers.values())
+        """Some worker, live or not, serves (or served until it went silent) a model by that name."""
+        return name in self._retired_names or any(name in s.info.served_names for s in self._workers.values())
 
     def candidates(self, model: str, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
         out = []

@@ -1,6 +1,6 @@
 import pytest
 
-from services.router.registry import WorkerRegistry
+from services.router.registry import FORGET_AFTER_TIMEOUTS, WorkerRegistry
 from services.runtime.wire import WorkerLoad, WorkerRegistration
 
 
@@ -160,3 +160,24 @@ def test_the_clusters_block_count_leaves_out_a_worker_presumed_gone():
 
     reg.heartbeat(WorkerLoad("a", 1, 0, 98, 100, 0, False))  # it was only slow: counted again
     assert cluster_view(app)["num_used_blocks"] == 2
+
+
+def test_a_worker_silent_for_long_is_forgotten_but_its_model_stays_known():
+    # Crashed workers come back under new ids (kvmesh up, chaos): kept for good, /cluster and the
+    # registry grew with every crash. A request for the model of a forgotten worker is still told
+    # no worker serves it now (503), not that the model does not exist (404).
+    clock = Clock()
+    reg = WorkerRegistry(3.0, clock)
+    reg.register(info("a", model="m"))
+    reg.register(info("b", model="m"))
+    clock.t = FORGET_AFTER_TIMEOUTS * 3.0 - 1
+    reg.heartbeat(load("b"))
+    assert reg.forget_silent() == []  # "a" is silent, listed with its last report
+    clock.t = FORGET_AFTER_TIMEOUTS * 3.0
+    assert reg.forget_silent() == ["a"]
+    assert [s.info.worker_id for s in reg.all()] == ["b"]
+    assert not reg.heartbeat(load("a"))  # back after all: told to register again
+    clock.t = 2 * FORGET_AFTER_TIMEOUTS * 3.0
+    assert reg.forget_silent() == ["b"] and reg.all() == []
+    assert reg.knows("m") and not reg.knows("other")
+    assert reg.live("m") == []
