@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.router.keys import LEDGER, REGISTRY
 from services.router.ledger import InsufficientCapacity
+from services.router.registry import FORGET_AFTER_TIMEOUTS
 from services.runtime.bodies import json_response, read_message
 from services.runtime.errors import ApiError
 from services.runtime.wire import (
@@ -174,7 +175,8 @@ def _expiry_ctx(interval_s: float):
                 for memserver_id in app[LEDGER].expire():
                     log.warning("memserver_expired", memserver=memserver_id)
                 for worker_id in app[REGISTRY].forget_silent():
-                    log.warning("worker_forgotten", worker=worker_id, reason="silent since long")
+                    log.warning("worker_forgotten", worker=worker_id,
+                                reason=f"silent for {FORGET_AFTER_TIMEOUTS} heartbeat timeouts")
 
         task = asyncio.create_task(loop(), name="expiry")
         yield
