@@ -3,7 +3,8 @@
 Memory servers are killed (-9), frozen for a few seconds (SIGSTOP: a hung host or a stalled
 network) and stopped gracefully (SIGTERM: they leave); a worker's engine process is killed. With
 ``--faults``, whole workers are killed or frozen too (a frozen worker past the router's heartbeat
-timeout is presumed dead: its blocks are freed while it sleeps, and it must cope when it wakes).
+timeout is presumed dead: its blocks are freed while it sleeps, and it must cope when it wakes),
+and the router is frozen (it hears no heartbeat meanwhile, and must not hold that against anyone).
 Whatever dies is replaced, as `kvmesh up` does. Requests are greedy or seeded samples over
 prompts from a few tokens to several times a worker's KV capacity (they spill); some clients
 disconnect mid-stream. A request that completes must equal its reference text exactly. One that
@@ -45,8 +46,8 @@ EXPECTED_STATUS = {(400, "context_length_exceeded"), (503, "no_worker_available"
 
 
 # memserver: kill -9, freeze (SIGSTOP for 2-6 s), term; a worker's engine: kill -9; a whole worker
-# (its process group): kill -9, freeze
-FAULT_KINDS = ("kill", "freeze", "term", "kill-engine", "kill-worker", "freeze-worker")
+# (its process group): kill -9, freeze; the router: freeze
+FAULT_KINDS = ("kill", "freeze", "term", "kill-engine", "kill-worker", "freeze-worker", "freeze-router")
 DEFAULT_FAULTS = ("kill", "kill", "freeze", "term", "kill-engine")
 
 
@@ -123,6 +124,9 @@ def _fault(cluster: LocalCluster, rng: random.Random, kinds: tuple[str, ...]) ->
     """One fault now: what it was, and the process it froze (the caller continues it)."""
     memservers = [m for m in cluster.memservers if m.alive]
     kind = rng.choice(kinds)
+    if kind == "freeze-router":
+        cluster.router.signal_group(signal.SIGSTOP)
+        return f"freeze {cluster.router.name}", cluster.router
     if kind in ("kill-worker", "freeze-worker"):
         workers = [w for w in cluster.workers if w.alive]
         if len(workers) < 2:  # keep one serving

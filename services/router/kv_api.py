@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from aiohttp import web
@@ -167,11 +168,21 @@ def cluster_view(app: web.Application) -> dict:
 
 def _expiry_ctx(interval_s: float):
     """Memory servers silent past the heartbeat timeout leave the ledger; workers silent far longer
-    leave the registry (until then /cluster lists them as silent, with their last report)."""
+    leave the registry (until then /cluster lists them as silent, with their last report). A tick
+    that comes late by more than a tick means the router itself stalled (frozen, starved of CPU):
+    the heartbeats it could not receive meanwhile are not held against anyone. Else, thawed after
+    a few seconds, it dropped every memory server at once (chaos, freeze-router)."""
     async def expiry(app: web.Application):
         async def loop():
+            last = time.monotonic()
             while True:
                 await asyncio.sleep(interval_s)
+                now = time.monotonic()
+                stalled, last = now - last - interval_s, now
+                if stalled > interval_s:
+                    app[LEDGER].excuse(stalled)
+                    app[REGISTRY].excuse(stalled)
+                    log.warning("router_stalled", seconds=round(stalled, 2))
                 for memserver_id in app[LEDGER].expire():
                     log.warning("memserver_expired", memserver=memserver_id)
                 for worker_id in app[REGISTRY].forget_silent():

@@ -94,6 +94,15 @@ class Ledger:
             del self._reservations[rid]
         return self._servers.pop(memserver_id, None)
 
+    def excuse(self, seconds: float) -> None:
+        """The router itself stalled for ``seconds``: no memory server's heartbeat, and no worker's
+        settle, could arrive meanwhile. That time counts against no lease or reservation."""
+        now = self._clock()
+        for state in self._servers.values():
+            state.last_seen = min(now, state.last_seen + seconds)
+        for res in self._reservations.values():
+            res.created = min(now, res.created + seconds)
+
     def expire(self) -> list[str]:
         """Drop memory servers that missed heartbeats, and stale reservations; returns dropped ids."""
         now = self._clock()
@@ -179,6 +188,10 @@ class Ledger:
             state.unreachable = True
             return state.memserver_id if newly else None
         if num_stored <= 0:
+            # Refused: it had fewer free than asked, whatever its last heartbeat said (frees repaid
+            # twice, a router that stalled). Lend it no more than that until its next heartbeat,
+            # instead of sending the next borrower to be refused too.
+            state.num_free = min(state.num_free, res.num_blocks - 1)
             return None
         stored = min(num_stored, res.num_blocks)
         state.num_free = max(0, state.num_free - stored)

@@ -70,6 +70,16 @@ class WorkerRegistry:
             self._retired_names.update(self._workers.pop(worker_id).info.served_names)
         return gone
 
+    def excuse(self, seconds: float) -> None:
+        """The router itself stalled for ``seconds`` (frozen, starved of CPU): no heartbeat could
+        arrive meanwhile, so that silence is held against no worker. Times move together, so a
+        worker seen to fail stays failed until it heartbeats again."""
+        now = self._clock()
+        for s in self._workers.values():
+            s.last_seen = min(now, s.last_seen + seconds)
+            if s.failed_at is not None:
+                s.failed_at = min(now, s.failed_at + seconds)
+
     def mark_failed(self, worker_id: str) -> None:
         state = self._workers.get(worker_id)
         if state is not None:

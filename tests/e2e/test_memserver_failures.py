@@ -334,6 +334,33 @@ async def test_a_worker_frozen_past_its_lease_serves_on_when_it_wakes(tmp_path):
         cluster.wait_zero_used_blocks()
 
 
+async def test_a_router_frozen_past_the_heartbeat_timeout_keeps_its_cluster_when_it_thaws(tmp_path):
+    """Frozen (SIGSTOP; a paused or starved host), the router can hear no heartbeat. Thawed, it held
+    that silence against everyone and dropped every memory server from the ledger at once (chaos,
+    freeze-router). Now the stall is excused: the memory server stays, the worker's cached blocks
+    there stay, and the next request is served."""
+    prompt = _prompt(900, seed=92)
+    (expected,) = await asyncio.to_thread(offline_texts, [prompt], 8)
+    with running_cluster(tmp_path, 1, worker_args=WORKER_ARGS, num_memservers=1,
+                         memserver_capacity=MEMSERVER_CAPACITY) as cluster:
+        memserver, router = cluster.memservers[0], cluster.router
+        async with aiohttp.ClientSession() as session:
+            assert (await stream_text(session, router.url, prompt, 8))[0] == expected
+            held = worker_stats(memserver)["num_used_blocks"]
+            assert held > 0  # the prompt's blocks, cached there
+            router.popen.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(4)  # twice the router's heartbeat timeout in these tests
+            finally:
+                router.popen.send_signal(signal.SIGCONT)
+            await asyncio.sleep(2)  # heartbeats resume
+            assert "router_stalled" in router.log_text()
+            assert "memserver_expired" not in router.log_text()
+            assert worker_stats(memserver)["num_used_blocks"] == held
+            assert (await stream_text(session, router.url, prompt, 8))[0] == expected
+        cluster.wait_zero_used_blocks()
+
+
 async def test_memserver_leaves_gracefully_mid_stream(tmp_path):
     prompts = [_prompt(1000 + 100 * i, seed=60 + i) for i in range(2)]
     expected = await asyncio.to_thread(offline_texts, prompts, 40)

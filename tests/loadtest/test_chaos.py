@@ -41,6 +41,7 @@ def test_a_stream_cut_by_a_dead_worker_is_expected_only_when_workers_are_killed(
 
 def test_fault_kinds_are_checked():
     assert _faults("freeze-worker, kill-worker,kill") == ("freeze-worker", "kill-worker", "kill")
+    assert _faults("freeze-router") == ("freeze-router",)
     assert "kill-worker" not in DEFAULT_FAULTS
     with pytest.raises(argparse.ArgumentTypeError, match="freeze-worker"):
         _faults("kill,freeze-workers")

@@ -50,11 +50,17 @@ def test_reservation_holds_capacity_until_settled():
     assert ledger.lent() == {} and ledger.free_blocks() == 160
 
 
-def test_refused_reservation_returns_capacity():
+def test_refused_reservation_is_released_and_the_refusing_server_lends_less_until_it_heartbeats():
+    # A refusal says the server had fewer than 10 free, whatever its last heartbeat said: granted
+    # again, the next borrower was refused too (three times in 10 ms after a router stall, chaos).
     ledger = _ledger()
     (grant,) = ledger.borrow("w1", 10)
+    assert grant.memserver_id == "ms-a"
     ledger.settle(grant.reservation_id, 0)
-    assert ledger.free_blocks() == 160 and ledger.lent() == {}
+    assert ledger.lent() == {} and ledger.available("ms-a") == 9 and ledger.free_blocks() == 69
+    assert [g.memserver_id for g in ledger.borrow("w2", 10)] == ["ms-b"]
+    ledger.heartbeat("ms-a", num_free=100, holdings={})  # the truth again
+    assert ledger.available("ms-a") == 100
 
 
 def test_a_creditor_found_unreachable_lends_nothing_until_it_heartbeats():
@@ -135,3 +141,24 @@ def test_a_refused_borrow_asks_the_other_workers_for_their_cached_blocks_until_r
     with pytest.raises(InsufficientCapacity):
         ledger.borrow("w2", 4, need=60)  # a spill of 4 blocks, of a sequence that needs 60 there
     assert ledger.wanted_by_others("w1") == 60
+
+
+def test_time_the_router_itself_stalled_counts_against_no_lease_or_reservation():
+    # Frozen 5 s, the router could hear no heartbeat: thawed, it dropped every memory server at
+    # once (chaos, freeze-router). The stall is excused; silence before and after it still counts.
+    clock = Clock()
+    ledger = _ledger(clock)
+    ledger.borrow("w1", 10)
+    clock.now = 1.0
+    ledger.heartbeat("ms-a", num_free=100, holdings={})
+    clock.now = 6.5  # a 5 s stall began at 1.5
+    ledger.excuse(5.0)
+    assert ledger.expire() == []  # ms-b last heard at 0 + 5: 1.5 s of real silence
+    assert ledger.free_blocks() == 150  # the reservation holds
+    clock.now = 8.0
+    assert ledger.expire() == ["ms-b"]  # 3 s of silence outside the stall
+    ledger.excuse(100.0)  # never beyond now
+    clock.now = 10.9
+    assert ledger.expire() == []
+    clock.now = 11.0
+    assert ledger.expire() == ["ms-a"]

@@ -181,3 +181,18 @@ def test_a_worker_silent_for_long_is_forgotten_but_its_model_stays_known():
     assert reg.forget_silent() == ["b"] and reg.all() == []
     assert reg.knows("m") and not reg.knows("other")
     assert reg.live("m") == []
+
+
+def test_time_the_router_itself_stalled_is_held_against_no_worker():
+    clock = Clock()
+    reg = WorkerRegistry(3.0, clock)
+    reg.register(info("a"))
+    reg.register(info("b"))
+    clock.t = 1.0
+    reg.mark_failed("b")  # seen to fail: out until it heartbeats again
+    clock.t = 6.0
+    reg.excuse(5.0)
+    assert [s.info.worker_id for s in reg.live()] == ["a"]  # the stall does not make "b" look heartbeated
+    assert [s.info.worker_id for s in reg.present()] == ["a", "b"]
+    clock.t = 8.0
+    assert reg.live() == [] and reg.present() == []
