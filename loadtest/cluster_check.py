@@ -21,4 +21,19 @@ async def check_zero_used_blocks(url: str, token: str, timeout_s: float = 10.0) 
         view = await asyncio.to_thread(probe.wait_zero_used_blocks, base, token, timeout_s)
     except RuntimeError as e:
         return {"checked": False, "reason": str(e)}
-    return {"checked": True, "ok": view.num_used_blocks == 0, **view.to_json()}
+    result = {"checked": True, "ok": view.num_used_blocks == 0, **view.to_json()}
+    if not result["ok"]:
+        result["holders"] = await asyncio.to_thread(_holders, base, token)
+    return result
+
+
+def _holders(base: str, token: str) -> list[str]:
+    """Who holds the blocks, from the router's /cluster (to say where a leak is)."""
+    _, body = probe.get_json(base + "/cluster", token)
+    if not body:
+        return []
+    nodes = [(w["worker_id"], w) for w in body.get("workers", [])] + [
+        (m["memserver_id"], m) for m in body.get("memservers", [])]
+    return [f"{name}: {n['num_used_blocks']} used" + (" (silent)" if n.get("silent") else "")
+            for name, n in nodes if n.get("num_used_blocks")] + [
+        f"lent: {entry['worker_id']} -> {entry['memserver_id']} {entry['num_blocks']}" for entry in body.get("lent", [])]

@@ -233,6 +233,8 @@ def main(args: argparse.Namespace) -> int:
     tokens = result["prompt_tokens"]
     print(f"faults: {len(result['faults'])}; KV blocks used at the end: {blocks.get('num_used_blocks')}; "
           f"prompt tokens from the prefix cache: {tokens.get('cached', 0):.0f} of {tokens.get('prompt', 0):.0f}")
+    for line in blocks.get("holders", []):
+        print("  holds blocks: " + line)
     report.write_json(args.out / "chaos.json", result)
     ok = not result["bad"] and outcomes.get("ok", 0) > 0 and blocks.get("ok", False)
     print(f"chaos: {'PASS' if ok else 'FAIL'}")

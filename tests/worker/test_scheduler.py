@@ -1,3 +1,5 @@
+import pytest
+
 from services.worker.engine.api import SamplingParams
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.scheduler import Scheduler
@@ -89,6 +91,22 @@ def test_max_num_seqs_caps_the_batch():
         sched.add(_seq(i, 2))
     assert [c.seq.request_id for c in sched.schedule().chunks] == ["r0", "r1"]
     assert len(sched.waiting) == 1
+
+
+def test_a_sequence_backing_off_is_passed_over_and_those_behind_it_join():
+    now = [10.0]
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100, clock=lambda: now[0])
+    a, b, c = _seq(0, 6), _seq(1, 3), _seq(2, 3)
+    a.admit_after, c.admit_after = 10.5, 10.2  # their spills were refused
+    for seq in (a, b, c):
+        sched.add(seq)
+    assert [ch.seq.request_id for ch in sched.schedule().chunks] == ["r1"]
+    assert [s.request_id for s in sched.waiting] == ["r0", "r2"]  # the queue keeps its order
+    assert sched.ready_in() == 0  # r1 runs
+    sched.finish(b)
+    assert sched.ready_in() == pytest.approx(0.2)  # nothing may run before r2's backoff ends
+    now[0] = 10.5
+    assert [ch.seq.request_id for ch in sched.schedule().chunks] == ["r0", "r2"]
 
 
 def _finish_prefill(sched, seq, token=7):

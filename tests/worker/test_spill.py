@@ -11,7 +11,7 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import LLMEngine
 from tests.worker.checkpoints import save_checkpoint
 from tests.worker.fake_remote import FakeRemoteKV
-from tests.worker.test_engine_oracle import hf_greedy, run_engine
+from tests.worker.test_engine_oracle import MAX_TOKENS, hf_greedy, run_engine
 
 LOCAL_BLOCKS = 8  # x 16 tokens = 128 tokens of local KV
 
@@ -141,6 +141,55 @@ def test_a_refused_spill_makes_a_sequence_wait_for_room_not_fail(model):
     got, _ = run_engine(engine, [prompts[1], second])  # 324 tokens each: 21 blocks
     assert got == [expected[1], hf_greedy(path, [second])[0]]
     assert remote.stale == 0  # a spill was refused
+    assert_no_block_leaked(engine, remote)
+
+
+def test_a_sequence_whose_spills_keep_being_refused_backs_off_instead_of_recomputing_at_once(model):
+    """Each try of a sequence whose spill was refused recomputes the KV it had spilled: in a chaos
+    run a 1,500-token request tried ~7 times a second while another held the room. Now it waits
+    50 ms, then 100, 200 ... up to 1 s; those behind it may run meanwhile, and a loop that steps
+    is told how long nothing can run (ready_in). Once room frees, its tokens equal transformers'."""
+    from services.worker.engine.api import GenerateRequest, SamplingParams
+    from services.worker.engine.remote import SpillFailed
+
+    path, prompts, expected = model
+
+    class Refusing(FakeRemoteKV):
+        refusing = True  # another worker holds the room, as far as this one can tell
+
+        def spill(self, request_id, kv, start_token, near=(), need=0):
+            if self.refusing:
+                self.num_refused = getattr(self, "num_refused", 0) + 1
+                raise SpillFailed("the cluster has 0 free KV blocks on memory servers")
+            return super().spill(request_id, kv, start_token, near, need)
+
+    engine, remote = _engine(path, remote_servers=1, blocks_per_server=64, remote_kv=Refusing)
+    now = [0.0]
+    engine.scheduler.clock = lambda: now[0]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    engine.submit(engine.prepare(GenerateRequest("long", params, prompt_token_ids=tuple(prompts[1]))))  # 300 tokens
+    engine.submit(engine.prepare(GenerateRequest("short", params, prompt_token_ids=tuple(prompts[2]))))  # 40
+    tokens = {"long": [], "short": []}
+
+    def steps(n):
+        for _ in range(n):
+            for d in engine.step():
+                tokens[d.request_id] += d.token_ids
+
+    steps(30)
+    assert remote.num_refused == 1  # not once a step
+    assert tokens["short"] == expected[2]  # it ran while the long one waited
+    assert engine.has_work() and engine.ready_in() == pytest.approx(0.05)
+    for refusals, backoff in ((2, 0.1), (3, 0.2), (4, 0.4), (5, 0.8), (6, 1.0), (7, 1.0)):
+        now[0] += engine.ready_in()
+        while remote.num_refused < refusals:
+            steps(1)
+        assert engine.ready_in() == pytest.approx(backoff)
+    remote.refusing = False
+    now[0] += engine.ready_in()
+    while engine.has_work():
+        steps(1)
+    assert tokens["long"] == expected[1]
     assert_no_block_leaked(engine, remote)
 
 

@@ -4,6 +4,7 @@ for I/O; each request's deltas reach its caller through its own queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,6 +102,11 @@ class AsyncEngine:
                 self._wakeup.clear()
                 if not self.engine.has_work():
                     await self._wakeup.wait()
+                continue
+            if (delay := self.engine.ready_in()) > 0:  # all it has backs off: wait, or a new request
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
                 continue
             try:
                 deltas = await loop.run_in_executor(self._executor, self.engine.step)

@@ -124,14 +124,19 @@ class EngineServer:
             busy = self.engine.has_work()
             # While grammars compile, look for finished ones every 5 ms even when nothing else runs;
             # while it keeps blocks on memory servers, for lost servers every 250 ms (engine.tend).
-            wait = (0 if busy else 0.005 if self._compiling else 0.05 if self._stopping
+            # Busy, it steps at once, unless all it has waits out a backoff (engine.ready_in).
+            wait = (min(self.engine.ready_in(), 0.005 if self._compiling else 0.05) if busy
+                    else 0.005 if self._compiling else 0.05 if self._stopping
                     else 0.25 if self.engine.stats().num_remote_blocks else None)
             for message in self.channel.receive(timeout=wait):
                 self._handle(message)
             if self._compiling:
                 self._admit_compiled()
             if self.engine.has_work():
-                self.channel.send(["step", [ipc.delta_to_obj(d) for d in self._step()], self._stats()])
+                if self.engine.ready_in() == 0:
+                    self.channel.send(["step", [ipc.delta_to_obj(d) for d in self._step()], self._stats()])
+                else:  # backing off: what a step would do meanwhile (free, give room up)
+                    self.engine.tend()
             elif self._stopping:
                 return
             else:

@@ -43,6 +43,10 @@ from services.worker.model.tokenizer import Tokenizer
 log = structlog.get_logger()
 
 _RELEASE_WAIT_S = 30.0
+# A sequence whose spill was refused waits this long before it is admitted again, doubling with
+# each refusal in a row up to the max (engine._back_off)
+_SPILL_BACKOFF_S = 0.05
+_MAX_SPILL_BACKOFF_S = 1.0
 
 
 class LLMEngine:
@@ -127,6 +131,11 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.has_work())
+
+    def ready_in(self) -> float:
+        """Seconds until step() has something to do, when has_work(): 0 unless every waiting
+        sequence backs off after a refused spill (a loop that steps then would only spin)."""
+        return 0.0 if self._inbox or self._aborts else self.scheduler.ready_in()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -301,12 +310,16 @@ class LLMEngine:
                 spans = self.remote.spill(seq.request_id, self.runner.gather_blocks(plan.block_ids), plan.start_token,
                                           near, max(need, len(plan.block_ids)))
             except SpillFailed as e:
-                log.warning("spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
+                # Said once a run of refusals: under memory pressure a sequence may try many times.
+                (log.warning if not seq.num_spill_refusals else log.debug)(
+                    "spill_failed", request_id=seq.request_id, num_blocks=len(plan.block_ids), error=str(e))
                 # Our cached blocks may be what stood in the way (a stale free count, a per-owner cap):
                 # the sequence's next try finds their room.
                 self.scheduler.remote.give_up(len(plan.block_ids))
                 self._recompute(seq, deltas)  # its spilled blocks are gone
+                self._back_off(seq)
                 continue
+            seq.num_spill_refusals = 0
             seq.remote_spans.extend(spans)
             self.scheduler.remote.stored(spans, seq.block_hashes)
             log.debug("blocks_spilled", request_id=seq.request_id, num_blocks=len(plan.block_ids),
@@ -342,6 +355,15 @@ class LLMEngine:
                       f"{capacity * self.blocks.block_size} remain")
             log.warning("sequence_failed", request_id=seq.request_id, reason=reason)
             deltas.append(self._end(seq, FinishReason.ERROR, reason))
+
+    def _back_off(self, seq: Sequence) -> None:
+        """After a refused spill it waits 50 ms, doubling with each refusal in a row up to 1 s, before
+        it is admitted again: each try recomputes the KV it had spilled (a 1,500-token request
+        tried ~7 times a second in a chaos run). It keeps refusing within the heartbeat timeout,
+        so the ledger keeps asking other workers for the room their cached blocks hold."""
+        seq.num_spill_refusals += 1
+        seq.admit_after = self.scheduler.clock() + min(_MAX_SPILL_BACKOFF_S,
+                                                       _SPILL_BACKOFF_S * 2 ** (seq.num_spill_refusals - 1))
 
     def _free_released(self, wait: bool = False) -> None:
         holdings = self.scheduler.remote

@@ -19,6 +19,7 @@ I/O (moving and freeing remote blocks) is left to the engine: `schedule` returns
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,8 +79,10 @@ class Scheduler:
         remote_reclaimable: Callable[[], int] | None = None,
         remote_take_reclaim: Callable[[], int] | None = None,
         remote_capacity: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.blocks = block_manager
+        self.clock = clock  # what Sequence.admit_after is read against
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # Our KV on memory servers, and the room there (RemoteKV.free_blocks, reclaimable_blocks,
@@ -105,6 +108,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def ready_in(self) -> float:
+        """Seconds until a step has something to do (0: now): while only sequences backing off
+        after a refused spill wait, until the first of them may be admitted."""
+        if self.running or not self.waiting:
+            return 0.0
+        return max(0.0, min(s.admit_after for s in self.waiting) - self.clock())
+
     def schedule(self) -> SchedulerOutput:
         self._out = SchedulerOutput()
         self._spilled_this_step = 0
@@ -122,9 +132,14 @@ class Scheduler:
                 self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
                 budget -= num
         # No admission in a step that had to preempt: memory is short, the victim would thrash.
-        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+        # One backing off after a refused spill is passed over: those behind it may go meanwhile.
+        now, skipped = self.clock(), 0
+        while (len(self.waiting) > skipped and budget > 0 and len(self.running) < self.max_num_seqs
                and num_preemptions == self._num_preemptions):
-            seq = self.waiting[0]
+            seq = self.waiting[skipped]
+            if seq.admit_after > now:
+                skipped += 1
+                continue
             self._take_cached_prefix(seq)
             num = self._reserve(seq, min(seq.num_uncomputed_tokens, budget), may_preempt=False)
             if not num:
@@ -133,7 +148,7 @@ class Scheduler:
                 break
             if not seq.num_preemptions:  # its first admission (a recompute is not a cache hit)
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
-            self.waiting.popleft()
+            del self.waiting[skipped]
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.order)
             self._out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))

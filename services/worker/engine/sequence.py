@@ -47,6 +47,10 @@ class Sequence:
     # Speculative decoding: tokens proposed to follow its last one (spec_decode), checked by the
     # next forward pass; not part of num_tokens until the model agrees with them.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Refused spills in a row (memory servers without room) and, after one, the scheduler clock's
+    # time before which it is not admitted again: each try recomputes what it had spilled.
+    num_spill_refusals: int = 0
+    admit_after: float = 0.0
 
     def __post_init__(self) -> None:
         self.hash_root = hash_root(self.sampling.cache_salt, self.lora.cache_key if self.lora is not None else None)
