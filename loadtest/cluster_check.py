@@ -34,6 +34,7 @@ def _holders(base: str, token: str) -> list[str]:
         return []
     nodes = [(w["worker_id"], w) for w in body.get("workers", [])] + [
         (m["memserver_id"], m) for m in body.get("memservers", [])]
-    return [f"{name}: {n['num_used_blocks']} used" + (" (silent)" if n.get("silent") else "")
-            for name, n in nodes if n.get("num_used_blocks")] + [
-        f"lent: {entry['worker_id']} -> {entry['memserver_id']} {entry['num_blocks']}" for entry in body.get("lent", [])]
+    used = [f"{name}: {n['num_used_blocks']} used" + (" (silent)" if n.get("silent") else "")
+            for name, n in nodes if n.get("num_used_blocks")]
+    lent = [f"lent: {e['worker_id']} -> {e['memserver_id']} {e['num_blocks']}" for e in body.get("lent", [])]
+    return used + lent

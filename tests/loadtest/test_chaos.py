@@ -45,3 +45,14 @@ def test_fault_kinds_are_checked():
     assert "kill-worker" not in DEFAULT_FAULTS
     with pytest.raises(argparse.ArgumentTypeError, match="freeze-worker"):
         _faults("kill,freeze-workers")
+
+
+def test_a_failed_end_check_says_which_processes_hold_blocks(monkeypatch):
+    from loadtest import cluster_check
+
+    body = {"workers": [{"worker_id": "w0", "num_used_blocks": 32, "silent": True},
+                        {"worker_id": "w1", "num_used_blocks": 0}],
+            "memservers": [{"memserver_id": "m0", "num_used_blocks": 4}],
+            "lent": [{"worker_id": "w1", "memserver_id": "m0", "num_blocks": 4}]}
+    monkeypatch.setattr(cluster_check.probe, "get_json", lambda url, token: (200, body))
+    assert cluster_check._holders("http://router", "t") == ["w0: 32 used (silent)", "m0: 4 used", "lent: w1 -> m0 4"]
