@@ -227,8 +227,13 @@ class RemoteKVClient:
                     conn = await self._node.pool.get(address)
                     await conn.request(FreeBlocks(self.owner, tuple(block_ids), epoch), timeout=self._timeout)
                     freed = True
-            except _TRANSPORT_ERRORS as e:  # a dead server's blocks are gone anyway
+            except _TRANSPORT_ERRORS as e:
                 log.info("free_failed", memserver=memserver_id, num_blocks=len(block_ids), error=str(e))
+                if not isinstance(e, RemoteError):
+                    # Unreachable: dead (its blocks are gone) or only silent a while (a frozen host),
+                    # and then it still holds them for us. Written off under a newer epoch, they are
+                    # freed once it answers; else they stayed held for good (32 blocks, chaos).
+                    self._mark_lost(memserver_id, str(e))
             try:
                 await self._ledger.repay(memserver_id, len(block_ids))
                 if freed:  # lendable again now; the next heartbeat re-bases the hint

@@ -258,3 +258,37 @@ async def _update(client, kv):
     client.update(kv)
     for _ in range(10):  # let the write-off task run
         await asyncio.sleep(0.01)
+
+
+class FailingFree(RecordingConnection):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    async def request(self, message, frames=(), *, timeout):
+        self.sent.append(message)
+        if self.error is not None and message.block_ids:
+            raise self.error
+        return Reply(types.SimpleNamespace(num_blocks=0), [])
+
+
+@pytest.mark.parametrize("error,lost", [(PeerUnreachable("peer silent for 1.00 s"), True),
+                                        (RemoteError("block 3 is not held by w0", "not_owner"), False)],
+                         ids=["silent", "refused"])
+def test_a_free_that_cannot_reach_its_server_writes_that_server_off(loop, error, lost):
+    # A frozen memory server misses the free and still holds the blocks for us when it thaws: they
+    # stayed held for good (32 blocks, chaos). Written off under a newer epoch, they are freed once
+    # it answers. A server that answered (refused) keeps our epoch: nothing of ours is left there.
+    conn = FailingFree(error)
+    node = types.SimpleNamespace(pool=types.SimpleNamespace(get=lambda address: _ready(conn)))
+    client = RemoteKVClient(loop, node, FakeLedger(), attention_lane=False)
+    asyncio.run_coroutine_threadsafe(_update(client, {"memservers": {"ms0": "ms0:1"}}), loop).result(5)
+    old = client.epoch_of("ms0")
+    client.release([RemoteSpan("ms0", (3, 4), 0, old)]).result(5)
+    assert client.lost_memservers() == ({"ms0"} if lost else set())
+    conn.error = None
+    asyncio.run_coroutine_threadsafe(_update(client, {"memservers": {"ms0": "ms0:1"}}), loop).result(5)
+    if lost:
+        assert client.epoch_of("ms0") > old and conn.sent[-1] == FreeBlocks("w0", (), client.epoch_of("ms0"))
+    else:
+        assert client.epoch_of("ms0") == old and conn.sent == [FreeBlocks("w0", (3, 4), old)]

@@ -123,11 +123,12 @@ class EngineServer:
         while not self.channel.closed:
             busy = self.engine.has_work()
             # While grammars compile, look for finished ones every 5 ms even when nothing else runs;
-            # while it keeps blocks on memory servers, for lost servers every 250 ms (engine.tend).
+            # with memory servers, for lost ones every 250 ms (engine.tend): one that held our
+            # blocks, or one a free could not reach (it must be written off even with none left).
             # Busy, it steps at once, unless all it has waits out a backoff (engine.ready_in).
             wait = (min(self.engine.ready_in(), 0.005 if self._compiling else 0.05) if busy
                     else 0.005 if self._compiling else 0.05 if self._stopping
-                    else 0.25 if self.engine.stats().num_remote_blocks else None)
+                    else 0.25 if self.engine.remote is not None else None)
             for message in self.channel.receive(timeout=wait):
                 self._handle(message)
             if self._compiling:
