@@ -12,7 +12,9 @@ back to the front of the queue, later recomputing its KV from its tokens (output
 A sequence joining the batch first takes the cached blocks of its longest cached prefix
 (block_manager: prefix caching), local or, for its first blocks, on memory servers (remote_cache);
 at least its last token is computed, since sampling needs it. Unused cached blocks on memory
-servers are given up when a spill needs their room.
+servers are given up when a spill needs their room. A sequence whose spill the memory servers
+refused waits out a backoff (Sequence.admit_after) before it joins again; those behind it may join
+meanwhile.
 I/O (moving and freeing remote blocks) is left to the engine: `schedule` returns what to do.
 """
 
