@@ -201,9 +201,11 @@ class RemoteKVClient:
                                                timeout=self._timeout)
                 except _TRANSPORT_ERRORS as e:
                     log.warning("store_refused", request_id=request_id, memserver=grant["memserver_id"], error=str(e))
-                    if isinstance(e, RemoteError) and e.code == "stale_epoch":
-                        # The server freed our blocks unasked (our lease expired while we were silent):
-                        # recompute what lived there and move to a newer epoch, as for a lost server.
+                    if not isinstance(e, RemoteError) or e.code == "stale_epoch":
+                        # Unreachable mid-store, it may have taken the blocks without our hearing of
+                        # it (they would stay held for us); or it freed ours unasked (our lease
+                        # expired while we were silent). Either way: recompute what lived there and
+                        # move to a newer epoch, as for a lost server.
                         self._mark_lost(grant["memserver_id"], str(e))
                     # Unreachable, not full: the ledger lends nothing more from it until it heartbeats.
                     await self._ledger.settle(grant["reservation_id"], 0, isinstance(e, PeerUnreachable))

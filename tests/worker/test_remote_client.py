@@ -183,7 +183,9 @@ def test_a_spill_reports_a_creditor_it_could_not_reach_and_stores_elsewhere(loop
     (span,) = client.spill("req-1", kv, start_token=32)
     assert span.memserver_id == "ms1" and len(span.block_ids) == 3 and span.start_token == 32
     assert ledger.settled == [("ms0", 0, unreachable), ("ms1", 3, False)]
-    assert client.lost_memservers() == set()  # a full or dead creditor held none of our blocks
+    # A full creditor answered: nothing of ours is there. An unreachable one may have taken the
+    # blocks without our hearing of it: written off (newer epoch), they are freed once it answers.
+    assert client.lost_memservers() == ({"ms0"} if unreachable else set())
 
 
 def test_a_store_refused_for_a_stale_epoch_writes_that_server_off(loop):
