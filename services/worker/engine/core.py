@@ -121,31 +121,34 @@ class EngineServer:
 
     def run(self) -> None:
         while not self.channel.closed:
-            busy = self.engine.has_work()
-            # While grammars compile, look for finished ones every 5 ms even when nothing else runs;
-            # with memory servers, for lost ones every 250 ms (engine.tend): one that held our
-            # blocks, or one a free could not reach (it must be written off even with none left).
-            # Busy, it steps at once, unless all it has waits out a backoff (engine.ready_in).
-            wait = (min(self.engine.ready_in(), 0.005 if self._compiling else 0.05) if busy
-                    else 0.005 if self._compiling else 0.05 if self._stopping
-                    else 0.25 if self.engine.remote is not None else None)
-            for message in self.channel.receive(timeout=wait):
+            for message in self.channel.receive(timeout=self._wait_s()):
                 self._handle(message)
             if self._compiling:
                 self._admit_compiled()
-            if self.engine.has_work():
-                if self.engine.ready_in() == 0:
-                    self.channel.send(["step", [ipc.delta_to_obj(d) for d in self._step()], self._stats()])
-                else:  # backing off: what a step would do meanwhile (free, give room up)
-                    self.engine.tend()
-            elif self._stopping:
+            if self.engine.has_work() and self.engine.ready_in() == 0:
+                self.channel.send(["step", [ipc.delta_to_obj(d) for d in self._step()], self._stats()])
+            elif self._stopping and not self.engine.has_work():
                 return
-            else:
+            else:  # nothing runs, or all it has backs off: what a step would do meanwhile
                 self.engine.tend()
                 last = self._last_stats
                 stats = self._stats()
                 if stats != last:  # e.g. an abort freed blocks, or cached ones went, while nothing runs
                     self.channel.send(["stats", stats])
+
+    def _wait_s(self) -> float | None:
+        """How long to wait for the front's messages before the next turn (None: until one comes)."""
+        # Busy, it steps at once, unless all it has waits out a backoff (engine.ready_in). While
+        # grammars compile, it looks for finished ones every 5 ms even when nothing else runs; with
+        # memory servers, for lost ones every 250 ms (engine.tend): one that held our blocks, or one
+        # a free could not reach (it must be written off even with none left).
+        if self.engine.has_work():
+            return min(self.engine.ready_in(), 0.005 if self._compiling else 0.05)
+        if self._compiling:
+            return 0.005
+        if self._stopping:
+            return 0.05
+        return 0.25 if self.engine.remote is not None else None
 
     def _stats(self) -> list:
         self._last_stats = ipc.stats_to_obj(self.engine.stats())
